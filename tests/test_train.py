@@ -1,0 +1,134 @@
+"""train.py and eval.py end to end on the demo data: exact resume, a real two-process torchrun (gloo)
+run, head isolation under DDP, evaluation counts, argument errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import eval as evaluate_mod
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ",".join(data.demo_names())
+# a short, fast run on the demo data: tiny batches, a few steps, no final multi-view test unless asked
+FAST = ["--datasets", DEMO, "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1",
+        "--eval_every", "0", "--final_eval", "none", "--drop_path", "0.1"]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    for name in data.demo_names():
+        data.build_dataset(name, str(d), "train")
+    return str(d)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_is_bit_identical(demo_dir, tmp_path):
+    """8 steps straight == 4 steps, stop, 4 more from the checkpoint (CPU, one process)."""
+    common = FAST + ["--data_dir", demo_dir, "--max_steps", "8", "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
+    assert load(tmp_path / "b" / "ckpt.pt")["step"] == 4
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    assert b["sampler"] == {"micro": 8}
+
+
+def torchrun(args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def test_torchrun_two_processes(demo_dir, tmp_path):
+    """A real 2-process gloo run: the step-0 checkpoint, one step that trains only the first head (AdamW with
+    weight decay must leave the other heads bit-identical), then the rest with the multi-view test."""
+    out = str(tmp_path / "run")
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "6", "--workers", "1",
+                     "--weight_decay", "0.1", "--optimizer", "adamw"]
+    torchrun(common + ["--stop_at", "0"])
+    before = load(os.path.join(out, "ckpt.pt"))
+    torchrun(common + ["--stop_at", "1"])
+    after = load(os.path.join(out, "ckpt.pt"))
+    first, *others = data.demo_names()
+    assert after["step"] == 1
+    for n in others:  # step 0 belonged to the first dataset only
+        assert torch.equal(before["model"][f"heads.{n}.weight"], after["model"][f"heads.{n}.weight"])
+        assert torch.equal(before["model"][f"heads.{n}.bias"], after["model"][f"heads.{n}.bias"])
+    assert not torch.equal(before["model"][f"heads.{first}.weight"], after["model"][f"heads.{first}.weight"])
+    assert not torch.equal(before["model"]["blocks.0.attn.qkv.weight"], after["model"]["blocks.0.attn.qkv.weight"])
+
+    log = torchrun(common + ["--final_eval", "multiview"])
+    assert "resuming from" in log and "(step 1)" in log
+    assert load(os.path.join(out, "ckpt.pt"))["step"] == 6
+    steps = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]  # logged once (rank 0), continuing after resume
+    results = json.load(open(os.path.join(out, "eval.json")))
+    for n in data.demo_names():  # every validation clip counted exactly once over the two ranks
+        val = data.build_dataset(n, demo_dir, "val", train=False, img_size=32)
+        assert results[n]["clips"] == len(val) and results[n]["failed"] == 0
+        assert results[n]["views"] == val.num_views
+
+
+def test_eval_cli_counts_and_single_video(demo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "2", "--workers", "0"])
+    evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--views", "1x3", "--workers", "0"])
+    results = json.load(open(out / "eval.json"))
+    assert set(results) == set(data.demo_names())
+    for n, r in results.items():
+        val = data.build_dataset(n, demo_dir, "val", train=False, img_size=32, views=(1, 3))
+        assert r["clips"] == len(val) and r["views"] == 3 and 0 <= r["top1"] <= r["top5"] <= 1
+    video = data.build_dataset("demo_kinetics", demo_dir, "val", train=False, img_size=32).samples[0][0]
+    capsys.readouterr()
+    evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--video", video, "--head", "demo_kinetics"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    classes = load(out / "ckpt.pt")["label_maps"]["demo_kinetics"]
+    assert len(lines) == min(5, len(classes)) and all(line.split()[-1] in classes for line in lines)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--datasets", "nosuchset"], "nosuchset"),
+    (["--frames", "0"], "--frames"),
+    (["--img_size", "30"], "multiple of the patch size"),
+    (["--batch_size", "5", "--grad_accum", "2"], "not divisible"),
+    (["--resume"], "no checkpoint"),
+    (["--weights", "1,2"], "one weight per dataset"),
+    (["--model", "huge"], "not a preset"),
+])
+def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o")] + flags)
+    assert message in str(e.value)
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):
+    out = str(tmp_path / "o")
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "1", "--workers", "0"])
+    with pytest.raises(SystemExit, match="different architecture"):
+        train.main(FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "2", "--workers", "0",
+                           "--frames", "4"])
+
+
+def test_lr_schedule():
+    args = train.get_args(["--lr", "1.0", "--min_lr", "0.1", "--warmup_steps", "4", "--max_steps", "14"])
+    lrs = [train.get_lr(s, args) for s in range(15)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and abs(lrs[9] - 0.55) < 1e-12 and abs(lrs[14] - 0.1) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))

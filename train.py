@@ -84,11 +84,12 @@ def get_args(argv=None):
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = p.parse_args(argv)
-    defaults = DEMO if args.datasets is None else REAL
+    args.datasets = args.datasets or ",".join(data.demo_names())
+    demo = set(args.datasets.split(",")) <= set(data.demo_names())
+    defaults = DEMO if demo else REAL
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.datasets = args.datasets or ",".join(data.demo_names())
     return args
 
 
@@ -109,7 +110,11 @@ def check_args(args, world):
         errors.append(f"--weights needs one weight per dataset ({len(names)}), got {args.weights!r}")
     if args.weights and any(float(w) <= 0 for w in args.weights.split(",")):
         errors.append(f"--weights must be positive, got {args.weights!r}")
-    for n, b in batch_sizes(args, names).items():
+    try:
+        sizes = batch_sizes(args, names)
+    except data.DatasetError as e:  # an unknown name is looked for as a custom dataset folder
+        sys.exit(f"error: {e}")
+    for n, b in sizes.items():
         if b % (world * args.grad_accum):
             errors.append(f"batch size {b} of {n} is not divisible by {world} processes x --grad_accum "
                           f"{args.grad_accum}: pick a multiple of {world * args.grad_accum}")
@@ -128,7 +133,8 @@ def batch_sizes(args, names):
     unknown = set(over) - set(names)
     if unknown:
         sys.exit(f"error: --dataset_batch_size names {sorted(unknown)}, which are not in --datasets")
-    return {n: int(over[n]) if n in over else args.batch_size * data.get_spec(n).batch_scale for n in names}
+    return {n: int(over[n]) if n in over else args.batch_size * data.get_spec(n, args.data_dir).batch_scale
+            for n in names}
 
 
 def get_lr(step, args):

@@ -20,11 +20,6 @@ FAST = ["--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every
         "--final_eval", "none", "--workers", "0"]
 
 
-@pytest.fixture(scope="session")
-def demo_dir(request):
-    return request.getfixturevalue("demo_dir_session")
-
-
 def run_train(args, env=None):
     return subprocess.Popen([sys.executable, "train.py"] + args, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

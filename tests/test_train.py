@@ -20,14 +20,6 @@ FAST = ["--datasets", DEMO, "--batch_size", "4", "--lr", "1e-3", "--warmup_steps
         "--eval_every", "0", "--final_eval", "none", "--drop_path", "0.1"]
 
 
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    for name in data.demo_names():
-        data.build_dataset(name, str(d), "train")
-    return str(d)
-
-
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -84,8 +84,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
 
 def test_rank_killed_under_torchrun_restarts_and_continues(demo_dir, tmp_path):
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "train.py"] + FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "30", "--save_every", "5",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
+           "train.py"] + FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "60", "--save_every", "5",
                                  "--workers", "1"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -102,10 +102,10 @@ def test_rank_killed_under_torchrun_restarts_and_continues(demo_dir, tmp_path):
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)
     text = p.communicate(timeout=400)[0]
-    assert p.returncode == 0, text[-3000:]
+    assert p.returncode == 0, "\n".join(line[:300] for line in text.splitlines() if "it/s" not in line)[-6000:]
     assert "resuming from" in text
     steps = logged_steps(out)
-    assert steps[-1] == 30
+    assert steps[-1] == 60
     resumed_at = next(b for a, b in zip(steps, steps[1:]) if b <= a)  # where the log goes back after the kill
     assert resumed_at > 1  # continued from the checkpoint, not from step 1
 

@@ -4,7 +4,8 @@ A compact TimeSformer (Bertasius et al., ICML 2021) with one classification head
 
 Input is (B, C, T, H, W), as in the official code. T, H and W are read from the input, so the same model
 takes 8-frame clips and images (T = 1). Attention goes through F.scaled_dot_product_attention, which
-picks the fused flash / memory-efficient kernels on CUDA.
+picks the fused flash / memory-efficient kernels on CUDA. Linear layers go through `linear`: F.linear,
+except in bf16 on CPUs without a native bf16 GEMM, where operand layouts decide the speed (6x a step).
 
 Reading guide: TimeSformerConfig -> Block (the divided space-time attention is in Block.forward)
 -> TimeSformer (embeddings, heads, parameter groups, FLOPs) -> from_pretrained (checkpoint formats).
@@ -64,14 +65,92 @@ def make_config(preset="base", **overrides):
     return TimeSformerConfig(**{**PRESETS[preset], **overrides})
 
 
+def _bf16_gemm_is_layout_bound():
+    """True where PyTorch has no native bf16 GEMM on the CPU (no AVX512-BF16/AMX: AVX2 machines).
+    Its fallback kernel there runs ~20x faster when the left operand is column-major and the right
+    one row-major, and slows ~3x once its output outgrows the cache (`python bench.py --section mfu`
+    prints the speed per layout)."""
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return True
+
+
+_LAYOUT_BOUND_BF16 = _bf16_gemm_is_layout_bound()
+
+
+def _fast_mm(a, b, bias=None, rows=512):
+    """bias + a @ b for a (M, K), b (K, N), with a copied column-major and b row-major, in blocks of rows."""
+    a, b = a.t().contiguous().t(), b.contiguous()
+    out = a.new_empty(a.shape[0], b.shape[1])
+    for i in range(0, a.shape[0], rows):
+        if bias is None:
+            torch.mm(a[i : i + rows], b, out=out[i : i + rows])
+        else:
+            torch.addmm(bias, a[i : i + rows], b, out=out[i : i + rows])
+    return out
+
+
+class _FastLayoutLinear(torch.autograd.Function):
+    """act(x) @ weight.T + bias in `dtype` (act: identity, or GELU for the MLP's second layer), with
+    all three GEMMs (forward, input grad, weight grad) in the form the CPU bf16 fallback kernel runs
+    fast. The copies cost O(M*K), the GEMMs O(M*N*K). Saved for backward: x (not also GELU(x), which
+    is recomputed) and the fp32 weight, cast again rather than kept in bf16 as autocast would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, gelu):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.x_dtype, ctx.has_bias, ctx.gelu = x.shape, x.dtype, bias is not None, gelu
+        y = _fast_mm(F.gelu(x2) if gelu else x2, weight.to(dtype).t(), None if bias is None else bias.to(dtype))
+        return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0]).to(x2.dtype)  # (M, N)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _fast_mm(g, weight.to(x2.dtype))  # (M, K)
+            dx = torch.ops.aten.gelu_backward(dx, x2) if ctx.gelu else dx
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = g.t() @ (F.gelu(x2) if ctx.gelu else x2)  # (N, K): g.t() is column-major already
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0, dtype=torch.float32)
+        return dx, dw, db, None, None
+
+
+def linear(x, weight, bias=None, gelu=False):
+    """F.linear(GELU(x) if gelu else x, weight, bias), computed by _FastLayoutLinear in bf16 (autocast
+    or bf16 weights) on CPUs without a native bf16 GEMM, where nn.Linear's input-grad GEMM alone takes
+    ~85% of a ViT-B training step in the slow layout (profile: the README's benchmark section)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if x.device.type == "cpu" and dtype == torch.bfloat16 and _LAYOUT_BOUND_BF16:
+        return _fast_layout_linear(x, weight, bias, dtype, gelu)
+    return F.linear(F.gelu(x) if gelu else x, weight, bias)
+
+
+@torch.compiler.disable  # kept eager: the layout copies are no-ops by value, and torch.compile drops them (3x slower)
+def _fast_layout_linear(x, weight, bias, dtype, gelu):
+    return _FastLayoutLinear.apply(x, weight, bias, dtype, gelu)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) computed by `linear` above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the second-to-last axis of (batch, tokens, width)."""
 
     def __init__(self, width, heads, qkv_bias):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width, bias=qkv_bias)
+        self.proj = Linear(width, width)
 
     def forward(self, x):  # (B', L, D)
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
@@ -82,11 +161,12 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, width, hidden):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+    def forward(self, x):  # fc2(GELU(fc1(x))), with the GELU inside fc2's product so that backward
+        # keeps fc1's output only, not also GELU's (19 MB a block at 8x224, batch 2, bf16)
+        return linear(self.fc1(x), self.fc2.weight, self.fc2.bias, gelu=True)
 
 
 class Block(nn.Module):
@@ -105,7 +185,7 @@ class Block(nn.Module):
         if cfg.attention == "divided_space_time":
             self.temporal_norm1 = nn.LayerNorm(D, eps=cfg.eps)
             self.temporal_attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
-            self.temporal_fc = nn.Linear(D, D)  # zero at init: see TimeSformer.init_weights
+            self.temporal_fc = Linear(D, D)  # zero at init: see TimeSformer.init_weights
 
     def keep(self, x):
         """Stochastic depth: a per-sample factor (B,) that zeroes a whole residual branch (CLS and
@@ -169,7 +249,7 @@ class TimeSformer(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, 0 -> drop_path
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
-        self.heads = nn.ModuleDict({name: nn.Linear(D, n) for name, n in (heads or {}).items()})
+        self.heads = nn.ModuleDict({name: Linear(D, n) for name, n in (heads or {}).items()})
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -197,7 +277,7 @@ class TimeSformer(nn.Module):
         return from_pretrained(src, heads=heads, verbose=verbose, **overrides)
 
     def add_head(self, name, num_classes):
-        head = nn.Linear(self.cfg.width, num_classes).to(self.norm.weight.device)
+        head = Linear(self.cfg.width, num_classes).to(self.norm.weight.device)
         nn.init.trunc_normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
         self.heads[name] = head
@@ -208,8 +288,10 @@ class TimeSformer(nn.Module):
         p = self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
-        x = self.patch_embed.proj(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, D, H/p, W/p)
-        x = rearrange(x, "(b t) d gh gw -> b t (gh gw) d", b=B)
+        # The 16x16 stride-16 Conv2d is a linear map of each flattened patch: computed as one (same
+        # weights), so it takes the same GEMM path as every other layer.
+        x = rearrange(x, "b c t (gh p1) (gw p2) -> b t (gh gw) (c p1 p2)", p1=p, p2=p)  # (B, T, N, C*p*p)
+        x = linear(x, self.patch_embed.proj.weight.flatten(1), self.patch_embed.proj.bias)  # (B, T, N, D)
         pos = resize_pos_embed(self.pos_embed, (H // p, W // p))  # (1, 1+N, D)
         cls = self.cls_token + pos[:, :1]
         x = x + pos[:, 1:].unsqueeze(1)

@@ -746,11 +746,11 @@ def worker_init(_):
 def _loader_kwargs(workers, pin_memory, prefetch):
     kw = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=worker_init)
     if workers > 0:
-        # OpenCV's thread pool does not survive fork(): a worker inheriting a pool that was busy in this
-        # process can hang for ever inside cv2 (seen in pthread_cond_destroy). Shrinking the pool here,
-        # before the workers fork, avoids it; with workers this process does no decoding anyway.
-        cv2.setNumThreads(1)
-        kw.update(persistent_workers=True, prefetch_factor=prefetch)
+        # Workers start from a clean forkserver process, not a fork of this one: a fork inherits OpenCV's
+        # thread pool (a worker forked while it was busy hangs for ever inside cv2) and, under DDP, the
+        # process group's sockets (a worker outliving a killed rank keeps them open, and an elastic
+        # restart then hangs connecting to it).
+        kw.update(persistent_workers=True, prefetch_factor=prefetch, multiprocessing_context="forkserver")
     return kw
 
 

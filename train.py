@@ -155,8 +155,8 @@ def peak_flops(device, dtype):
             if key in name:
                 return flops if dtype != torch.float32 else flops / 16
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype).t()  # column-major left operand: the layout CPU bf16
+    b = torch.randn(n, n, device=device, dtype=dtype)      # fallback GEMMs run fastest in (see model.linear)
     a @ b  # warm up
     t, reps = time.perf_counter(), 0
     while time.perf_counter() - t < 0.3:

@@ -311,14 +311,13 @@ def main(argv=None):
         if ddp:
             dist.barrier()
 
+    interrupted = False  # by --stop_at or SIGTERM: saved, no final test, rerun to continue
     while step < args.max_steps:
         if step == args.stop_at:
             checkpoint(step)
             say(f"--stop_at {step}: saved {ckpt_path}; rerun the same command (without --stop_at) to continue.")
-            bar.close()
-            if ddp:
-                dist.destroy_process_group()
-            return
+            interrupted = True
+            break
         # drop path draws from torch's RNG: reseed per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rank + 1) + step)
         lr = get_lr(step, args)
@@ -391,13 +390,11 @@ def main(argv=None):
             checkpoint(step)
         if stop.item():
             say(f"\nSIGTERM: saved {ckpt_path} at step {step}; rerun the same command to continue.")
-            bar.close()
-            if ddp:
-                dist.destroy_process_group()
-            return
+            interrupted = True
+            break
     bar.close()
 
-    if args.final_eval == "multiview":
+    if args.final_eval == "multiview" and not interrupted:
         say("multi-view test (temporal clips x spatial crops, softmax averaged):")
         results = {}
         for n, ds in zip(names, open_sets("val", train=False)):

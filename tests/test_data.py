@@ -15,8 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-import data  # noqa: E402
+import data  # conftest.py puts the project root on sys.path
 
 FOURCC = {'.mp4': 'mp4v', '.webm': 'VP90', '.avi': 'MJPG'}
 

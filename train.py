@@ -12,6 +12,7 @@ Restarting with the same --out_dir continues from <out_dir>/ckpt.pt (also after 
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -335,8 +336,7 @@ def main(argv=None):
             x = data.normalize(batch["x"].to(device, non_blocking=True), mean, std)
             y = batch["y"].to(device, non_blocking=True)
             last = micro == args.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not ddp else model.no_sync()
-            with sync:
+            with contextlib.nullcontext() if last or not ddp else model.no_sync():  # sync on the last only
                 with autocast:
                     logits = model(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing) / args.grad_accum
@@ -349,7 +349,8 @@ def main(argv=None):
         if not torch.isfinite(step_loss):
             # Stop before the optimizer applies it: the last checkpoint on disk stays the good one.
             if ddp:
-                dist.destroy_process_group()
+                model = None  # see leave_group
+                leave_group()
             sys.exit(f"error: loss is {step_loss.item()} at step {step} on dataset {name}; no checkpoint written. "
                      f"Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32 instead of fp16.")
         if args.clip_grad > 0:
@@ -409,7 +410,17 @@ def main(argv=None):
     if log:
         log.close()
     if ddp:
-        dist.destroy_process_group()
+        model = None  # see leave_group
+        leave_group()
+
+
+def leave_group():
+    """Leave the process group once the DDP wrapper is dropped. If DDP's reducer held the last reference to
+    the gloo group, the group's destructor would join gloo's threads with the GIL held while a thread still
+    needs the GIL to free a finished collective's tensors: an exit that hangs now and then (pytorch#56297).
+    Destroyed from here, the group's own binding releases the GIL first."""
+    gc.collect()  # the reducer, if a reference cycle still holds the DDP wrapper
+    dist.destroy_process_group()
 
 
 def all_failed(failed, ddp, device):

@@ -80,14 +80,15 @@ class DatasetSpec:
     test_clips: int = 1   # temporal clips at test
     test_crops: int = 3   # spatial crops at test
     batch_scale: int = 1  # per-dataset batch = batch_size * batch_scale unless overridden
+    min_area: float = 0.08  # images: RandomResizedCrop's smallest crop, as a fraction of the image area
 
 
-def _image_spec(name):
+def _image_spec(name, **kw):
     # An image is a T=1 clip: with 8-frame clips it costs ~1/8 of a video sample, so a 4x larger image
     # batch is still cheaper than a video batch and makes better use of an image step.
     # Test view: the ImageNet convention (short side img*256/224, one centre crop), so the val top-1 is
     # comparable with published ImageNet numbers -> num_views = 1.
-    return DatasetSpec(name, 'image', 'image', test_crops=1, batch_scale=4)
+    return DatasetSpec(name, 'image', 'image', test_crops=1, batch_scale=4, **kw)
 
 
 SPECS = {
@@ -101,7 +102,7 @@ SPECS = {
     # demo clips are 12 fps and 16-24 frames long: rate 6 -> 2.4 file frames apart, 8 frames ~ 19 frames
     'demo_kinetics': DatasetSpec('demo_kinetics', 'video', 'kinetics', rate=6),
     'demo_ssv2': DatasetSpec('demo_ssv2', 'video', 'segment', flip=False),
-    'demo_imagenet': _image_spec('demo_imagenet'),
+    'demo_imagenet': _image_spec('demo_imagenet', min_area=0.35),  # one big object: an 8% crop misses it
 }
 FORMATS = {'k400': 'kinetics', 'k600': 'kinetics', 'k700': 'kinetics', 'demo_kinetics': 'kinetics',
            'ssv2': 'ssv2', 'demo_ssv2': 'ssv2', 'mit': 'mit', 'in1k': 'imagenet',
@@ -387,8 +388,12 @@ def read_video(path, indices):
     return np.stack([kept[i] for i in indices.tolist()])  # (T, H, W, 3)
 
 
-def load_image(path):
+def load_image(path, reduce=1.0):
     """uint8 (H, W, 3) RGB with EXIF orientation applied.
+
+    reduce > 1: a JPEG may come back up to that many times smaller per side: its decoder scales in the
+    DCT domain (1/2, 1/4, 1/8), which skips most of the decoding work. Callers that crop and resize to a
+    small output ask for what their crop still needs, and map their box by the size they get.
 
     Transparent images are composited on white (what a browser shows: web images with alpha are made
     for white pages, and the colour under alpha = 0 is often black or junk). 16-bit greyscale ('I;16',
@@ -396,8 +401,10 @@ def load_image(path):
     Pillow's convert. Truncated files raise (Pillow's default), they are not filled with grey.
     """
     with Image.open(path) as im:
+        if reduce >= 2:
+            im.draft(None, (math.ceil(im.width / reduce), math.ceil(im.height / reduce)))  # JPEG only; else no-op
         im.load()
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
         if im.mode.startswith('I') or im.mode == 'F':
             a = np.asarray(im, dtype=np.float32) / (257.0 if im.mode != 'F' else 1.0)
             a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
@@ -406,7 +413,7 @@ def load_image(path):
             rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
             alpha = rgba[..., 3:] / 255.0
             return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-        return np.asarray(im.convert('RGB'))
+        return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
 
 # -----------------------------------------------------------------------------
 # temporal sampling
@@ -444,6 +451,22 @@ def segment_indices(num_video_frames, frames, rng=None, clip_idx=0, num_clips=1)
 # -----------------------------------------------------------------------------
 # spatial transforms. A box is (y0, x0, h, w) in ORIGINAL pixel coordinates; we resize just that region
 # to the output size, which equals resize-whole-frame-then-crop up to rounding and costs far less.
+
+
+def _load_image_for(path, boxes_for, out):
+    """-> ((1, h, w, 3) uint8 image, boxes_for(H, W) mapped into it), where H, W is the image's full size.
+    A JPEG is decoded only as large as the boxes need for an out x out result (see load_image)."""
+    with Image.open(path) as im:  # the header: size, format and (JPEG: in APP1, before the pixels) EXIF
+        (W, H), jpeg = im.size, im.format == 'JPEG'
+        if jpeg and im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientation: turned by 90 degrees
+            H, W = W, H
+    if not jpeg:
+        img = load_image(path)[None]
+        return img, boxes_for(*img.shape[1:3])
+    boxes = boxes_for(H, W)
+    img = load_image(path, reduce=min(min(b[2], b[3]) for b in boxes) / out)[None]
+    sy, sx = img.shape[1] / H, img.shape[2] / W
+    return img, [(y0 * sy, x0 * sx, bh * sy, bw * sx) for y0, x0, bh, bw in boxes]
 
 
 def _crop_resize(frames, box, out):
@@ -554,14 +577,14 @@ class ClipDataset(torch.utils.data.Dataset):
     def _load_train(self, path, t_seed, rng):
         """-> (T, img, img, 3) uint8."""
         if self.spec.kind == 'image':
-            img = load_image(path)[None]  # (1, H, W, 3)
-            box = random_resized_box(img.shape[1], img.shape[2], rng)
+            img, (box,) = _load_image_for(path, lambda h, w: [random_resized_box(h, w, rng, (self.spec.min_area, 1.0))],
+                                          self.img_size)
         else:
             img = self._read_clip(path, lambda n, fps: [self._indices(n, fps, np.random.default_rng(t_seed))])[0]
             box = train_video_box(img.shape[1], img.shape[2], self.img_size, rng)
         x = _crop_resize(img, box, self.img_size)
         flip = rng.random() < 0.5  # drawn always, so the rng stream does not depend on spec.flip
-        return np.ascontiguousarray(x[:, :, ::-1]) if self.spec.flip and flip else x
+        return np.stack([cv2.flip(f, 1) for f in x]) if self.spec.flip and flip else x  # 3x numpy's [:, :, ::-1]
 
     def _eval_item(self, index):
         path, label = self.samples[index]
@@ -577,9 +600,9 @@ class ClipDataset(torch.utils.data.Dataset):
         Images: one crop -> the ImageNet centre crop; several -> the video rule with T = 1."""
         s, crops = self.img_size, self.spec.test_crops
         if self.spec.kind == 'image':
-            img = load_image(path)[None]  # (1, H, W, 3)
-            h, w = img.shape[1:3]
-            views = [_crop_resize(img, b, s) for b in ([eval_image_box(h, w, s)] if crops == 1 else eval_video_boxes(h, w, crops))]
+            img, boxes = _load_image_for(path, lambda h, w: [eval_image_box(h, w, s)] if crops == 1
+                                         else eval_video_boxes(h, w, crops), s)
+            views = [_crop_resize(img, b, s) for b in boxes]
         else:
             n_clips = self.spec.test_clips
             clips = self._read_clip(path, lambda n, fps: [self._indices(n, fps, None, c, n_clips) for c in range(n_clips)])
@@ -787,6 +810,7 @@ DEMO_HW = (48, 64)     # video frame height, width
 DEMO_LEN = (16, 24)    # frames per clip (inclusive)
 DEMO_FPS = 12
 DEMO_SEED = 0
+DEMO_VERSION = 2  # bump when the generator changes: older demo folders are then regenerated
 
 
 @contextlib.contextmanager
@@ -804,18 +828,15 @@ def _quiet_stderr():
 
 
 def _demo_canvas(rng, h, w):
-    """Static clutter: smooth colour blotches (a 3x4 grid of random colours, upsampled) and thin lines."""
-    grid = rng.integers(40, 216, (3, 4, 3)) // 2 + rng.integers(20, 108)  # muted colours: half grey
-    bg = cv2.resize(grid.astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
-    for _ in range(int(rng.integers(3, 7))):
-        (x0, y0), (x1, y1) = rng.integers(0, (w, h), size=(2, 2)).tolist()
-        cv2.line(bg, (x0, y0), (x1, y1), rng.integers(0, 256, 3).tolist(), 1, cv2.LINE_AA)
-    return bg
+    """A static background: smooth dark colour blotches (a 3x4 grid of random colours, upsampled)."""
+    return cv2.resize(rng.integers(20, 110, (3, 4, 3)).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
 
 
 def _demo_colour(rng):
-    """A saturated colour of random hue: colour says nothing about the label, shape or motion does."""
-    hsv = np.array([[[rng.integers(0, 180), rng.integers(150, 256), rng.integers(170, 256)]]], np.uint8)
+    """A bright colour of random hue: colour says nothing about the label, shape or motion does. (A first
+    version drew saturated colours on mid-grey clutter: at equal brightness a from-scratch ViT stayed at
+    chance for hundreds of steps; bright on dark, it separates the shapes within a hundred.)"""
+    hsv = np.array([[[rng.integers(0, 180), rng.integers(0, 120), rng.integers(220, 256)]]], np.uint8)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].tolist()
 
 
@@ -857,7 +878,7 @@ def _demo_clip(rng, shape, motion=None):
     otherwise an index into DEMO_MOTIONS."""
     (h, w), n = DEMO_HW, int(rng.integers(DEMO_LEN[0], DEMO_LEN[1] + 1))
     t = np.linspace(0, 1, n)
-    rs = np.full(n, rng.uniform(10, 13))
+    rs = np.full(n, rng.uniform(13, 16) if motion is None else rng.uniform(11, 14))  # motion needs room to move
     # mostly upright, turning a little: at 32 px a freely rotated square is hard to tell from a disc
     angles = rng.uniform(-0.4, 0.4) + t * rng.uniform(-0.5, 0.5)
     if motion is None:
@@ -872,12 +893,12 @@ def _demo_clip(rng, shape, motion=None):
             pos = np.clip(pos + vel, lo, hi)
         xs, ys = np.array(path).T
     else:
-        a, b, c = rng.uniform(0.15, 0.35), rng.uniform(0.65, 0.85), rng.uniform(0.3, 0.7)
+        a, b, c = rng.uniform(0.15, 0.3), rng.uniform(0.7, 0.85), rng.uniform(0.35, 0.65)
         along = a + (b - a) * (t if motion in (0, 3) else t[::-1])  # travel fraction: rising or falling
         xs, ys = (along * w, np.full(n, c * h)) if motion < 2 else (np.full(n, c * w), along * h)
         if motion >= 4:  # towards / away from the camera: the shape grows / shrinks near the middle
             xs, ys = np.full(n, rng.uniform(0.35, 0.65) * w), np.full(n, c * h)
-            small, big = rng.uniform(4, 6), rng.uniform(13, 16)
+            small, big = rng.uniform(5, 7), rng.uniform(15, 18)
             rs = small + (big - small) * (t if motion == 4 else t[::-1])
         xs, ys = xs + rng.normal(0, 0.5, n), ys + rng.normal(0, 0.5, n)  # hand-held jitter
     return _demo_frames(rng, shape, h, w, xs, ys, rs, angles)
@@ -886,8 +907,8 @@ def _demo_clip(rng, shape, motion=None):
 def _demo_still(rng, shape):
     h, w = DEMO_HW[0], int(rng.integers(48, 73))
     h, w = (w, h) if rng.random() < 0.3 else (h, w)  # some portrait images
-    r = rng.uniform(11, 17)  # large and near the centre, as in ImageNet: RandomResizedCrop must still see it
-    x, y = w / 2 + rng.uniform(-w, w) / 8, h / 2 + rng.uniform(-h, h) / 8
+    r = rng.uniform(15, 19)  # large and near the centre, as in ImageNet: RandomResizedCrop must still see it
+    x, y = w / 2 + rng.uniform(-w, w) / 10, h / 2 + rng.uniform(-h, h) / 10
     return _demo_frames(rng, shape, h, w, [x], [y], [r], [rng.uniform(-0.4, 0.4)])[0]
 
 
@@ -959,16 +980,30 @@ _DEMO_MAKERS = {'demo_kinetics': _make_demo_kinetics, 'demo_ssv2': _make_demo_ss
 
 
 def _ensure_demo(name, data_dir):
-    """Generate <data_dir>/<name> unless it exists. Written to a private temp folder and renamed into place,
-    so a half-written set is never read, and processes racing to create it (torchrun ranks) cannot collide."""
+    """Generate <data_dir>/<name> unless it exists at DEMO_VERSION. Written to a private temp folder and
+    renamed into place, so a half-written set is never read, and processes racing to create it (torchrun
+    ranks) cannot collide."""
     target = os.path.join(data_dir, name)
+    stamp = os.path.join(target, 'DEMO_VERSION')
     if os.path.isdir(target):
-        return
+        if os.path.isfile(stamp) and open(stamp).read().strip() == str(DEMO_VERSION):
+            return
+        stale = f'{target}.stale-{os.getpid()}'
+        try:
+            os.rename(target, stale)  # atomic: one racing process moves it away, the others find it gone
+            print(f"regenerating {target}: it was written by an older demo generator")
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+        if os.path.isdir(target):  # another process has put a fresh copy in place meanwhile
+            return
     tmp = f'{target}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     t0 = time.time()
     _DEMO_MAKERS[name](tmp)
+    with open(os.path.join(tmp, 'DEMO_VERSION'), 'w') as f:
+        f.write(f'{DEMO_VERSION}\n')
     try:
         os.rename(tmp, target)  # atomic; fails if another process renamed its (identical) copy first
     except OSError:

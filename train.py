@@ -33,8 +33,8 @@ from eval import evaluate
 
 # Defaults that differ between the CPU demo and real data. Real data follows the official TimeSformer
 # K400 recipe (SGD, nesterov, lr 0.005, wd 1e-4, global batch 64) where the paper says.
-DEMO = dict(model="demo", img_size=32, frames=8, batch_size=16, optimizer="adamw", lr=2e-3, min_lr=1e-5,
-            weight_decay=0.05, warmup_steps=30, max_steps=600, eval_every=200, save_every=200, dtype="fp32",
+DEMO = dict(model="demo", img_size=32, frames=8, batch_size=16, optimizer="adamw", lr=1e-3, min_lr=1e-5,
+            weight_decay=0.05, warmup_steps=30, max_steps=1500, eval_every=500, save_every=500, dtype="fp32",
             workers=2, drop_path=0.0, mean="0.45,0.45,0.45", std="0.225,0.225,0.225")
 REAL = dict(model="base", img_size=224, frames=8, batch_size=64, optimizer="sgd", lr=0.005, min_lr=0.0,
             weight_decay=1e-4, warmup_steps=1000, max_steps=60_000, eval_every=5000, save_every=1000,

@@ -192,6 +192,34 @@ def test_load_image_exif_rotation_and_truncation(tmp_path):
     with pytest.raises(OSError, match='truncated'):  # never a silently grey image
         data.load_image(tmp_path / 't.jpg')
 
+def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
+    """A 640x480 JPEG rotated by EXIF: the header gives the displayed size, a reduced decode is the
+    displayed image at 1/4 scale, and the crops made from it match crops from the full decode."""
+    yy, xx = np.mgrid[0:480, 0:640]
+    img = np.stack([xx * 255 // 639, yy * 255 // 479, np.full_like(xx, 90)], -1).astype(np.uint8)  # smooth ramps
+    img[100:200, 50:300] = (250, 250, 250)  # a white block: where it lands shows the orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / 'big.jpg', exif=exif, quality=95)
+    full = data.load_image(tmp_path / 'big.jpg')
+    assert full.shape[:2] == (640, 480)
+    small = data.load_image(tmp_path / 'big.jpg', reduce=4.5)  # 4.5x fits 4x, not 8x
+    assert small.shape == (160, 120, 3)
+    np.testing.assert_allclose(small.astype(float), cv2.resize(full, (120, 160), interpolation=cv2.INTER_AREA), atol=12)
+    for ext in ['png', 'tiff']:  # no reduced decoding there: the crops come from the full image
+        Image.fromarray(img).save(tmp_path / f'big.{ext}', exif=exif)
+        ds = data.ClipDataset(data.get_spec('in1k'), 'val', [(str(tmp_path / f'big.{ext}'), 0)], ['a'], {}, img_size=32,
+                              train=False)
+        view = ds[0]['x'][0, :, 0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(view, data._crop_resize(data.load_image(tmp_path / f'big.{ext}')[None],
+                                                              data.eval_image_box(640, 480, 32), 32)[0])
+    ds = data.ClipDataset(data.get_spec('in1k'), 'val', [(str(tmp_path / 'big.jpg'), 0)], ['a'], {}, img_size=32, train=False)
+    view = ds[0]['x'][0, :, 0].permute(1, 2, 0).numpy().astype(float)  # (32, 32, 3), from a 1/8-size decode
+    box = data.eval_image_box(640, 480, 32)
+    ref = data._crop_resize(full[None], box, 32)[0]
+    assert np.abs(view - ref).mean() < 4, np.abs(view - ref).mean()
+
+
 # ----------------------------------------------------------------------------- sampling math
 
 
@@ -683,7 +711,7 @@ def test_demo_generation_is_deterministic_and_parses(tmp_path, small_demo, capsy
     assert runs[0]['demo_kinetics'][1] == sorted(data.DEMO_SHAPES)
     assert runs[0]['demo_ssv2'][1][0] == 'Moving something from left to right'
     root = tmp_path / 'a' / 'demo_kinetics'
-    assert sorted(os.listdir(root)) == ['annotations', 'train', 'val']
+    assert sorted(os.listdir(root)) == ['DEMO_VERSION', 'annotations', 'train', 'val']
     assert open(root / 'annotations' / 'train.csv').readline().strip() == 'label,youtube_id,time_start,time_end,split'
     assert not [p for p in os.listdir(tmp_path / 'a') if '.tmp-' in p]  # temp folders renamed away
     n, fps = data.video_info(data.build_dataset('demo_ssv2', tmp_path / 'a', 'train').samples[0][0])
@@ -694,3 +722,24 @@ def test_demo_is_not_regenerated_when_present(tmp_path, small_demo, monkeypatch)
     data.build_dataset('demo_imagenet', tmp_path, 'train')
     monkeypatch.setattr(data, '_DEMO_MAKERS', {})  # would raise KeyError if it tried to generate again
     assert len(data.build_dataset('demo_imagenet', tmp_path, 'val')) == 6
+
+
+def test_demo_from_an_older_generator_is_regenerated(tmp_path, small_demo, monkeypatch, capsys):
+    data.build_dataset('demo_imagenet', tmp_path, 'train')
+    stamp = tmp_path / 'demo_imagenet' / 'DEMO_VERSION'
+    assert stamp.read_text().strip() == str(data.DEMO_VERSION)
+    stamp.unlink()  # as a folder written before versions existed
+    (tmp_path / 'demo_imagenet' / 'train' / 'stale.txt').write_text('from the old generator')
+    assert len(data.build_dataset('demo_imagenet', tmp_path, 'val')) == 6
+    assert 'older demo generator' in capsys.readouterr().out
+    assert stamp.exists() and not (tmp_path / 'demo_imagenet' / 'train' / 'stale.txt').exists()
+    assert sorted(os.listdir(tmp_path)) == ['demo_imagenet']  # no stale or temp folder left behind
+
+
+def test_image_crop_scale_comes_from_the_spec(tmp_path, small_demo, monkeypatch):
+    """demo_imagenet's one big object would be missed by an 8% crop: its spec asks for >= 35% of the area."""
+    seen = []
+    real = data.random_resized_box
+    monkeypatch.setattr(data, 'random_resized_box', lambda h, w, rng, scale: seen.append(scale) or real(h, w, rng, scale))
+    data.build_dataset('demo_imagenet', tmp_path, 'train', img_size=32)[(0, 0)]
+    assert seen == [(0.35, 1.0)] and data.get_spec('in1k').min_area == 0.08

@@ -39,6 +39,11 @@ class TimeSformerConfig:
     drop_path: float = 0.1  # stochastic depth, rising linearly from 0 at the first block to this at the last
     qkv_bias: bool = True
     eps: float = 1e-6
+    # 0: time_embed starts at zero, as in the official model, which always starts from image weights.
+    # Trained from scratch, a zero time embedding makes the model blind to the order of frames (it is
+    # then exactly invariant to reversing the clip), and leaving that point takes hundreds of steps: the
+    # demo preset draws it at random instead (see the README's demo section).
+    time_embed_std: float = 0.0
 
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
@@ -51,7 +56,7 @@ class TimeSformerConfig:
 
 # ViT widths / depths / heads of the usual sizes; 'demo' is what the CPU demo trains in minutes.
 PRESETS = {
-    "demo": dict(width=96, depth=4, num_heads=3, patch_size=8, img_size=32),
+    "demo": dict(width=96, depth=4, num_heads=3, patch_size=8, img_size=32, time_embed_std=0.5),
     "tiny": dict(width=192, depth=12, num_heads=3),
     "small": dict(width=384, depth=12, num_heads=6),
     "base": dict(width=768, depth=12, num_heads=12),
@@ -264,8 +269,11 @@ class TimeSformer(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if hasattr(self, "time_embed"):
-            nn.init.zeros_(self.time_embed)  # a model fresh from image weights starts as that image model...
+        if hasattr(self, "time_embed"):  # zero: a model fresh from image weights starts as that image model...
+            nn.init.zeros_(self.time_embed)
+            if self.cfg.time_embed_std:  # (from scratch only: see TimeSformerConfig.time_embed_std)
+                s = self.cfg.time_embed_std
+                nn.init.trunc_normal_(self.time_embed, std=s, a=-2 * s, b=2 * s)
         for blk in self.blocks:
             if hasattr(blk, "temporal_fc"):
                 nn.init.zeros_(blk.temporal_fc.weight)  # ...because the temporal branch adds exactly zero

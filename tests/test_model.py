@@ -184,6 +184,21 @@ def test_zero_init_temporal_branch():
         assert blk.temporal_fc.weight.abs().sum() == 0 and blk.temporal_fc.bias.abs().sum() == 0
 
 
+def test_zero_time_embed_leaves_the_model_blind_to_frame_order():
+    """Why the demo preset sets time_embed_std: with time_embed at zero (the official init) a clip and the
+    same clip reversed give the same logits, also with a trained (non-zero) temporal branch; with a random
+    time_embed they do not. Left/right motion labels need the difference."""
+    x = torch.randn(2, 3, 4, 32, 32)
+    for std, blind in [(0.0, True), (0.5, False)]:
+        torch.manual_seed(0)
+        m = M.TimeSformer(small_cfg(time_embed_std=std, drop_path=0.0), heads={"a": 5}).eval()
+        for blk in m.blocks:
+            torch.nn.init.normal_(blk.temporal_fc.weight, std=0.1)
+        assert (m.time_embed.std().item() > 0.3) == (not blind)
+        with torch.no_grad():
+            assert torch.allclose(m(x), m(x.flip(2)), atol=1e-5) == blind
+
+
 # ---------------------------------------------------------------------------------------------------
 # Heads, parameter groups, counts
 

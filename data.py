@@ -80,6 +80,7 @@ class DatasetSpec:
     test_clips: int = 1   # temporal clips at test
     test_crops: int = 3   # spatial crops at test
     batch_scale: int = 1  # per-dataset batch = batch_size * batch_scale unless overridden
+    weight: float = 1.0   # default share of the optimizer steps, relative to the other datasets (--weights overrides)
     min_area: float = 0.08  # images: RandomResizedCrop's smallest crop, as a fraction of the image area
 
 
@@ -101,7 +102,9 @@ SPECS = {
     'in21k': _image_spec('in21k'),
     # demo clips are 12 fps and 16-24 frames long: rate 6 -> 2.4 file frames apart, 8 frames ~ 19 frames
     'demo_kinetics': DatasetSpec('demo_kinetics', 'video', 'kinetics', rate=6),
-    'demo_ssv2': DatasetSpec('demo_ssv2', 'video', 'segment', flip=False),
+    # the motion set is the one a from-scratch model learns slowest (the direction of a motion needs the order
+    # of frames, which it has to discover): it gets twice the steps of the others
+    'demo_ssv2': DatasetSpec('demo_ssv2', 'video', 'segment', flip=False, weight=2),
     'demo_imagenet': _image_spec('demo_imagenet', min_area=0.35),  # one big object: an 8% crop misses it
 }
 FORMATS = {'k400': 'kinetics', 'k600': 'kinetics', 'k700': 'kinetics', 'demo_kinetics': 'kinetics',

@@ -57,7 +57,8 @@ def get_args(argv=None):
     a("--batch_size", type=int, help="global clips per optimizer step (over all GPUs and --grad_accum micro-steps)")
     a("--dataset_batch_size", default="", help="per-dataset override of --batch_size, e.g. in21k=256,ssv2=32 "
                                                "(default: images get 4x --batch_size, see data.py)")
-    a("--weights", help="comma-separated sampling weights, one per dataset (default: round robin)")
+    a("--weights", help="comma-separated sampling weights, one per dataset (default: round robin; the demo gives "
+                        "demo_ssv2 weight 2, see data.SPECS)")
     a("--max_steps", type=int, help="optimizer steps in all")
     a("--lr", type=float, help="peak learning rate")
     a("--min_lr", type=float, help="learning rate at the end of the cosine decay")
@@ -221,6 +222,7 @@ def main(argv=None):
     heads = {n: len(ds.classes) for n, ds in zip(names, train_sets)}
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
     bs = batch_sizes(args, names)
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [ds.spec.weight for ds in train_sets]
 
     # ---- model: checkpoint in out_dir > --init > scratch
     ckpt = None
@@ -273,7 +275,7 @@ def main(argv=None):
                     find_unused_parameters=len(heads) > 1)
 
     loader = data.build_train_loader(train_sets, [bs[n] // world // args.grad_accum for n in names],
-                                     weights=[float(w) for w in args.weights.split(",")] if args.weights else None,
+                                     weights=weights,
                                      grad_accum=args.grad_accum, rank=rank, world=world, seed=args.seed,
                                      workers=args.workers, start_micro=step * args.grad_accum,
                                      pin_memory=device.type == "cuda")
@@ -282,8 +284,8 @@ def main(argv=None):
     n_params = sum(p.numel() for p in raw.parameters())
     say(f"CoVeR train | torch {torch.__version__} | python {platform.python_version()} | device {device} x {world} | {args.dtype}")
     say(f"model: {cfg} | {n_params / 1e6:.2f}M parameters | {source}")
-    for n, tr, va in zip(names, train_sets, val_sets):
-        say(f"  {n:16s} {len(tr):8d} train {len(va):7d} val {len(tr.classes):6d} classes  global batch {bs[n]}"
+    for n, tr, va, w in zip(names, train_sets, val_sets, weights):
+        say(f"  {n:16s} {len(tr):8d} train {len(va):7d} val {len(tr.classes):6d} classes  global batch {bs[n]}  weight {w:g}"
             + (f"  problems: {tr.problems}" if any(tr.problems.values()) else ""))
     say("config: " + json.dumps(vars(args)))
 

@@ -404,19 +404,25 @@ def load_image(path, reduce=1.0):
     Pillow's convert. Truncated files raise (Pillow's default), they are not filled with grey.
     """
     with Image.open(path) as im:
-        if reduce >= 2:
-            im.draft(None, (math.ceil(im.width / reduce), math.ceil(im.height / reduce)))  # JPEG only; else no-op
-        im.load()
-        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
-        if im.mode.startswith('I') or im.mode == 'F':
-            a = np.asarray(im, dtype=np.float32) / (257.0 if im.mode != 'F' else 1.0)
-            a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-            return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))  # (H, W) -> (H, W, 3)
-        if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
-            rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
-            alpha = rgba[..., 3:] / 255.0
-            return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-        return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
+        return np.asarray(_rgb_image(im, reduce))
+
+
+def _rgb_image(im, reduce=1.0):
+    """An opened Pillow image -> the decoded image in mode RGB, as load_image describes."""
+    if reduce >= 2:
+        im.draft(None, (math.ceil(im.width / reduce), math.ceil(im.height / reduce)))  # JPEG only; else no-op
+    im.load()
+    ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
+    if im.mode == 'RGB':
+        return im
+    if im.mode.startswith('I') or im.mode == 'F':
+        a = np.asarray(im, dtype=np.float32) / (257.0 if im.mode != 'F' else 1.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert('RGB')
+    if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
+        rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        return Image.fromarray(np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8))
+    return im.convert('RGB')
 
 # -----------------------------------------------------------------------------
 # temporal sampling
@@ -456,20 +462,21 @@ def segment_indices(num_video_frames, frames, rng=None, clip_idx=0, num_clips=1)
 # to the output size, which equals resize-whole-frame-then-crop up to rounding and costs far less.
 
 
-def _load_image_for(path, boxes_for, out):
-    """-> ((1, h, w, 3) uint8 image, boxes_for(H, W) mapped into it), where H, W is the image's full size.
-    A JPEG is decoded only as large as the boxes need for an out x out result (see load_image)."""
+def image_crops(path, boxes_for, out):
+    """uint8 (len(boxes), out, out, 3): the boxes boxes_for(H, W) of an image whose displayed size is H x W,
+    each resized to out x out (_crop_resize). A JPEG is decoded only as large as the boxes need (see
+    load_image); the file is opened once, for its header and its pixels."""
     with Image.open(path) as im:  # the header: size, format and (JPEG: in APP1, before the pixels) EXIF
-        (W, H), jpeg = im.size, im.format == 'JPEG'
-        if jpeg and im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientation: turned by 90 degrees
+        if im.format != 'JPEG':
+            img = np.asarray(_rgb_image(im))[None]  # (1, H, W, 3)
+            return np.concatenate([_crop_resize(img, b, out) for b in boxes_for(*img.shape[1:3])])
+        W, H = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientation: turned by 90 degrees
             H, W = W, H
-    if not jpeg:
-        img = load_image(path)[None]
-        return img, boxes_for(*img.shape[1:3])
-    boxes = boxes_for(H, W)
-    img = load_image(path, reduce=min(min(b[2], b[3]) for b in boxes) / out)[None]
-    sy, sx = img.shape[1] / H, img.shape[2] / W
-    return img, [(y0 * sy, x0 * sx, bh * sy, bw * sx) for y0, x0, bh, bw in boxes]
+        boxes = boxes_for(H, W)
+        img = np.asarray(_rgb_image(im, reduce=min(min(b[2], b[3]) for b in boxes) / out))[None]
+    sy, sx = img.shape[1] / H, img.shape[2] / W  # the decoded size over the full size
+    return np.concatenate([_crop_resize(img, (y0 * sy, x0 * sx, bh * sy, bw * sx), out) for y0, x0, bh, bw in boxes])
 
 
 def _crop_resize(frames, box, out):
@@ -580,12 +587,10 @@ class ClipDataset(torch.utils.data.Dataset):
     def _load_train(self, path, t_seed, rng):
         """-> (T, img, img, 3) uint8."""
         if self.spec.kind == 'image':
-            img, (box,) = _load_image_for(path, lambda h, w: [random_resized_box(h, w, rng, (self.spec.min_area, 1.0))],
-                                          self.img_size)
+            x = image_crops(path, lambda h, w: [random_resized_box(h, w, rng, (self.spec.min_area, 1.0))], self.img_size)
         else:
             img = self._read_clip(path, lambda n, fps: [self._indices(n, fps, np.random.default_rng(t_seed))])[0]
-            box = train_video_box(img.shape[1], img.shape[2], self.img_size, rng)
-        x = _crop_resize(img, box, self.img_size)
+            x = _crop_resize(img, train_video_box(img.shape[1], img.shape[2], self.img_size, rng), self.img_size)
         flip = rng.random() < 0.5  # drawn always, so the rng stream does not depend on spec.flip
         return np.stack([cv2.flip(f, 1) for f in x]) if self.spec.flip and flip else x  # 3x numpy's [:, :, ::-1]
 
@@ -603,9 +608,8 @@ class ClipDataset(torch.utils.data.Dataset):
         Images: one crop -> the ImageNet centre crop; several -> the video rule with T = 1."""
         s, crops = self.img_size, self.spec.test_crops
         if self.spec.kind == 'image':
-            img, boxes = _load_image_for(path, lambda h, w: [eval_image_box(h, w, s)] if crops == 1
-                                         else eval_video_boxes(h, w, crops), s)
-            views = [_crop_resize(img, b, s) for b in boxes]
+            views = image_crops(path, lambda h, w: [eval_image_box(h, w, s)] if crops == 1 else eval_video_boxes(h, w, crops),
+                                s)[:, None]  # (V, T = 1, s, s, 3)
         else:
             n_clips = self.spec.test_clips
             clips = self._read_clip(path, lambda n, fps: [self._indices(n, fps, None, c, n_clips) for c in range(n_clips)])

@@ -1,13 +1,19 @@
 """The demo co-training study: does co-training on video sets with different label spaces help each of
 them, and do images (single-frame videos) help further? At toy scale, on a CPU, 3 seeds a row.
 
-    python study.py                 # all rows, 3 seeds: ~1 h on 2 CPU cores; resumes where it stopped
+    python study.py                   # every row, 3 seeds: about 1.5 h on 2 CPU cores; resumes where it stopped
     python study.py --seeds 0 --steps 300 --out_dir study_quick
 
-Every row trains the same model for the same number of optimizer steps (--steps) with train.py's demo
-defaults and is tested with train.py's multi-view test on the datasets it trained on. The last rows are the
-paper's baseline at this scale: pre-train the trunk on demo_imagenet alone, then fine-tune on each video
-set (pre-training + fine-tuning = --steps). Prints a markdown table and writes <out_dir>/study.json.
+The design, fixed before any of it was run:
+  * every run is train.py with its demo defaults (model, recipe, per-dataset weights: demo_ssv2 gets twice
+    the steps of the others) and is tested with train.py's multi-view test on the datasets it trained on;
+  * the main rows have the same budget, --steps optimizer steps: each video set alone, kinetics + ssv2, and
+    kinetics + ssv2 + imagenet. In a mix each dataset gets its share of the steps (printed per row);
+  * the 'same steps per dataset' rows train a video set alone for exactly the steps it gets in the
+    three-way mix, so the mix is also compared with what its own steps give without the other data;
+  * the paper's baseline at this scale: pre-train the trunk on demo_imagenet alone for imagenet's share of
+    the three-way mix, then fine-tune on one video set for the rest of --steps (a new head).
+Prints a markdown table and writes <out_dir>/study.json.
 """
 
 import argparse
@@ -18,14 +24,23 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
-VIDEO = ["demo_kinetics", "demo_ssv2"]
-MIXES = [["demo_ssv2"], ["demo_kinetics"], ["demo_kinetics", "demo_ssv2"],
-         ["demo_kinetics", "demo_ssv2", "demo_imagenet"]]
+import data
+
+KIN, SSV2, IMG = "demo_kinetics", "demo_ssv2", "demo_imagenet"
+VIDEO, ALL = [KIN, SSV2], [KIN, SSV2, IMG]
+
+
+def steps_per_dataset(mix, steps):
+    """{dataset: optimizer steps it gets} in `steps` steps of the default schedule of `mix`."""
+    weights = [data.SPECS[n].weight for n in mix]
+    counts = Counter(data.schedule(s, weights) for s in range(steps))
+    return {n: counts[d] for d, n in enumerate(mix)}
 
 
 def run(out, datasets, steps, seed, extra=()):
-    """train.py in its own process; returns (eval.json, seconds). A finished run (eval.json) is reused."""
+    """train.py in its own process -> (eval.json, seconds). A finished run (study_run.json) is reused."""
     done = os.path.join(out, "study_run.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -55,55 +70,62 @@ def cell(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def short(name):
+    return name.removeprefix("demo_")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per row (pre-training included)")
-    p.add_argument("--pretrain_steps", type=int, default=200, help="baseline: steps on demo_imagenet first")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per row (train.py's demo default)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out_dir", default="study")
     p.add_argument("--data_dir", default="data")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     common = ["--data_dir", args.data_dir]
-    rows = []  # (label, steps per dataset, {dataset: [top-1 per seed]}, [seconds per seed])
-    for mix in MIXES:
-        accs, secs = {n: [] for n in mix}, []
-        for seed in seeds:
-            test, s = run(os.path.join(args.out_dir, "+".join(mix), f"seed{seed}"), mix, args.steps, seed, common)
-            for n in mix:
-                accs[n].append(100 * test[n]["top1"])
-            secs.append(s)
-            print(f"{'+'.join(mix)} seed {seed}: " + " ".join(f"{n} {accs[n][-1]:.1f}" for n in mix)
-                  + f" ({s / 60:.1f} min)", flush=True)
-        rows.append((" + ".join(n.removeprefix("demo_") for n in mix), f"{args.steps // len(mix)} each", accs, secs))
-    # baseline: image pre-training, then fine-tuning on one video set (a fresh head, the trunk from the image run)
-    ft = args.steps - args.pretrain_steps
-    for video in VIDEO:
-        accs, secs = {video: []}, []
-        for seed in seeds:
+    share = steps_per_dataset(ALL, args.steps)  # what each dataset gets in the three-way mix
+    # (row label, [(run folder, datasets, steps, extra flags), ...] per seed, {dataset: steps it trained})
+    rows = []
+    for mix in [[SSV2], [KIN], VIDEO, ALL]:
+        rows.append((" + ".join(map(short, mix)), lambda seed, mix=mix: [("+".join(mix), mix, args.steps, [])],
+                     steps_per_dataset(mix, args.steps)))
+    for video in (SSV2, KIN):
+        rows.append((f"{short(video)} alone, its steps in the three-way mix",
+                     lambda seed, v=video: [(f"{v}_{share[v]}", [v], share[v], [])], {video: share[video]}))
+    for video in (SSV2, KIN):
+        def runs(seed, v=video):
             pre = os.path.join(args.out_dir, "pretrain_imagenet", f"seed{seed}")
-            _, s_pre = run(pre, ["demo_imagenet"], args.pretrain_steps, seed, common)  # shared by both video sets
-            test, s = run(os.path.join(args.out_dir, f"imagenet_then_{video}", f"seed{seed}"), [video], ft, seed,
-                          common + ["--init", os.path.join(pre, "ckpt.pt")])
-            accs[video].append(100 * test[video]["top1"])
-            secs.append(s + s_pre)
-            print(f"imagenet -> {video} seed {seed}: {accs[video][-1]:.1f}", flush=True)
-        rows.append((f"imagenet, then {video.removeprefix('demo_')}", f"{args.pretrain_steps} + {ft}", accs, secs))
+            return [("pretrain_imagenet", [IMG], share[IMG], []),
+                    (f"imagenet_then_{v}", [v], args.steps - share[IMG], ["--init", os.path.join(pre, "ckpt.pt")])]
+        rows.append((f"imagenet, then {short(video)}", runs, {IMG: share[IMG], video: args.steps - share[IMG]}))
 
-    import torch  # only for the versions in the header
-    names = ["demo_kinetics", "demo_ssv2", "demo_imagenet"]
-    lines = [f"{len(seeds)} seeds ({args.seeds}), {args.steps} steps a row, multi-view top-1 (%), mean ± std over seeds; "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-             "", "| training mix | steps per dataset | " + " | ".join(names) + " | minutes a run |",
-             "|---|---|" + "---|" * len(names) + "---|"]
-    for label, steps, accs, secs in rows:
-        lines.append(f"| {label} | {steps} | " + " | ".join(cell(accs.get(n, [])) for n in names)
-                     + f" | {statistics.mean(secs) / 60:.1f} |")
+    results = []  # (label, steps, {dataset: [top-1 per seed]}, [seconds per seed])
+    for label, runs, steps in rows:
+        accs, secs = {}, []
+        for seed in seeds:
+            total = 0.0
+            for folder, datasets, n, extra in runs(seed):
+                test, s = run(os.path.join(args.out_dir, folder, f"seed{seed}"), datasets, n, seed, common + extra)
+                total += s
+            for n in datasets:  # the datasets of the row's last run are the ones it is tested on
+                accs.setdefault(n, []).append(100 * test[n]["top1"])
+            secs.append(total)
+            print(f"{label}, seed {seed}: " + " ".join(f"{n} {a[-1]:.1f}" for n, a in accs.items())
+                  + f" ({total / 60:.1f} min)", flush=True)
+        results.append((label, steps, accs, secs))
+
+    import torch  # only for the version in the header
+    lines = [f"{len(seeds)} seeds ({args.seeds}), {args.steps} optimizer steps a row, multi-view top-1 (%), mean ± std "
+             f"over seeds; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "",
+             "| training | steps per dataset | " + " | ".join(map(short, ALL)) + " | minutes a run |",
+             "|---|---|" + "---|" * len(ALL) + "---|"]
+    for label, steps, accs, secs in results:
+        lines.append(f"| {label} | {', '.join(f'{short(n)} {k}' for n, k in steps.items())} | "
+                     + " | ".join(cell(accs.get(n, [])) for n in ALL) + f" | {statistics.mean(secs) / 60:.1f} |")
     print("\n".join(lines))
     with open(os.path.join(args.out_dir, "study.json"), "w") as f:
-        json.dump({"steps": args.steps, "pretrain_steps": args.pretrain_steps, "seeds": seeds,
-                   "rows": [{"mix": r[0], "steps": r[1], "top1": r[2], "seconds": r[3]} for r in rows],
-                   "table": lines}, f, indent=1)
+        json.dump({"steps": args.steps, "seeds": seeds, "table": lines,
+                   "rows": [{"training": r[0], "steps": r[1], "top1": r[2], "seconds": r[3]} for r in results]}, f, indent=1)
 
 
 if __name__ == "__main__":

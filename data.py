@@ -25,6 +25,7 @@ import os
 import shutil
 import string
 import struct
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -767,14 +768,28 @@ def collate_train(batch):
             'failed': [p for b in batch for p in b['failed']]}
 
 
-def worker_init(_):
+def worker_init(_, owner=None):
     # one decoder thread per worker: the workers are the parallelism
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    if owner is not None:
+        threading.Thread(target=_exit_with, args=(owner,), daemon=True).start()
+
+
+def _exit_with(pid):
+    """End this worker once process `pid`, the one it loads for, has ended (also by SIGKILL). A forkserver
+    worker is a child of the fork server, not of that process, so DataLoader's own check (is my parent
+    alive?) never fires, and worker and fork server (which waits for its children) would run for ever."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(pid, 0)
+        except OSError:  # no such process (or, after pid reuse, someone else's)
+            os._exit(0)
 
 
 def _loader_kwargs(workers, pin_memory, prefetch):
-    kw = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=worker_init)
+    kw = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=functools.partial(worker_init, owner=os.getpid()))
     if workers > 0:
         # Workers start from a clean forkserver process, not a fork of this one: a fork inherits OpenCV's
         # thread pool (a worker forked while it was busy hangs for ever inside cv2) and, under DDP, the

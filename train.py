@@ -194,6 +194,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
+        if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+            # torchrun keeps one key-value store for all restarts: a restarted rank can read the address of a
+            # rank that died and fail to connect to it (pytorch#135712; reproduced here with torch 2.13)
+            print("warning: torchrun --max-restarts shares its store with the workers, and restarts then fail to "
+                  "connect; launch as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (see the README)")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)

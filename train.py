@@ -355,6 +355,7 @@ def main(argv=None):
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         if not torch.isfinite(step_loss):
             # Stop before the optimizer applies it: the last checkpoint on disk stays the good one.
+            bar.close()
             if ddp:
                 model = None  # see leave_group
                 leave_group()

@@ -5,7 +5,8 @@ A compact TimeSformer (Bertasius et al., ICML 2021) with one classification head
 Input is (B, C, T, H, W), as in the official code. T, H and W are read from the input, so the same model
 takes 8-frame clips and images (T = 1). Attention goes through F.scaled_dot_product_attention, which
 picks the fused flash / memory-efficient kernels on CUDA. Linear layers go through `linear`: F.linear,
-except in bf16 on CPUs without a native bf16 GEMM, where operand layouts decide the speed (6x a step).
+except in bf16 on the CPU, where a custom autograd function saves less for backward and, on CPUs without
+a native bf16 GEMM, puts every GEMM in the operand layout that runs fast there (6x a step).
 
 Reading guide: TimeSformerConfig -> Block (the divided space-time attention is in Block.forward)
 -> TimeSformer (embeddings, heads, parameter groups, FLOPs) -> from_pretrained (checkpoint formats).
@@ -84,8 +85,11 @@ def _bf16_gemm_is_layout_bound():
 _LAYOUT_BOUND_BF16 = _bf16_gemm_is_layout_bound()
 
 
-def _fast_mm(a, b, bias=None, rows=512):
-    """bias + a @ b for a (M, K), b (K, N), with a copied column-major and b row-major, in blocks of rows."""
+def _mm(a, b, bias=None, rows=512):
+    """bias + a @ b for a (M, K), b (K, N). Where the bf16 GEMM is layout-bound: with a copied column-major
+    and b row-major, in blocks of rows."""
+    if not _LAYOUT_BOUND_BF16:
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
     a, b = a.t().contiguous().t(), b.contiguous()
     out = a.new_empty(a.shape[0], b.shape[1])
     for i in range(0, a.shape[0], rows):
@@ -96,18 +100,19 @@ def _fast_mm(a, b, bias=None, rows=512):
     return out
 
 
-class _FastLayoutLinear(torch.autograd.Function):
-    """act(x) @ weight.T + bias in `dtype` (act: identity, or GELU for the MLP's second layer), with
-    all three GEMMs (forward, input grad, weight grad) in the form the CPU bf16 fallback kernel runs
-    fast. The copies cost O(M*K), the GEMMs O(M*N*K). Saved for backward: x (not also GELU(x), which
-    is recomputed) and the fp32 weight, cast again rather than kept in bf16 as autocast would."""
+class _CpuBf16Linear(torch.autograd.Function):
+    """act(x) @ weight.T + bias in `dtype` (act: identity, or GELU for the MLP's second layer), for bf16 on
+    the CPU. Saved for backward: x in bf16 (not also GELU(x), which is recomputed) and the fp32 weight,
+    cast again rather than kept in bf16 as autocast would: 0.70x the step memory of F.linear under
+    autocast at 8x224. Where the GEMM is layout-bound, all three GEMMs (forward, input grad, weight grad)
+    run in the layout the fallback kernel runs fast (_mm); the copies cost O(M*K), the GEMMs O(M*N*K)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype, gelu):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
         ctx.save_for_backward(x2, weight)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias, ctx.gelu = x.shape, x.dtype, bias is not None, gelu
-        y = _fast_mm(F.gelu(x2) if gelu else x2, weight.to(dtype).t(), None if bias is None else bias.to(dtype))
+        y = _mm(F.gelu(x2) if gelu else x2, weight.to(dtype).t(), None if bias is None else bias.to(dtype))
         return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
 
     @staticmethod
@@ -116,7 +121,7 @@ class _FastLayoutLinear(torch.autograd.Function):
         g = grad.reshape(-1, weight.shape[0]).to(x2.dtype)  # (M, N)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _fast_mm(g, weight.to(x2.dtype))  # (M, K)
+            dx = _mm(g, weight.to(x2.dtype))  # (M, K)
             dx = torch.ops.aten.gelu_backward(dx, x2) if ctx.gelu else dx
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
@@ -127,18 +132,19 @@ class _FastLayoutLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None, gelu=False):
-    """F.linear(GELU(x) if gelu else x, weight, bias), computed by _FastLayoutLinear in bf16 (autocast
-    or bf16 weights) on CPUs without a native bf16 GEMM, where nn.Linear's input-grad GEMM alone takes
-    ~85% of a ViT-B training step in the slow layout (profile: the README's benchmark section)."""
+    """F.linear(GELU(x) if gelu else x, weight, bias). In bf16 (autocast or bf16 weights) on the CPU it is
+    computed by _CpuBf16Linear, for memory everywhere and for speed on CPUs without a native bf16 GEMM,
+    where nn.Linear's input-grad GEMM alone takes ~85% of a ViT-B training step in the slow layout
+    (profile: the README's benchmark section). Elsewhere (GPUs) F.linear."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if x.device.type == "cpu" and dtype == torch.bfloat16 and _LAYOUT_BOUND_BF16:
-        return _fast_layout_linear(x, weight, bias, dtype, gelu)
+    if x.device.type == "cpu" and dtype == torch.bfloat16:
+        return (_layout_bound_linear if _LAYOUT_BOUND_BF16 else _CpuBf16Linear.apply)(x, weight, bias, dtype, gelu)
     return F.linear(F.gelu(x) if gelu else x, weight, bias)
 
 
 @torch.compiler.disable  # kept eager: the layout copies are no-ops by value, and torch.compile drops them (3x slower)
-def _fast_layout_linear(x, weight, bias, dtype, gelu):
-    return _FastLayoutLinear.apply(x, weight, bias, dtype, gelu)
+def _layout_bound_linear(x, weight, bias, dtype, gelu):
+    return _CpuBf16Linear.apply(x, weight, bias, dtype, gelu)
 
 
 class Linear(nn.Linear):

@@ -467,17 +467,19 @@ def image_crops(path, boxes_for, out):
     """uint8 (len(boxes), out, out, 3): the boxes boxes_for(H, W) of an image whose displayed size is H x W,
     each resized to out x out (_crop_resize). A JPEG is decoded only as large as the boxes need (see
     load_image); the file is opened once, for its header and its pixels."""
-    with Image.open(path) as im:  # the header: size, format and (JPEG: in APP1, before the pixels) EXIF
-        if im.format != 'JPEG':
-            img = np.asarray(_rgb_image(im))[None]  # (1, H, W, 3)
-            return np.concatenate([_crop_resize(img, b, out) for b in boxes_for(*img.shape[1:3])])
-        W, H = im.size
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientation: turned by 90 degrees
-            H, W = W, H
-        boxes = boxes_for(H, W)
-        img = np.asarray(_rgb_image(im, reduce=min(min(b[2], b[3]) for b in boxes) / out))[None]
-    sy, sx = img.shape[1] / H, img.shape[2] / W  # the decoded size over the full size
-    return np.concatenate([_crop_resize(img, (y0 * sy, x0 * sx, bh * sy, bw * sx), out) for y0, x0, bh, bw in boxes])
+    with Image.open(path) as im:
+        if im.format == 'JPEG':  # size and EXIF (in APP1) come before the pixels: boxes first, then decode
+            W, H = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientation: turned by 90 degrees
+                H, W = W, H
+            boxes = boxes_for(H, W)
+            img = np.asarray(_rgb_image(im, reduce=min(min(b[2], b[3]) for b in boxes) / out))
+        else:  # other formats may keep EXIF after the pixels: the boxes come from the decoded image
+            img = np.asarray(_rgb_image(im))
+            H, W = img.shape[:2]
+            boxes = boxes_for(H, W)
+    sy, sx = img.shape[0] / H, img.shape[1] / W  # the decoded size over the full size
+    return np.concatenate([_crop_resize(img[None], (y0 * sy, x0 * sx, bh * sy, bw * sx), out) for y0, x0, bh, bw in boxes])
 
 
 def _crop_resize(frames, box, out):

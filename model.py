@@ -103,8 +103,8 @@ def _mm(a, b, bias=None, rows=512):
 class _CpuBf16Linear(torch.autograd.Function):
     """act(x) @ weight.T + bias in `dtype` (act: identity, or GELU for the MLP's second layer), for bf16 on
     the CPU. Saved for backward: x in bf16 (not also GELU(x), which is recomputed) and the fp32 weight,
-    cast again rather than kept in bf16 as autocast would: 0.70x the step memory of F.linear under
-    autocast at 8x224. Where the GEMM is layout-bound, all three GEMMs (forward, input grad, weight grad)
+    cast again rather than kept in bf16 as autocast would (a ViT-B 8x224 step peaks at 278 MB instead of
+    340 MB with F.linear). Where the GEMM is layout-bound, all three GEMMs (forward, input grad, weight grad)
     run in the layout the fallback kernel runs fast (_mm); the copies cost O(M*K), the GEMMs O(M*N*K)."""
 
     @staticmethod

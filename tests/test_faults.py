@@ -132,6 +132,7 @@ def test_rank_killed_under_torchrun_restarts_and_continues(demo_dir, tmp_path):
     assert p.returncode == 0, "\n".join(line[:300] for line in text.splitlines() if "it/s" not in line)[-6000:]
     resumed = [int(s) for s in re.findall(r"resuming from \S+ckpt\.pt \(step (\d+)\)", text)]
     assert len(resumed) == 1 and resumed[0] >= 5  # one restart, from the checkpoint (not from step 0)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in text  # launched as the README says: no warning
     steps = logged_steps(out)
     assert steps[-1] == 60 and set(steps) == set(range(1, 61))  # steps before the kill may be logged twice
 

@@ -39,8 +39,8 @@ def test_resume_is_bit_identical(demo_dir, tmp_path):
     assert b["sampler"] == {"micro": 8}
 
 
-def torchrun(args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"] + args
+def torchrun(args, timeout=300, launcher=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, "train.py"] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -53,7 +53,8 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
     out = str(tmp_path / "run")
     common = FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "6", "--workers", "1",
                      "--weight_decay", "0.1", "--optimizer", "adamw"]
-    torchrun(common + ["--stop_at", "0"])
+    log = torchrun(common + ["--stop_at", "0"], launcher=["--max-restarts=1"])
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in log  # restarts on torchrun's shared store: warned (README)
     before = load(os.path.join(out, "ckpt.pt"))
     torchrun(common + ["--stop_at", "1"])
     after = load(os.path.join(out, "ckpt.pt"))

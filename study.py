@@ -26,6 +26,8 @@ import sys
 import time
 from collections import Counter
 
+import torch
+
 import data
 
 KIN, SSV2, IMG = "demo_kinetics", "demo_ssv2", "demo_imagenet"
@@ -114,7 +116,6 @@ def main():
                   + f" ({total / 60:.1f} min)", flush=True)
         results.append((label, steps, accs, secs))
 
-    import torch  # only for the version in the header
     lines = [f"{len(seeds)} seeds ({args.seeds}), {args.steps} optimizer steps a row, multi-view top-1 (%), mean ± std "
              f"over seeds; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "",
              "| training | steps per dataset | " + " | ".join(map(short, ALL)) + " | minutes a run |",

@@ -1,0 +1,174 @@
+"""
+Checkpoints from elsewhere, translated to model.py's key layout: ImageNet ViTs in timm's layout,
+official TimeSformer .pyth files (PySlowFast), Hugging Face Timesformer folders, and this project's
+ckpt.pt. load() returns plain values (a state dict and config fields); model.TimeSformer.from_pretrained
+builds the model from them, so this file never imports model.py.
+"""
+
+import json
+import math
+import os
+import pickle
+
+import torch
+
+# Hugging Face Timesformer names -> ours (which are the official TimeSformer / timm names)
+HF_TOP = {"timesformer.embeddings.cls_token": "cls_token",
+          "timesformer.embeddings.position_embeddings": "pos_embed",
+          "timesformer.embeddings.time_embeddings": "time_embed",
+          "timesformer.embeddings.patch_embeddings.projection": "patch_embed.proj",
+          "timesformer.layernorm": "norm",
+          "classifier": "head"}
+HF_LAYER = {"layernorm_before": "norm1",
+            "attention.attention.qkv": "attn.qkv",
+            "attention.output.dense": "attn.proj",
+            "temporal_layernorm": "temporal_norm1",
+            "temporal_attention.attention.qkv": "temporal_attn.qkv",
+            "temporal_attention.output.dense": "temporal_attn.proj",
+            "temporal_dense": "temporal_fc",
+            "layernorm_after": "norm2",
+            "intermediate.dense": "mlp.fc1",
+            "output.dense": "mlp.fc2"}
+VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H: heads by width
+
+
+def read_file(path):
+    """A state dict from a .safetensors or a torch file; neither can run code."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path}: reading .safetensors files needs the safetensors package "
+                              "(pip install safetensors)") from None
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # also a pickle that would run code
+        raise ValueError(f"{path} is not a checkpoint that loads safely ({type(e).__name__}: {e})") from None
+
+
+def hf_key(key):
+    """A Hugging Face Timesformer key -> ours, or None if it has no place in our model."""
+    if key in HF_TOP:
+        return HF_TOP[key]
+    module, param = key.rsplit(".", 1)
+    if module in HF_TOP:
+        return f"{HF_TOP[module]}.{param}"
+    parts = module.split(".", 4)  # timesformer, encoder, layer, i, rest
+    if parts[:3] == ["timesformer", "encoder", "layer"] and len(parts) == 5 and parts[4] in HF_LAYER:
+        return f"blocks.{parts[3]}.{HF_LAYER[parts[4]]}.{param}"
+    return None
+
+
+def read_hf_folder(path):
+    """A folder as save_pretrained writes it -> (state dict, config fields, class names or None)."""
+    weights = [w for w in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, w))]
+    if not os.path.exists(os.path.join(path, "config.json")) or not weights:
+        raise ValueError(f"{path} is a folder but not a Hugging Face model folder "
+                         "(expected config.json and model.safetensors or pytorch_model.bin)")
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    config = {"num_heads": hf.get("num_attention_heads"), "attention": hf.get("attention_type"),
+              "eps": hf.get("layer_norm_eps")}
+    labels = hf.get("id2label")
+    classes = [labels[str(i)] for i in range(len(labels))] if labels else None
+    return read_file(os.path.join(path, weights[0])), config, classes
+
+
+def load(src):
+    """A path (file or folder) or an in-memory checkpoint -> (format, state dict, config, extra).
+
+    format: 'cover' (ours), 'timesformer' (official), 'huggingface' or 'vit' (timm). The state dict
+    uses our keys, a foreign classifier as heads.default. config holds TimeSformerConfig fields;
+    extra may hold 'label_maps' {head: class names}.
+    """
+    hf_config, classes = {}, None
+    if isinstance(src, (str, os.PathLike)):
+        if os.path.isdir(src):
+            src, hf_config, classes = read_hf_folder(src)
+        elif os.path.isfile(src):
+            src = read_file(src)
+        else:
+            raise FileNotFoundError(f"no checkpoint at {src}")
+    sd = src
+    if not isinstance(sd, dict):
+        raise ValueError(f"unknown checkpoint format: got a {type(sd).__name__}, expected a dict")
+    if "model_config" in sd and "model" in sd:  # a ckpt.pt of train.py
+        state = dict(sd["model"])
+        flatten_patch_weight(state)
+        return "cover", state, dict(sd["model_config"]), {"label_maps": sd.get("label_maps")}
+    if "model_state" in sd:  # official TimeSformer .pyth
+        sd = sd["model_state"]
+    for wrapper in ("state_dict", "model"):  # DeiT and others wrap a timm state dict
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError("unknown checkpoint format: expected a state dict of tensors, an official TimeSformer "
+                         "'.pyth' (with 'model_state'), a Hugging Face folder, or a ckpt.pt of this project")
+    if any(k.startswith("timesformer.") for k in sd):
+        unplaced = [k for k in sd if hf_key(k) is None]
+        if unplaced:
+            raise ValueError(f"Hugging Face Timesformer checkpoint has keys this model cannot place: {unplaced[:8]}")
+        fmt, sd = "huggingface", {hf_key(k): v for k, v in sd.items()}
+    else:
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}  # PySlowFast prefixes every key
+        if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+            raise ValueError(f"unknown checkpoint format (first keys: {list(sd)[:5]}); expected ImageNet ViT "
+                             "weights in timm's layout, an official TimeSformer .pyth, or a Hugging Face folder")
+        fmt = "timesformer" if any(".temporal_attn." in k for k in sd) or "time_embed" in sd else "vit"
+    if "head.weight" in sd:
+        sd["heads.default.weight"], sd["heads.default.bias"] = sd.pop("head.weight"), sd.pop("head.bias")
+    config = infer_config(sd, fmt, hf_config)
+    flatten_patch_weight(sd)
+    extra = {"label_maps": {"default": classes}} if classes else {}
+    return fmt, sd, config, extra
+
+
+def flatten_patch_weight(sd):
+    """The patch embedding's Conv2d weight (D, C, p, p) as the matmul weight (D, C*p*p) we keep."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.ndim == 4:
+        sd["patch_embed.proj.weight"] = w.flatten(1)
+
+
+def infer_config(sd, fmt, hf_config):
+    """TimeSformerConfig fields read off the tensor shapes; the rest from a Hugging Face config.json."""
+    D, n = sd["cls_token"].shape[-1], sd["pos_embed"].shape[1] - 1
+    w = sd["patch_embed.proj.weight"]  # (D, C, p, p), or already flat (D, C*p*p) with C = 3
+    in_chans, p = (w.shape[1], w.shape[-1]) if w.ndim == 4 else (3, math.isqrt(w.shape[1] // 3))
+    if math.isqrt(n) ** 2 != n:
+        raise ValueError(f"pos_embed holds {n} patch positions, not a square grid")
+    if fmt == "vit" or any(".temporal_attn." in k for k in sd):
+        attention = "divided_space_time"  # a ViT's temporal parts are made from its spatial ones
+    else:
+        attention = hf_config.get("attention") or ("joint_space_time" if "time_embed" in sd else "space_only")
+    config = dict(width=D, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                  patch_size=p, in_chans=in_chans, img_size=math.isqrt(n) * p, attention=attention,
+                  mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D, qkv_bias="blocks.0.attn.qkv.bias" in sd)
+    config["num_heads"] = hf_config.get("num_heads") or VIT_HEADS.get(D)  # None: the caller must say
+    if "time_embed" in sd:
+        config["frames"] = sd["time_embed"].shape[1]
+    if hf_config.get("eps"):
+        config["eps"] = hf_config["eps"]
+    return config
+
+
+def check_keys(sd, shapes, fmt, cfg):
+    """Every tensor of the checkpoint must have a place in the model, of the same shape, and every tensor
+    of the model must come from the checkpoint, except new heads and what a ViT is inflated with."""
+    unexpected = sorted(set(sd) - set(shapes))
+    if unexpected:
+        raise ValueError(f"{fmt} checkpoint has keys this model cannot place: {first_few(unexpected)} "
+                         f"(architecture {cfg})")
+    for k, v in sd.items():
+        if v.shape != shapes[k]:
+            raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(shapes[k])}")
+    inflated = ("time_embed", ".temporal_fc.") if fmt == "vit" else ()  # zero at init, as the official code
+    missing = [k for k in shapes if k not in sd and not k.startswith("heads.") and not any(p in k for p in inflated)]
+    if missing:
+        raise ValueError(f"{fmt} checkpoint lacks {first_few(missing)}: it does not match the {cfg.attention} "
+                         "architecture")
+
+
+def first_few(keys, n=8):
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"

@@ -1,0 +1,177 @@
+"""checkpoints.py and TimeSformer.from_pretrained: Hugging Face transformers' Timesformer as the peer
+implementation, a plain ViT written out for timm weights, and the official and our own layouts."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoints
+import model as M
+from helpers import conv_layout, randomize_, reference_vit, small_cfg, timm_state_dict
+
+torch.set_num_threads(2)
+load = M.TimeSformer.from_pretrained
+
+
+def hf_model(tmp_path, frames, attention, bin_file=False, seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.TimesformerConfig(image_size=32, patch_size=8, num_frames=frames, hidden_size=48,
+                                         num_hidden_layers=2, num_attention_heads=3, intermediate_size=192,
+                                         attention_type=attention, num_labels=7)
+    hf = randomize_(transformers.TimesformerForVideoClassification(cfg), seed).eval()
+    hf.save_pretrained(tmp_path)
+    if bin_file:  # what older transformers versions wrote by default
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    return hf
+
+
+@pytest.mark.parametrize("frames", [8, 3])
+@pytest.mark.parametrize("attention", ["divided_space_time", "joint_space_time"])
+def test_matches_huggingface(tmp_path, frames, attention):
+    hf = hf_model(tmp_path, frames, attention)
+    ours = load(tmp_path, verbose=False).eval()
+    assert ours.cfg.frames == frames and ours.cfg.attention == attention and ours.cfg.num_heads == 3
+    assert any(p.abs().sum() > 0 for n, p in hf.named_parameters() if "temporal_dense" in n or "time_emb" in n)
+    x = torch.randn(2, 3, frames, 32, 32)
+    with torch.no_grad():
+        theirs = hf(pixel_values=x.transpose(1, 2)).logits  # they take (B, T, C, H, W)
+        mine = ours(x)
+    assert (mine - theirs).abs().max() < 1e-4
+
+
+def test_huggingface_pytorch_bin_and_model_frames(tmp_path):
+    """A pytorch_model.bin folder loads too; asked for 8 frames, a 4-frame model resizes time_embed."""
+    hf = hf_model(tmp_path, 4, "divided_space_time", bin_file=True)
+    ours = load(tmp_path, verbose=False).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - hf(pixel_values=x.transpose(1, 2)).logits).abs().max() < 1e-4
+    eight = load(tmp_path, frames=8, verbose=False)
+    assert eight.time_embed.shape[1] == 8
+    assert any("resized time_embed" in r for r in eight.load_report)
+    # nearest resize of 4 -> 8 repeats each row twice
+    assert torch.equal(eight.time_embed[0, ::2], ours.time_embed[0]) and torch.equal(eight.time_embed[0, 1::2], ours.time_embed[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "memory"])
+def test_vit_init_reproduces_vit_on_images(tmp_path, fmt):
+    cfg = small_cfg()
+    sd = timm_state_dict(cfg)
+    src = sd
+    if fmt == "pth":
+        torch.save(sd, tmp_path / "vit.pth")
+        src = tmp_path / "vit.pth"
+    elif fmt == "safetensors":
+        safetensors = pytest.importorskip("safetensors.torch")
+        safetensors.save_file(sd, str(tmp_path / "vit.safetensors"))
+        src = tmp_path / "vit.safetensors"
+    m = load(src, num_heads=3, verbose=False).eval()  # width 48 is no standard ViT: say the heads
+    assert m.cfg.attention == "divided_space_time" and list(m.heads) == ["default"]
+    for blk in m.blocks:  # temporal parts copied from the spatial ones, temporal_fc zero
+        assert torch.equal(blk.temporal_attn.qkv.weight, blk.attn.qkv.weight)
+        assert torch.equal(blk.temporal_norm1.weight, blk.norm1.weight)
+        assert blk.temporal_fc.weight.abs().sum() == 0 and blk.temporal_fc.bias.abs().sum() == 0
+    img = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference_vit(sd, img, heads=3)
+        assert (m(img.unsqueeze(2)) - expected).abs().max() < 1e-4  # T = 1
+        # a video of one repeated frame is the same image to the zero-initialised temporal branch
+        assert (m(img.unsqueeze(2).expand(-1, -1, 4, -1, -1)) - expected).abs().max() < 1e-4
+
+
+def official_state(cfg, classes=400, seed=0):
+    m = randomize_(M.TimeSformer(cfg, heads={"x": classes}), seed)
+    sd = {("model." + k).replace("heads.x.", "head."): v for k, v in conv_layout(m.state_dict(), cfg).items()}
+    return {"model_state": sd, "cur_epoch": 15}, m
+
+
+@pytest.mark.parametrize("frames", [8, 16, 96])
+def test_official_pyth(tmp_path, frames):
+    cfg = small_cfg(frames=frames)
+    ckpt, ref = official_state(cfg)
+    torch.save(ckpt, tmp_path / "TimeSformer_divST_K400.pyth")
+    m = load(tmp_path / "TimeSformer_divST_K400.pyth", num_heads=3, verbose=False).eval()
+    assert m.cfg.frames == frames and m.heads["default"].out_features == 400
+    x = torch.randn(1, 3, frames, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref.eval()(x, head="x"))
+    # fine-tune setting: new heads, classifier reported as dropped, time_embed resized for 8 frames
+    m8 = load(tmp_path / "TimeSformer_divST_K400.pyth", heads={"ssv2": 174}, frames=8, num_heads=3,
+                           verbose=False)
+    assert list(m8.heads) == ["ssv2"] and m8.time_embed.shape[1] == 8
+    assert any("dropped classifier" in r for r in m8.load_report)
+
+
+def test_own_checkpoint_roundtrip(tmp_path):
+    from dataclasses import asdict
+
+    m = randomize_(M.TimeSformer(small_cfg(), heads={"k400": 5, "ssv2": 7}))
+    torch.save({"model": m.state_dict(), "model_config": asdict(m.cfg), "label_maps": {"k400": list("abcde")},
+                "step": 3}, tmp_path / "ckpt.pt")
+    back = load(tmp_path / "ckpt.pt", verbose=False)
+    assert back.label_maps == {"k400": list("abcde")}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))
+    keep = load(tmp_path / "ckpt.pt", heads={"k400": 5, "in1k": 3}, verbose=False)
+    assert torch.equal(keep.heads["k400"].weight, m.heads["k400"].weight)  # same name and size: kept
+    assert any("'ssv2'" in r for r in keep.load_report)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        load({"foo.weight": torch.zeros(3)})
+    sd = timm_state_dict(small_cfg())
+    sd["blocks.0.attn.qkv.weight"] = torch.zeros(10, 48)
+    with pytest.raises(ValueError, match="shape mismatch for blocks.0.attn.qkv.weight"):
+        load(sd, num_heads=3, verbose=False)
+    sd = timm_state_dict(small_cfg())
+    sd["fc_norm.weight"] = torch.zeros(48)
+    with pytest.raises(ValueError, match="fc_norm.weight"):
+        load(sd, num_heads=3, verbose=False)
+    sd = timm_state_dict(small_cfg(width=40, num_heads=4))
+    with pytest.raises(ValueError, match="num_heads=..."):
+        load(sd, verbose=False)
+    assert load(sd, num_heads=4, verbose=False).cfg.num_heads == 4
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "nope.pth")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_checkpoint_cannot_run_code(tmp_path, capsys):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"cls_token": _Payload()}, f)
+    with pytest.raises(ValueError, match="not a checkpoint that loads safely"):
+        load(tmp_path / "evil.pth")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_safetensors_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(timm_state_dict(small_cfg()), str(tmp_path / "vit.safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        load(tmp_path / "vit.safetensors", num_heads=3)
+
+
+def test_load_returns_plain_values_in_our_layout(tmp_path):
+    """The converter's contract: our keys, the conv weight flattened, config fields, the classifier as
+    heads.default; and it does not need model.py."""
+    cfg = small_cfg()
+    fmt, sd, config, extra = checkpoints.load(timm_state_dict(cfg, classes=7))
+    assert fmt == "vit" and sd["patch_embed.proj.weight"].shape == (48, 3 * 8 * 8)
+    assert sd["heads.default.weight"].shape == (7, 48) and "head.weight" not in sd
+    assert config == dict(width=48, depth=2, patch_size=8, in_chans=3, img_size=32, attention="divided_space_time",
+                          mlp_ratio=4.0, qkv_bias=True, num_heads=None) and extra == {}
+    code = "import sys, checkpoints; assert 'model' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(checkpoints.__file__), check=True)

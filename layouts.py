@@ -1,0 +1,255 @@
+"""
+How each dataset lies on disk, as its release ships it, and the listing of samples read from it.
+
+A listing holds one split's sample paths and class indices as compact arrays. Saved to a file it is
+memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
+it started with across restarts.
+"""
+
+import csv
+import json
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = ('.mp4', '.webm', '.avi', '.mkv', '.mov')
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+DESCRIPTIONS = {  # layout -> what we expect on disk, for error messages
+    'kinetics': "annotations/{train,val}.csv (header label,youtube_id,time_start,time_end,split) with clips "
+                "{train,val}/<youtube_id>_<start:06d>_<end:06d>.mp4, or class folders {train,val}/<class>/*.mp4",
+    'ssv2': "something-something-v2-{train,validation,labels}.json and 20bn-something-something-v2/<id>.webm",
+    'mit': "training/<class>/*.mp4, validation/<class>/*.mp4, optional moments_categories.txt (class,idx)",
+    'imagenet': "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val sorted into class folders)",
+    'in21k': "imagenet21k_train/<wnid>/ and imagenet21k_val/<wnid>/ (ImageNet-21K-P), or train/ and val/; the raw "
+             "winter-21 release (wnid folders, no split) needs the 21K-P preprocessing or a split of your own",
+    'custom': "train.csv / val.csv with lines '<path relative to the folder> <int label>' (optional "
+              "classes.txt, one name per line), or class folders train/<class>/, val/<class>/",
+}
+FOLDERS = {  # layout -> (train folder names, val folder names, extensions); the first that exists is used
+    'kinetics': (['train'], ['val', 'validate'], VIDEO_EXTS),
+    'mit': (['training'], ['validation'], VIDEO_EXTS),
+    'imagenet': (['train'], ['val'], IMAGE_EXTS),
+    'in21k': (['imagenet21k_train', 'train'], ['imagenet21k_val', 'val'], IMAGE_EXTS),
+    'custom': (['train'], ['val'], VIDEO_EXTS + IMAGE_EXTS),
+}
+
+
+class DatasetError(Exception):
+    """A dataset cannot be used at all (missing, laid out differently, nothing readable)."""
+
+
+class Listing:
+    """One split of a dataset: sample i is the file root/paths[i] of class labels[i]."""
+
+    def __init__(self, root, classes, paths, labels, problems, file=None):
+        self.root, self.classes, self.problems, self.file = root, classes, problems, file
+        self.paths, self.labels = paths, labels  # bytes (N,), int32 (N,)
+
+    @classmethod
+    def from_pairs(cls, root, classes, pairs, problems=None):
+        """From [(absolute path, class index)]."""
+        prefix = os.path.join(root, '')
+        rel = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p, _ in pairs]
+        paths = np.array([os.fsencode(p) for p in rel], dtype=bytes)
+        return cls(root, classes, paths, np.array([y for _, y in pairs], dtype=np.int32), dict(problems or {}))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def path(self, i):
+        return os.path.join(self.root, os.fsdecode(self.paths[i]))
+
+    def save(self, file):
+        """Write the arrays and a JSON sidecar (atomically: rename), then return the memory-mapped copy."""
+        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels],
+                                                                            names='path,label'))),
+                           ('.json', lambda f: f.write(json.dumps(self.meta()).encode()))]:
+            with open(f'{file}{ext}.tmp-{os.getpid()}', 'wb') as f:
+                write(f)
+            os.replace(f'{file}{ext}.tmp-{os.getpid()}', file + ext)
+        return Listing.load(file)
+
+    def meta(self):
+        return {'root': self.root, 'classes': self.classes, 'problems': self.problems}
+
+    @classmethod
+    def load(cls, file):
+        with open(file + '.json') as f:
+            meta = json.load(f)
+        records = np.load(file + '.npy', mmap_mode='r')
+        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file)
+
+    def __getstate__(self):  # a saved listing travels to workers as its file name, not as a copy
+        return self.meta() | {'file': self.file} if self.file else self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(Listing.load(state['file']).__dict__ if state.get('file') else state)
+
+
+def listing(name, data_dir, split, layout, cache_dir=None):
+    """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is read from
+    <cache_dir>/<name>-<split> when that was listed from the same folder, else listed and saved there."""
+    root = os.path.abspath(os.path.join(data_dir, name))
+    file = os.path.join(cache_dir, f'{name}-{split}') if cache_dir else None
+    if file and os.path.exists(file + '.json'):
+        cached = Listing.load(file)
+        if cached.root == root:
+            return cached
+    try:
+        if not os.path.isdir(root):
+            raise DatasetError(f"no folder {root}")
+        problems, examples = Counter(), {}
+        classes, entries, listed = parse(root, layout, split, problems)
+    except (DatasetError, OSError, ValueError) as e:
+        raise DatasetError(f"dataset '{name}' ({split}) cannot be read: {e}.\n  Expected under {root}/: "
+                           f"{DESCRIPTIONS[layout]}.\n  Fix: put the data there in that layout, or point --data_dir "
+                           f"at the folder that holds '{name}/'.") from None
+    entries = drop_missing(entries, problems, examples) if listed else entries
+    index = {c: i for i, c in enumerate(classes)}
+    pairs = [(p, index[label]) for p, label in entries if label in index]
+    if len(pairs) < len(entries):  # val labels that train does not have (no head output for them)
+        problems['unknown_label'] = len(entries) - len(pairs)
+        examples['unknown_label'] = next(repr(label) for _, label in entries if label not in index)
+    problems = {k: v for k, v in sorted(problems.items()) if v}
+    report = ', '.join(f"{k} {v}" + (f" (e.g. {examples[k]})" if k in examples else '') for k, v in problems.items())
+    if not pairs:
+        raise DatasetError(f"dataset '{name}' ({split}) has no usable samples under {root} "
+                           f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
+    if report:
+        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
+    result = Listing.from_pairs(root, classes, pairs, problems)
+    if file:
+        os.makedirs(cache_dir, exist_ok=True)
+        result = result.save(file)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# parsers: -> (class names in index order, [(absolute path, class name)], whether the entries come from
+# an annotation list and may name files that are not on disk)
+
+
+def parse(root, layout, split, problems):
+    """Class index: the train labels (or train folders) in alphabetical order, unless the release fixes
+    the order (SSv2 labels json, moments_categories.txt, custom classes.txt / integer labels)."""
+    train_problems = problems if split == 'train' else Counter()  # only the names of train are needed
+    ann = os.path.join(root, 'annotations')
+    if layout == 'kinetics' and os.path.isdir(ann):
+        train = read_kinetics_csv(first(ann, ['train.csv'], False), os.path.join(root, 'train'), train_problems)
+        classes = sorted({label for _, label in train})
+        if split == 'train':
+            return classes, train, True
+        clip_dir = first(root, FOLDERS['kinetics'][1])
+        return classes, read_kinetics_csv(first(ann, ['val.csv', 'validate.csv'], False), clip_dir, problems), True
+    if layout == 'ssv2':
+        return parse_ssv2(root, split, problems)
+    if layout == 'custom' and os.path.isfile(os.path.join(root, 'train.csv')):
+        listed = train = read_list(os.path.join(root, 'train.csv'), root, train_problems)
+        if os.path.isfile(os.path.join(root, 'classes.txt')):
+            with open(os.path.join(root, 'classes.txt')) as f:
+                classes = [line.strip() for line in f if line.strip()]
+        else:  # no names: the integer labels are the names
+            classes = [str(i) for i in range(max((y for _, y in train), default=-1) + 1)]
+        if split == 'val':
+            listed = read_list(first(root, ['val.csv'], False), root, problems)
+        # an integer outside the map gets a name that is not in it: counted as unknown_label
+        return classes, [(p, classes[y] if 0 <= y < len(classes) else f'<label {y}>') for p, y in listed], True
+    train_dir, val_dir, exts = FOLDERS[layout]
+    classes, entries = scan_folders(first(root, train_dir), exts, train_problems)
+    if split == 'val':
+        entries = scan_folders(first(root, val_dir), exts, Counter())[1]
+    if layout == 'mit' and os.path.isfile(os.path.join(root, 'moments_categories.txt')):
+        with open(os.path.join(root, 'moments_categories.txt')) as f:  # `class,idx` lines
+            pairs = [line.strip().rsplit(',', 1) for line in f if line.strip()]
+        classes = [c for c, _ in sorted(pairs, key=lambda p: int(p[1]))]
+    return classes, entries, False
+
+
+def parse_ssv2(root, split, problems):
+    def load(kind):
+        with open(first(root, [f'something-something-v2-{kind}.json'], False)) as f:
+            return json.load(f)
+
+    labels = load('labels')  # {"Holding something next to something": "12", ...}
+    classes = sorted(labels, key=lambda t: int(labels[t]))
+    if [int(labels[t]) for t in classes] != list(range(len(classes))):
+        raise DatasetError(f"{root}: the label indices in the labels json are not 0..{len(classes) - 1}")
+    entries = []
+    for item in load('train' if split == 'train' else 'validation'):
+        try:
+            entries.append((os.path.join(root, '20bn-something-something-v2', f"{item['id']}.webm"),
+                            item['template'].replace('[', '').replace(']', '')))
+        except (KeyError, TypeError, AttributeError):
+            problems['malformed_line'] += 1
+    return classes, entries, True
+
+
+def first(root, names, isdir=True):
+    for n in names:
+        if (os.path.isdir if isdir else os.path.isfile)(os.path.join(root, n)):
+            return os.path.join(root, n)
+    raise DatasetError(f"no {' or '.join(names)} in {root}")
+
+
+def scan_folders(split_dir, exts, problems):
+    """Class folders -> (sorted class names, entries). Other extensions are ignored; an empty folder is
+    still a class (it keeps its index) and is counted as 'empty_class_folder'."""
+    classes, entries = [], []
+    for d in sorted((e for e in os.scandir(split_dir) if e.is_dir()), key=lambda e: e.name):
+        files = sorted(f.path for f in os.scandir(d.path) if f.name.lower().endswith(exts) and f.is_file())
+        problems['empty_class_folder'] += not files
+        classes.append(d.name)
+        entries += [(f, d.name) for f in files]
+    return classes, entries
+
+
+def read_kinetics_csv(path, clip_dir, problems):
+    with open(path, newline='') as f:
+        rows = csv.reader(f)
+        header = [h.strip() for h in next(rows, [])]
+        need = ['label', 'youtube_id', 'time_start', 'time_end']
+        if not set(need) <= set(header):
+            raise DatasetError(f"{path}: expected the header label,youtube_id,time_start,time_end,split; got {header}")
+        col, entries = [header.index(c) for c in need], []
+        for row in rows:
+            if not any(c.strip() for c in row):
+                continue
+            try:
+                label, yid, t0, t1 = (row[i] for i in col)
+                entries.append((os.path.join(clip_dir, f'{yid}_{int(float(t0)):06d}_{int(float(t1)):06d}.mp4'), label))
+            except (IndexError, ValueError):
+                problems['malformed_line'] += 1
+    return entries
+
+
+def read_list(path, root, problems):
+    """`path label` lines (PySlowFast / MMAction2 style); the path may hold spaces, the label is last."""
+    entries = []
+    with open(path) as f:
+        for line in f:
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) == 2 and parts[1].lstrip('-').isdigit():
+                entries.append((os.path.join(root, parts[0]), int(parts[1])))
+            elif parts:
+                problems['malformed_line'] += 1
+    return entries
+
+
+def drop_missing(entries, problems, examples):
+    """Keep the listed files that exist: one directory listing per folder, not a stat per file."""
+    listings, kept = {}, []
+    for path, label in entries:
+        folder, fname = os.path.split(path)
+        if folder not in listings:
+            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if fname in listings[folder]:
+            kept.append((path, label))
+        else:
+            problems['missing'] += 1
+            examples.setdefault('missing', path)
+    return kept

@@ -1,0 +1,84 @@
+"""demo.py: the demo sets are written deterministically, in the real layouts, once, and anew when the
+generator changes."""
+
+import os
+
+import numpy as np
+import pytest
+
+import data
+import demo
+
+
+def pairs(ds):
+    return [(ds.samples.path(i), int(ds.samples.labels[i])) for i in range(len(ds))]
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    monkeypatch.setattr(demo, 'TRAIN_PER_CLASS', {'demo_kinetics': 2, 'demo_ssv2': 2, 'demo_imagenet': 2})
+    monkeypatch.setattr(demo, 'VAL_PER_CLASS', 1)
+
+
+def test_demo_generation_is_deterministic_and_parses(tmp_path, small_demo, capsys):
+    runs = []
+    for d in ['a', 'b']:
+        out = {}
+        demo.prepare(str(tmp_path / d))
+        for name in demo.NAMES:
+            tr = data.build_dataset(name, tmp_path / d, 'train', img_size=32)
+            va = data.build_dataset(name, tmp_path / d, 'val', img_size=32)
+            assert len(tr) == 2 * 6 and len(va) == 6 and tr.problems == {} and len(tr.classes) == 6
+            path = tr.samples.path(0)
+            first = data.load_image(path) if tr.spec.kind == 'image' else data.read_video(path, [0])[0]
+            out[name] = ([(os.path.relpath(p, tmp_path / d), y) for p, y in pairs(tr) + pairs(va)], tr.classes, first)
+            assert tr[(0, 0)]['x'].shape == ((3, 8, 32, 32) if tr.spec.kind == 'video' else (3, 1, 32, 32))
+        runs.append(out)
+    for name in demo.NAMES:
+        assert runs[0][name][0] == runs[1][name][0] and runs[0][name][1] == runs[1][name][1]
+        np.testing.assert_array_equal(runs[0][name][2], runs[1][name][2])
+    printed = capsys.readouterr().out
+    assert printed.count('generated demo dataset') == 6 and ' s\n' in printed
+    assert runs[0]['demo_kinetics'][1] == sorted(demo.SHAPES)
+    assert runs[0]['demo_ssv2'][1][0] == 'Moving something from left to right'
+    root = tmp_path / 'a' / 'demo_kinetics'
+    assert sorted(os.listdir(root)) == ['DEMO_VERSION', 'annotations', 'train', 'val']
+    assert open(root / 'annotations' / 'train.csv').readline().strip() == 'label,youtube_id,time_start,time_end,split'
+    assert not [p for p in os.listdir(tmp_path / 'a') if '.tmp-' in p]  # temp folders renamed away
+    n, fps = data.video_info(data.build_dataset('demo_ssv2', tmp_path / 'a', 'train').samples.path(0))
+    assert fps == demo.FPS and demo.LENGTH[0] <= n <= demo.LENGTH[1]
+
+
+def test_demo_is_not_regenerated_when_present(tmp_path, small_demo, monkeypatch):
+    demo.prepare(str(tmp_path), ['demo_imagenet'])
+    monkeypatch.setattr(demo, 'MAKERS', {'demo_imagenet': None})  # would fail if it tried to write again
+    demo.prepare(str(tmp_path), ['demo_imagenet'])
+    assert len(data.build_dataset('demo_imagenet', tmp_path, 'val')) == 6
+
+
+def test_demo_from_an_older_generator_is_regenerated(tmp_path, small_demo, monkeypatch, capsys):
+    demo.prepare(str(tmp_path), ['demo_imagenet'])
+    stamp = tmp_path / 'demo_imagenet' / 'DEMO_VERSION'
+    assert stamp.read_text().strip() == str(demo.VERSION)
+    stamp.unlink()  # as a folder written before versions existed
+    (tmp_path / 'demo_imagenet' / 'train' / 'stale.txt').write_text('from the old generator')
+    demo.prepare(str(tmp_path), ['demo_imagenet'])
+    assert len(data.build_dataset('demo_imagenet', tmp_path, 'val')) == 6
+    assert 'older demo generator' in capsys.readouterr().out
+    assert stamp.exists() and not (tmp_path / 'demo_imagenet' / 'train' / 'stale.txt').exists()
+    assert sorted(os.listdir(tmp_path)) == ['demo_imagenet']  # no stale or temp folder left behind
+
+
+def test_image_crop_scale_comes_from_the_spec(tmp_path, small_demo, monkeypatch):
+    """demo_imagenet's one big object would be missed by an 8% crop: its spec asks for >= 35% of the area."""
+    seen = []
+    real = data.random_resized_box
+    monkeypatch.setattr(data, 'random_resized_box', lambda h, w, rng, scale: seen.append(scale) or real(h, w, rng, scale))
+    demo.prepare(str(tmp_path), ['demo_imagenet'])
+    data.build_dataset('demo_imagenet', tmp_path, 'train', img_size=32)[(0, 0)]
+    assert seen == [(0.35, 1.0)] and data.SPECS['in1k'].min_area == 0.08
+
+
+def test_unknown_demo_name_is_refused():
+    with pytest.raises(data.DatasetError, match='demo sets are'):
+        demo.prepare('unused', ['demo_nope'])

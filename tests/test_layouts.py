@@ -1,0 +1,179 @@
+"""layouts.py: each dataset's on-disk layout parsed from real files written here, and the compact
+listings that every rank and DataLoader worker shares."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import data
+import layouts
+from media import make_ssv2, tiny_video, write_image, write_kinetics_csv
+
+
+def pairs(ds):
+    """[(absolute path, class index)] of a dataset's listing."""
+    return [(ds.samples.path(i), int(ds.samples.labels[i])) for i in range(len(ds))]
+
+
+def test_kinetics_flat_csv(tmp_path, caplog):
+    root = tmp_path / 'k400'
+    rows = [['passing American football (in game)', 'aaa', 17, 27, 'train', 0],
+            ['abseiling', 'b-b_b', 0, 10, 'train', 0],
+            ['zumba', 'ccc', 3, 13, 'train', 1],
+            ['abseiling', 'gone', 5, 15, 'train', 0]]       # listed but not on disk
+    write_kinetics_csv(root / 'annotations' / 'train.csv', rows)
+    with open(root / 'annotations' / 'train.csv', 'a') as f:
+        f.write('abseiling,broken,notanumber,10,train,0\n\n')
+    for label, yid, t0, t1, *_ in rows[:3]:
+        tiny_video(root / 'train' / f'{yid}_{t0:06d}_{t1:06d}.mp4')
+    write_kinetics_csv(root / 'annotations' / 'validate.csv',
+                       [['zumba', 'vvv', 1, 11, 'validate'], ['not a train class', 'www', 1, 11, 'validate']], is_cc=False)
+    tiny_video(root / 'val' / 'vvv_000001_000011.mp4')
+    tiny_video(root / 'val' / 'www_000001_000011.mp4')
+    with caplog.at_level('WARNING'):
+        tr = data.build_dataset('k400', tmp_path, 'train')
+    assert tr.classes == ['abseiling', 'passing American football (in game)', 'zumba']
+    assert sorted((os.path.basename(p), y) for p, y in pairs(tr)) == [
+        ('aaa_000017_000027.mp4', 1), ('b-b_b_000000_000010.mp4', 0), ('ccc_000003_000013.mp4', 2)]
+    assert tr.problems == {'missing': 1, 'malformed_line': 1}
+    assert 'gone_000005_000015.mp4' in caplog.text and 'missing 1' in caplog.text
+    va = data.build_dataset('k400', tmp_path, 'val')
+    assert va.classes == tr.classes and va.problems == {'unknown_label': 1} and pairs(va)[0][1] == 2
+    assert not va.train and va.num_views == 3 and os.path.isabs(pairs(va)[0][0])
+
+
+def test_kinetics_class_folders_and_empty_class(tmp_path):
+    root = tmp_path / 'k700'
+    tiny_video(root / 'train' / 'riding_a_bike' / 'x_000000_000010.mp4')
+    tiny_video(root / 'train' / 'abseiling' / 'y.mp4')
+    os.makedirs(root / 'train' / 'empty class')
+    (root / 'train' / 'abseiling' / 'notes.txt').write_text('ignored')
+    tiny_video(root / 'val' / 'riding_a_bike' / 'z.mp4')
+    tiny_video(root / 'val' / 'unknown' / 'w.mp4')
+    tr = data.build_dataset('k700', tmp_path, 'train')
+    assert tr.classes == ['abseiling', 'empty class', 'riding_a_bike'] and len(tr) == 2
+    assert tr.problems == {'empty_class_folder': 1}  # the class keeps its index, it just has no clips
+    va = data.build_dataset('k700', tmp_path, 'val')
+    assert [y for _, y in pairs(va)] == [2] and va.problems == {'unknown_label': 1}
+
+
+def test_ssv2_json(tmp_path):
+    root = tmp_path / 'ssv2'
+    labels = {'Pushing something from left to right': '1', 'Holding something next to something': '0'}
+    make_ssv2(root, {'5': 'Pushing [something] from left to right', '6': 'Holding [something] next to [something]'},
+              {'7': 'Holding [something] next to [something]'}, labels=labels)
+    os.remove(root / '20bn-something-something-v2' / '6.webm')
+    entries = json.loads((root / 'something-something-v2-train.json').read_text()) + [{'id': '9'}]
+    (root / 'something-something-v2-train.json').write_text(json.dumps(entries))
+    tr = data.build_dataset('ssv2', tmp_path, 'train')
+    assert tr.classes == ['Holding something next to something', 'Pushing something from left to right']
+    assert [(os.path.basename(p), y) for p, y in pairs(tr)] == [('5.webm', 1)]
+    assert tr.problems == {'missing': 1, 'malformed_line': 1} and tr.spec.sampling == 'segment'
+    assert [y for _, y in pairs(data.build_dataset('ssv2', tmp_path, 'val'))] == [0]
+
+
+def test_mit_folders_and_categories(tmp_path):
+    root = tmp_path / 'mit'
+    tiny_video(root / 'training' / 'barking' / 'a.mp4')
+    tiny_video(root / 'training' / 'applauding' / 'b.mp4')
+    tiny_video(root / 'validation' / 'barking' / 'c.mp4')
+    assert data.build_dataset('mit', tmp_path, 'train').classes == ['applauding', 'barking']
+    (root / 'moments_categories.txt').write_text('barking,0\napplauding,1\n')  # the release's order wins
+    va = data.build_dataset('mit', tmp_path, 'val')
+    assert va.classes == ['barking', 'applauding'] and pairs(va)[0][1] == 0 and va.spec.rate == 8
+
+
+def test_imagenet_layouts(tmp_path):
+    for name, tr_dir, va_dir in [('in1k', 'train', 'val'), ('in21k', 'imagenet21k_train', 'imagenet21k_val')]:
+        root = tmp_path / name
+        write_image(root / tr_dir / 'n02' / 'n02_1.JPEG')
+        write_image(root / tr_dir / 'n01' / 'n01_1.JPEG')
+        write_image(root / tr_dir / 'n01' / 'n01_2.jpeg')
+        write_image(root / va_dir / 'n02' / 'ILSVRC2012_val_00000001.JPEG')
+        tr = data.build_dataset(name, tmp_path, 'train', img_size=32)
+        assert tr.classes == ['n01', 'n02'] and [y for _, y in pairs(tr)] == [0, 0, 1]
+        assert tr.spec.kind == 'image' and tr.frames == 1 and tr.spec.batch_scale == 4
+        va = data.build_dataset(name, tmp_path, 'val', img_size=32)
+        assert [y for _, y in pairs(va)] == [1] and va.num_views == 1
+
+
+def test_custom_csv_and_folders(tmp_path):
+    root = tmp_path / 'mine'
+    tiny_video(root / 'clips' / 'a b.mp4')
+    tiny_video(root / 'clips' / 'c.avi')
+    (root / 'train.csv').write_text('clips/a b.mp4 1\nclips/c.avi 0\nclips/missing.mp4 0\njust-a-path\nclips/c.avi x\n')
+    (root / 'val.csv').write_text('clips/c.avi 0\nclips/a b.mp4 7\n')
+    tr = data.build_dataset('mine', tmp_path, 'train')
+    assert tr.classes == ['0', '1'] and tr.spec.kind == 'video' and tr.spec.sampling == 'segment'
+    assert [(os.path.basename(p), y) for p, y in pairs(tr)] == [('a b.mp4', 1), ('c.avi', 0)]
+    assert tr.problems == {'missing': 1, 'malformed_line': 2}
+    (root / 'classes.txt').write_text('dog\ncat\n')
+    va = data.build_dataset('mine', tmp_path, 'val')
+    assert va.classes == ['dog', 'cat'] and [y for _, y in pairs(va)] == [0] and va.problems == {'unknown_label': 1}
+    write_image(tmp_path / 'pics' / 'train' / 'cat' / '1.PNG')
+    write_image(tmp_path / 'pics' / 'val' / 'cat' / '2.jpg')
+    pics = data.build_dataset('pics', tmp_path, 'val')
+    assert pics.classes == ['cat'] and pics.spec.kind == 'image'
+
+
+def test_dataset_errors_say_where_and_what(tmp_path):
+    with pytest.raises(data.DatasetError, match=r'(?s)k400.*annotations/\{train,val\}\.csv.*--data_dir'):
+        data.build_dataset('k400', tmp_path, 'train')
+    tiny_video(tmp_path / 'ssv2' / 'x.mp4')
+    with pytest.raises(data.DatasetError, match='something-something-v2-labels.json'):
+        data.build_dataset('ssv2', tmp_path, 'train')
+    write_kinetics_csv(tmp_path / 'k600' / 'annotations' / 'train.csv', [['a', 'x', 0, 10, 'train']])
+    with pytest.raises(data.DatasetError, match='no usable samples.*missing 1'):
+        data.build_dataset('k600', tmp_path, 'train')
+    (tmp_path / 'txt' / 'train' / 'a').mkdir(parents=True)
+    (tmp_path / 'txt' / 'train' / 'a' / 'x.txt').write_text('')
+    with pytest.raises(data.DatasetError, match='no usable samples'):
+        data.build_dataset('txt', tmp_path, 'train')
+    with pytest.raises(data.DatasetError, match='demo sets'):
+        data.build_dataset('demo_nope', tmp_path, 'train')
+    with pytest.raises(ValueError):
+        data.build_dataset('k400', tmp_path, 'test')
+
+
+def test_listing_is_kept_and_shared_as_a_file(tmp_path):
+    """Listed once into the cache folder; read back from it (also after the folder changes on disk), and
+    sent to a DataLoader worker as a file name, not as a copy of the arrays."""
+    for i in range(3):
+        write_image(tmp_path / 'pics' / 'train' / f'c{i}' / 'a.png', seed=i)
+    cache = tmp_path / 'listings'
+    ds = data.build_dataset('pics', tmp_path, 'train', img_size=16, cache_dir=str(cache))
+    assert sorted(os.listdir(cache)) == ['pics-train.json', 'pics-train.npy'] and len(ds) == 3
+    assert isinstance(ds.samples.paths, np.memmap)
+    write_image(tmp_path / 'pics' / 'train' / 'c3' / 'b.png')  # a new file after the run started
+    again = data.build_dataset('pics', tmp_path, 'train', img_size=16, cache_dir=str(cache))
+    assert pairs(again) == pairs(ds) and again.classes == ['c0', 'c1', 'c2']
+    assert len(data.build_dataset('pics', tmp_path, 'train', img_size=16)) == 4  # no cache: listed anew
+    back = pickle.loads(pickle.dumps(ds))
+    assert pairs(back) == pairs(ds) and back[(1, 5)]['y'] == 1
+    moved = tmp_path / 'moved'
+    moved.mkdir()
+    os.rename(tmp_path / 'pics', moved / 'pics')  # another data_dir: its own listing, not the cached one
+    assert data.build_dataset('pics', moved, 'train', img_size=16, cache_dir=str(cache)).samples.root == str(moved / 'pics')
+
+
+def test_a_large_listing_pickles_to_a_few_hundred_bytes(tmp_path):
+    """ImageNet-21K has 11M samples and every DataLoader worker of every rank gets the dataset: a saved
+    listing travels as its file name, and in memory it costs the bytes of its paths plus 4 per label."""
+    n = 200_000
+    big = layouts.Listing.from_pairs(str(tmp_path), ['a', 'b'], [(str(tmp_path / f'n0{i % 2}/{i:08d}.JPEG'), i % 2)
+                                                                 for i in range(n)])
+    assert big.paths.nbytes + big.labels.nbytes == n * (len('n00/00000000.JPEG') + 4)
+    saved = big.save(str(tmp_path / 'big'))
+    assert len(pickle.dumps(saved)) < 500 < len(pickle.dumps(big)) // 1000
+    assert saved.path(n - 1) == str(tmp_path / f'n01/{n - 1:08d}.JPEG') and saved.labels[n - 1] == 1
+    # a worker process opens the file itself, memory-mapped
+    code = ("import pickle, sys, numpy as np; s = pickle.load(sys.stdin.buffer); "
+            "assert isinstance(s.labels, np.memmap) and len(s) == %d; print(s.path(7))" % n)
+    out = subprocess.run([sys.executable, '-c', code], input=pickle.dumps(saved), capture_output=True,
+                         cwd=os.path.dirname(layouts.__file__), check=True).stdout
+    assert out.decode().strip() == str(tmp_path / 'n01/00000007.JPEG')

@@ -17,7 +17,7 @@ import torch
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1", "--eval_every", "0",
+FAST = ["--recipe", "demo", "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1", "--eval_every", "0",
         "--final_eval", "none", "--workers", "0"]
 
 
@@ -81,11 +81,11 @@ def test_sigkill_leaves_no_worker_processes(demo_dir, tmp_path):
 
 
 _WRITER = """
-import sys, torch, train
+import sys, torch, runtime
 path = sys.argv[1]
-train.save_checkpoint(path, {"step": 1, "w": torch.ones(10)})
+runtime.save_checkpoint(path, {"step": 1, "w": torch.ones(10)})
 print("first", flush=True)
-train.save_checkpoint(path, {"step": 2, "w": torch.randn(100_000_000)})  # 400 MB: takes a while to write
+runtime.save_checkpoint(path, {"step": 2, "w": torch.randn(100_000_000)})  # 400 MB: takes a while to write
 print("second", flush=True)
 """
 

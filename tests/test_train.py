@@ -1,5 +1,5 @@
-"""train.py and eval.py end to end on the demo data: exact resume, a real two-process torchrun (gloo)
-run, head isolation under DDP, evaluation counts, argument errors."""
+"""train.py end to end on the demo data: exact resume, a real two-process torchrun (gloo) run, head
+isolation under DDP, one host sync per step, argument errors."""
 
 import json
 import os
@@ -8,15 +8,16 @@ import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import data
-import eval as evaluate_mod
+import demo
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = ",".join(data.demo_names())
+DEMO = ",".join(demo.NAMES)
 # a short, fast run on the demo data: tiny batches, a few steps, no final multi-view test unless asked
-FAST = ["--datasets", DEMO, "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1",
+FAST = ["--recipe", "demo", "--datasets", DEMO, "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1",
         "--eval_every", "0", "--final_eval", "none", "--drop_path", "0.1"]
 
 
@@ -58,8 +59,8 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
     before = load(os.path.join(out, "ckpt.pt"))
     torchrun(common + ["--stop_at", "1"])
     after = load(os.path.join(out, "ckpt.pt"))
-    names = data.demo_names()
-    first = names[data.schedule(0, [data.SPECS[n].weight for n in names])]  # the dataset of step 0
+    names = demo.NAMES
+    first = names[data.schedule(0, train.dataset_weights(train.get_args(common), names))]  # the dataset of step 0
     others = [n for n in names if n != first]
     assert after["step"] == 1
     for n in others:  # step 0 belonged to one dataset only
@@ -73,28 +74,13 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
     assert load(os.path.join(out, "ckpt.pt"))["step"] == 6
     steps = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]  # logged once (rank 0), continuing after resume
+    assert all(0 <= s["data_wait"] <= 1 and s["clips_per_s"] > 0 for s in steps)  # the share spent waiting for data
+    assert "workers needed" in log and log.count("demo_ssv2 ") >= 2  # the start-up estimate, per dataset
     results = json.load(open(os.path.join(out, "eval.json")))
-    for n in data.demo_names():  # every validation clip counted exactly once over the two ranks
+    for n in demo.NAMES:  # every validation clip counted exactly once over the two ranks
         val = data.build_dataset(n, demo_dir, "val", train=False, img_size=32)
         assert results[n]["clips"] == len(val) and results[n]["failed"] == 0
         assert results[n]["views"] == val.num_views
-
-
-def test_eval_cli_counts_and_single_video(demo_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "2", "--workers", "0"])
-    evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--views", "1x3", "--workers", "0"])
-    results = json.load(open(out / "eval.json"))
-    assert set(results) == set(data.demo_names())
-    for n, r in results.items():
-        val = data.build_dataset(n, demo_dir, "val", train=False, img_size=32, views=(1, 3))
-        assert r["clips"] == len(val) and r["views"] == 3 and 0 <= r["top1"] <= r["top5"] <= 1
-    video = data.build_dataset("demo_kinetics", demo_dir, "val", train=False, img_size=32).samples[0][0]
-    capsys.readouterr()
-    evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--video", video, "--head", "demo_kinetics"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    classes = load(out / "ckpt.pt")["label_maps"]["demo_kinetics"]
-    assert len(lines) == min(5, len(classes)) and all(line.split()[-1] in classes for line in lines)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -105,6 +91,9 @@ def test_eval_cli_counts_and_single_video(demo_dir, tmp_path, capsys):
     (["--resume"], "no checkpoint"),
     (["--weights", "1,2"], "one weight per dataset"),
     (["--model", "huge"], "not a preset"),
+    (["--weights", "demo_ssv2=-1"], "must be positive"),
+    (["--dataset_batch_size", "k400=8"], "not in --datasets"),
+    (["--init", "README.md"], "--init README.md"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -127,3 +116,30 @@ def test_lr_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == 1.0 and abs(lrs[9] - 0.55) < 1e-12 and abs(lrs[14] - 0.1) < 1e-12
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the project's reads of a tensor value into Python: on a GPU each one waits for the device."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            if os.path.dirname(sys._getframe(1).f_code.co_filename) == ROOT:  # a read in our code
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_host_sync_per_step(demo_dir, tmp_path):
+    """Outside logging steps a step reads one tensor into Python (the loss, and the stop flag with it)."""
+    reads = []
+    for steps in (4, 10):
+        with HostReads() as counter:
+            train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / str(steps)), "--max_steps", str(steps),
+                               "--workers", "1", "--log_every", "100", "--save_every", "100"])
+        reads.append(counter.count)
+    assert reads[1] - reads[0] == 10 - 4, reads  # set-up, the last step's log and checkpoint cancel out

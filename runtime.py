@@ -1,0 +1,168 @@
+"""
+Set-up that train.py and eval.py share: the device, the process group under torchrun, and precision.
+"""
+
+import datetime
+import gc
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
+STARTUP_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    startup_group: object = None  # a gloo group with STARTUP_TIMEOUT, for waits on rank 0
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup(device="auto"):
+    """Pick the device and, when torchrun started several processes, join their group (nccl on GPUs,
+    gloo on CPUs)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls run as TF32 (peak_flops counts on it)
+        torch.backends.cudnn.allow_tf32 = True
+    if world == 1:
+        return Runtime(0, 1, device)
+    if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        # torchrun keeps one store for all restarts, and restarted ranks read the dead ones' addresses
+        print("warning: torchrun --max-restarts shares its store with the workers, and restarts then fail to "
+              "connect (pytorch#135712); launch as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...")
+    cuda = device.type == "cuda"
+    dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Runtime(rank, world, device, dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT))
+
+
+def rank0_first(rt, fn):
+    """fn() on rank 0, then on the other ranks, which find what rank 0 wrote (dataset listings, demo data)."""
+    if rt.master:
+        result = fn()
+    if rt.world > 1:
+        dist.barrier(group=rt.startup_group)
+    if not rt.master:
+        result = fn()
+    return result
+
+
+def teardown(rt):
+    """Leave the process group, once the DDP wrapper is gone: if its reducer held the last reference to a
+    gloo group, the group's destructor could hang the exit (pytorch#56297)."""
+    if rt.world > 1:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def peak_flops(device, dtype):
+    """Dense matmul FLOP/s the hardware can reach, for MFU: the published peak of known GPUs (fp32 runs
+    as TF32, half the bf16 rate); elsewhere measured with one large GEMM in `dtype`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, bf16 in GPU_BF16_PEAKS.items():
+            if all(word in name for word in key.split()):
+                return bf16 if dtype != torch.float32 else bf16 / 2
+    n = 1024 if device.type == "cpu" else 4096
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# dense bf16 peaks by device name, most specific first (an H100 SXM reports "NVIDIA H100 80GB HBM3")
+GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                  "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12}
+
+
+def loader_rate(dataset, samples=4):
+    """Training samples one worker prepares per second, timed on the first few."""
+    t0 = time.perf_counter()
+    for i in range(min(samples, len(dataset))):
+        dataset[(i, i)]
+    return min(samples, len(dataset)) / (time.perf_counter() - t0)
+
+
+class Meter:
+    """Throughput since the last read, and the share of that time spent waiting for data."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.start, self.waited, self.clips, self.flops = time.perf_counter(), 0.0, 0, 0.0
+
+    def wait(self, batches):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - t0
+        return batch
+
+    def count(self, clips, flops):
+        self.clips += clips
+        self.flops += flops
+
+    def read(self, peak):
+        dt = time.perf_counter() - self.start
+        stats = {"clips_per_s": self.clips / dt, "mfu": self.flops / dt / peak, "data_wait": self.waited / dt}
+        self.reset()
+        return stats
+
+
+class Failures:
+    """Samples replaced because their file could not be read: counted per dataset, each path told once."""
+
+    def __init__(self, names, rank):
+        self.counts, self.told, self.rank = dict.fromkeys(names, 0), set(), rank
+
+    def add(self, name, paths):
+        for path in paths:
+            self.counts[name] += 1
+            if path not in self.told:
+                self.told.add(path)
+                tqdm.write(f"[rank {self.rank}] unreadable sample replaced ({name}): {path}")
+
+    def totals(self, rt):
+        if rt.world == 1:
+            return dict(self.counts)
+        t = torch.tensor(list(self.counts.values()), dtype=torch.float64, device=rt.device)
+        dist.all_reduce(t)
+        return dict(zip(self.counts, t.long().tolist()))
+
+
+def save_checkpoint(path, state):
+    """Write a temporary file, flush it to disk, rename it over the old one: a crash at any moment leaves
+    the old or the new checkpoint, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,43 @@
+"""tools/bench.py --quick runs every section and prints its table and JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench.py")
+
+
+def bench(tmp_path, *sections):
+    # TMPDIR: the generated clips go to this test's folder, not a cache shared with other runs
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--section", *sections,
+                             "--json", str(tmp_path / "bench.jsonl")],
+                            capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = (tmp_path / "bench.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["section"] for ln in lines] == list(sections)
+    for s in sections:
+        assert f"\n## {s}  (" in result.stdout
+    return result.stdout, {json.loads(ln)["section"]: json.loads(ln) for ln in lines}
+
+
+def test_model_sections(tmp_path):
+    out, results = bench(tmp_path, "train", "infer", "mfu", "memory")
+    assert "| train clips/s |" in out and "| MFU |" in out
+    assert results["infer"]["max_logit_diff"] < 1e-4  # same weights, same logits
+    assert 0 < results["mfu"]["mfu"]
+
+
+def test_data_section(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("av")
+    out, results = bench(tmp_path, "data")
+    sets = [k for k in results["data"] if "GOP" in k]
+    assert len(sets) == 2 and "GOP 16" in sets[1]
+    for name in sets:
+        assert all(results["data"][name]["frame_exact"].values()), results["data"][name]
+        assert f"[{name}] clips/s per worker" in out
+    assert "images/s" in out

@@ -1,14 +1,8 @@
 """
-Datasets, decoding, sampling and the co-training loader for CoVeR.
-
-Read top to bottom:
-  1. dataset specs: how each dataset is sampled (its on-disk layout is parsed in layouts.py);
-  2. decoding: frame-exact video reads with OpenCV, images with Pillow;
-  3. temporal sampling (Kinetics style and SSv2 segments) and spatial crops;
-  4. ClipDataset: one sample -> uint8 (C, T, H, W) in train mode, test views (V, C, T, H, W) in eval
-     mode; unreadable files are replaced in training and flagged in eval;
-  5. the multi-dataset schedule and sampler, whose whole state is one integer (the micro-batch count),
-     so a resumed run sees exactly the batches an uninterrupted one would; loaders.
+Datasets, decoding, sampling and the co-training loader. Read top to bottom: dataset specs (their on-disk
+layouts are parsed in layouts.py); frame-exact decoding; temporal sampling and spatial crops; ClipDataset,
+one sample -> uint8 (C, T, H, W), or its test views; the multi-dataset schedule and sampler, whose whole
+state is one integer, so a resumed run sees exactly the batches an uninterrupted one would; the loaders.
 Clips leave the loader as uint8 and are normalised on the GPU (Normalize): 4x less to copy.
 """
 
@@ -48,8 +42,7 @@ class VideoError(SampleError):
         self.num_frames = num_frames  # set when the video ended early: its true length
 
 
-# What a broken file can raise while we decode it. Bugs of our own (TypeError, ...) are not listed,
-# so they surface instead of being "replaced".
+# What a broken file can raise while we decode it; bugs of our own (TypeError, ...) surface instead.
 READ_ERRORS = (SampleError, OSError, ValueError, SyntaxError, EOFError, struct.error, cv2.error,
                Image.DecompressionBombError)
 
@@ -72,8 +65,7 @@ class DatasetSpec:
 
 
 def image_spec(name, layout='custom', **kw):
-    """An image is a T = 1 clip, ~1/8 of a video sample's cost, hence a 4x batch. Its test view is the
-    ImageNet centre crop, so val top-1 compares with published ImageNet numbers."""
+    """An image is a T = 1 clip, ~1/8 of a clip's cost: a 4x batch; tested on the ImageNet centre crop."""
     return DatasetSpec(name, 'image', 'image', layout, test_crops=1, batch_scale=4, **kw)
 
 
@@ -104,16 +96,17 @@ def custom_spec(name, paths):
 
 
 def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, views=None, cache_dir=None):
-    """The dataset <data_dir>/<name>. views: (clips, crops) in eval mode instead of the spec's, e.g. (1, 1).
-    cache_dir: where its listing is kept (see layouts.listing)."""
+    """The dataset <data_dir>/<name>, its listing kept in cache_dir (layouts.listing). views: (clips, crops)
+    in eval mode instead of the spec's, e.g. (1, 1)."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name.startswith('demo_') and name not in SPECS:
-        raise DatasetError(f"unknown demo dataset '{name}': the demo sets are {sorted(n for n in SPECS if 'demo_' in n)}")
+        raise DatasetError(f"unknown demo dataset '{name}': import demo to register the demo sets")
     samples = listing(name, data_dir, split, SPECS[name].layout if name in SPECS else 'custom', cache_dir)
     spec = SPECS.get(name) or custom_spec(name, samples.paths)
     spec = replace(spec, test_clips=views[0], test_crops=views[1]) if views else spec
-    return ClipDataset(spec, samples, frames=frames, img_size=img_size, train=split == 'train' if train is None else train)
+    train = split == 'train' if train is None else train
+    return ClipDataset(spec, samples, frames=frames, img_size=img_size, train=train)
 
 # -----------------------------------------------------------------------------
 # decoding
@@ -131,17 +124,13 @@ def open_video(path):
     return cap
 
 
-def header(cap):
-    """(frame count, fps) as the file's header states them."""
+def header(cap):  # (frame count, fps), as the file states them
     return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS))
 
 
 def video_info(path):
-    """(true number of frames, fps): the header when plausible, else counted by decoding.
-
-    A header count that is too large (a truncated file) looks plausible; read_video finds it out
-    (VideoError.num_frames) and the dataset samples again with the true length.
-    """
+    """(true number of frames, fps): the header when plausible, else counted by decoding. A count too large
+    (a truncated file) looks plausible: read_video finds it out (VideoError.num_frames)."""
     cap = open_video(path)
     try:
         n, fps = header(cap)
@@ -174,7 +163,8 @@ def read_video(path, indices):
     try:
         for i in range(last + 1):
             if not cap.grab():
-                raise VideoError(f"{path}: frame {last} requested but the video ends after {i} frames", num_frames=i)
+                raise VideoError(f"{path}: frame {last} requested but the video ends after {i} frames",
+                                 num_frames=i)
             if i in wanted:
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
@@ -192,12 +182,9 @@ def load_image(path, reduce=1.0):
 
 
 def rgb_image(im, reduce=1.0):
-    """An opened Pillow image, decoded, in mode RGB.
-
-    reduce > 1: a JPEG may come back up to that many times smaller per side (its decoder scales in
-    the DCT domain, skipping most of the work). Transparency is composited on white, as a browser shows
-    it; 16-bit greyscale is scaled by 1/257. Truncated files raise rather than fill with grey.
-    """
+    """An opened Pillow image, decoded, in mode RGB. reduce > 1: a JPEG may come back up to that many times
+    smaller per side (decoded at 1/2, 1/4 or 1/8 scale, skipping most of the work). Transparency is
+    composited on white, as a browser shows it; truncated files raise rather than fill with grey."""
     if reduce >= 2:
         im.draft(None, (math.ceil(im.width / reduce), math.ceil(im.height / reduce)))  # JPEG only
     im.load()
@@ -261,7 +248,8 @@ def image_crops(path, boxes_for, out):
             H, W = img.shape[:2]
             boxes = boxes_for(H, W)
     sy, sx = img.shape[0] / H, img.shape[1] / W  # decoded size over full size
-    return np.concatenate([crop_resize(img[None], (y0 * sy, x0 * sx, bh * sy, bw * sx), out) for y0, x0, bh, bw in boxes])
+    scaled = [(y0 * sy, x0 * sx, bh * sy, bw * sx) for y0, x0, bh, bw in boxes]
+    return np.concatenate([crop_resize(img[None], box, out) for box in scaled])
 
 
 def crop_resize(frames, box, out):
@@ -329,7 +317,7 @@ class Normalize:
 # -----------------------------------------------------------------------------
 # the dataset
 
-_WARNED = set()
+_WARNED = set()  # paths this process has warned about
 
 
 def warn_once(path, err):
@@ -379,8 +367,9 @@ class ClipDataset(torch.utils.data.Dataset):
                 warn_once(path, e)
                 failed.append(path)
                 err, index = e, int(rng.integers(len(self.samples)))
-        raise DatasetError(f"no readable sample in {self.spec.name} after {MAX_TRIES} tries (last error: {err}); "
-                           f"check the files, the codecs OpenCV's FFmpeg supports, and disk access. Failed: {failed}")
+        raise DatasetError(f"no readable sample in {self.spec.name} after {MAX_TRIES} tries (last error: "
+                           f"{err}); check the files, the codecs OpenCV's FFmpeg supports, and disk access. "
+                           f"Failed: {failed}")
 
     def load_train(self, path, t_seed, rng):
         """-> (T, img, img, 3) uint8."""
@@ -388,8 +377,10 @@ class ClipDataset(torch.utils.data.Dataset):
             box = lambda h, w: [random_resized_box(h, w, rng, (self.spec.min_area, 1.0))]  # noqa: E731
             x = image_crops(path, box, self.img_size)
         else:
-            clip = self.read_clips(path, lambda n, fps: [self.indices(n, fps, np.random.default_rng(t_seed))])[0]
-            x = crop_resize(clip, train_video_box(clip.shape[1], clip.shape[2], self.img_size, rng), self.img_size)
+            t_rng = np.random.default_rng(t_seed)
+            clip = self.read_clips(path, lambda n, fps: [self.indices(n, fps, t_rng)])[0]
+            box = train_video_box(clip.shape[1], clip.shape[2], self.img_size, rng)
+            x = crop_resize(clip, box, self.img_size)
         flip = rng.random() < 0.5  # drawn always, so the stream does not depend on spec.flip
         return np.stack([cv2.flip(f, 1) for f in x]) if self.spec.flip and flip else x
 
@@ -399,7 +390,8 @@ class ClipDataset(torch.utils.data.Dataset):
             x, ok = self.views(path), True
         except READ_ERRORS as e:
             warn_once(path, e)
-            x, ok = torch.zeros(self.num_views, 3, self.frames, self.img_size, self.img_size, dtype=torch.uint8), False
+            s = self.img_size
+            x, ok = torch.zeros(self.num_views, 3, self.frames, s, s, dtype=torch.uint8), False
         return {'x': x, 'y': int(self.samples.labels[index]), 'ok': ok, 'index': index}
 
     def views(self, path):
@@ -407,11 +399,13 @@ class ClipDataset(torch.utils.data.Dataset):
         Images: one crop is the ImageNet centre crop; several follow the video rule with T = 1."""
         s, crops = self.img_size, self.spec.test_crops
         if self.spec.kind == 'image':
-            boxes = lambda h, w: [eval_image_box(h, w, s)] if crops == 1 else eval_video_boxes(h, w, crops)  # noqa: E731
+            def boxes(h, w):
+                return [eval_image_box(h, w, s)] if crops == 1 else eval_video_boxes(h, w, crops)
             views = image_crops(path, boxes, s)[:, None]  # (V, T = 1, s, s, 3)
         else:
             n_clips = self.spec.test_clips
-            clips = self.read_clips(path, lambda n, fps: [self.indices(n, fps, None, c, n_clips) for c in range(n_clips)])
+            clips = self.read_clips(path, lambda n, fps: [self.indices(n, fps, None, c, n_clips)
+                                                          for c in range(n_clips)])
             views = [crop_resize(c, box, s) for c in clips for box in eval_video_boxes(*c.shape[1:3], crops)]
         return torch.from_numpy(np.stack(views)).permute(0, 4, 1, 2, 3).contiguous()  # (V, C, T, H, W)
 
@@ -421,9 +415,8 @@ class ClipDataset(torch.utils.data.Dataset):
         return kinetics_indices(n, self.frames, self.spec.rate, fps, clip_idx, num_clips, rng)
 
     def read_clips(self, path, make_indices):
-        """make_indices(n, fps) -> index arrays; every clip comes from ONE decode. A header that claims
-        more frames than the file has is corrected here: the read that runs off the end knows the true
-        length, which is cached and sampled with again (once)."""
+        """make_indices(n, fps) -> index arrays, all read in one decode. A header that claims more frames
+        than the file has is found out by the read that runs off the end: it tells the true length."""
         if path not in self.lengths:
             self.lengths[path] = video_info(path)
         for attempt in range(2):
@@ -498,14 +491,17 @@ class MultiDatasetBatchSampler:
     micro-batch m is a function of m alone, so m is the whole state of the sampler.
     """
 
-    def __init__(self, lengths, batch_sizes, weights=None, grad_accum=1, rank=0, world=1, seed=0, start_micro=0):
-        assert len(lengths) == len(batch_sizes) == len(weights or lengths) and 0 <= rank < world and grad_accum >= 1
+    def __init__(self, lengths, batch_sizes, weights=None, grad_accum=1, rank=0, world=1, seed=0,
+                 start_micro=0):
+        assert len(lengths) == len(batch_sizes) == len(weights or lengths)
+        assert 0 <= rank < world and grad_accum >= 1
         self.shard_len = [n // world for n in lengths]
         if min(self.shard_len) == 0:
             raise DatasetError(f"a dataset has fewer samples ({min(lengths)}) than there are ranks ({world})")
         self.lengths, self.batch_sizes = list(lengths), list(batch_sizes)
         self.weights = [1.0] * len(lengths) if weights is None else [float(w) for w in weights]
-        self.grad_accum, self.rank, self.world, self.seed, self.start_micro = grad_accum, rank, world, seed, start_micro
+        self.grad_accum, self.rank, self.world, self.seed = grad_accum, rank, world, seed
+        self.start_micro = start_micro
         self.shards = {}  # d -> (epoch, this rank's shard of that epoch's permutation)
 
     def micro_batches_before(self, m, d):
@@ -541,9 +537,6 @@ class MultiDataset(torch.utils.data.Dataset):
     def __init__(self, datasets):
         self.datasets = list(datasets)
 
-    def __len__(self):
-        return sum(len(d) for d in self.datasets)
-
     def __getitem__(self, key):
         d, index, seed = key
         return {**self.datasets[d][(index, seed)], 'dataset': d}
@@ -575,7 +568,8 @@ def exit_with(pid):
 
 
 def loader_kwargs(workers, pin_memory, prefetch):
-    kw = dict(num_workers=workers, pin_memory=pin_memory, worker_init_fn=functools.partial(worker_init, owner=os.getpid()))
+    kw = dict(num_workers=workers, pin_memory=pin_memory,
+              worker_init_fn=functools.partial(worker_init, owner=os.getpid()))
     if workers > 0:
         # Workers start from a clean forkserver process, not a fork of this one: a fork inherits OpenCV's
         # thread pool (a worker forked while it was busy hangs in cv2) and, under DDP, the process group's
@@ -584,20 +578,21 @@ def loader_kwargs(workers, pin_memory, prefetch):
     return kw
 
 
-def build_train_loader(datasets, batch_sizes, *, weights=None, grad_accum=1, rank=0, world=1, seed=0, workers=4,
-                       start_micro=0, pin_memory=False):
+def build_train_loader(datasets, batch_sizes, *, weights=None, grad_accum=1, rank=0, world=1, seed=0,
+                       workers=4, start_micro=0, pin_memory=False):
     """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths]}.
     To resume, pass start_micro = the number of micro-batches already consumed."""
     assert all(d.train for d in datasets), "build_train_loader needs datasets built with train=True"
-    sampler = MultiDatasetBatchSampler([len(d) for d in datasets], batch_sizes, weights, grad_accum, rank, world,
-                                       seed, start_micro)
-    return torch.utils.data.DataLoader(MultiDataset(datasets), batch_sampler=sampler, collate_fn=collate_train,
-                                       **loader_kwargs(workers, pin_memory, 4))
+    sampler = MultiDatasetBatchSampler([len(d) for d in datasets], batch_sizes, weights, grad_accum, rank,
+                                       world, seed, start_micro)
+    return torch.utils.data.DataLoader(MultiDataset(datasets), batch_sampler=sampler,
+                                       collate_fn=collate_train, **loader_kwargs(workers, pin_memory, 4))
 
 
 def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_memory=False):
     """Rank r evaluates samples r, r + world, ...: no padding, every sample counted once over the ranks.
     Batches: {'x': (B, V, C, T, H, W) uint8, 'y': (B,), 'ok': (B,) bool, 'index': (B,)}."""
     assert not dataset.train, "build_eval_loader needs a dataset built with train=False"
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world),
-                                       **loader_kwargs(workers, pin_memory, 2))
+    mine = range(rank, len(dataset), world)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=mine,
+                                       **loader_kwargs(workers, pin_memory, prefetch=2))

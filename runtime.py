@@ -4,6 +4,8 @@ Set-up that train.py and eval.py share: the device, the process group under torc
 
 import datetime
 import gc
+import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from tqdm import tqdm
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
 STARTUP_TIMEOUT = datetime.timedelta(hours=2)
+ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
 
 
 @dataclass
@@ -102,6 +105,21 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12}
 
 
+def report(args, raw, source, rt, peak, datasets):
+    """The start-up report: run, model, datasets, and whether one process's loader workers keep up."""
+    print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
+          f"| {args.dtype} | {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {source}")
+    print("config: " + json.dumps(vars(args)))
+    print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'weight':>6s} "
+          f"{'1 worker':>11s} {'model takes':>12s} {'workers needed':>14s}  (model at {ASSUMED_MFU:.0%} MFU)")
+    for n, tr, va, batch, w in datasets:
+        takes = ASSUMED_MFU * peak / (6 * raw.flops(frames=tr.frames, img_size=args.img_size))  # per process
+        loads = loader_rate(tr)
+        print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {w:6g} "
+              f"{loads:7.1f} /s {takes:9.0f} /s {math.ceil(takes / loads):8d} (have {args.workers})"
+              + (f"  problems: {tr.problems}" if tr.problems else ""))
+
+
 def loader_rate(dataset, samples=4):
     """Training samples one worker prepares per second, timed on the first few."""
     t0 = time.perf_counter()
@@ -155,6 +173,26 @@ class Failures:
         t = torch.tensor(list(self.counts.values()), dtype=torch.float64, device=rt.device)
         dist.all_reduce(t)
         return dict(zip(self.counts, t.long().tolist()))
+
+
+class JsonLog:
+    """log.jsonl, one JSON record a line, and messages between the progress bar's lines: rank 0 only."""
+
+    def __init__(self, path, enabled):
+        self.file = open(path, "a") if enabled else None
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def say(self, message):
+        if self.file:
+            tqdm.write(message)
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
 def save_checkpoint(path, state):

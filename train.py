@@ -2,24 +2,22 @@
 CoVeR co-training: one TimeSformer trunk, one classification head per dataset, and a schedule that gives
 each optimizer step to one dataset; images train as single-frame videos.
 
-    python train.py                                      # the demo recipe: built-in data, CPU, a few minutes
-    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 train.py ...
+    python train.py                                       # the demo recipe: built-in data, CPU, minutes
+    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth \\
+        --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5             # the cover recipe on real data
 
 Rerunning with the same --out_dir continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
-Read get_args (flags; defaults from recipes.py), then train (set-up, the loop, the final test).
+Read get_args (the flags; their defaults come from recipes.py), then train: set-up, loop, final test.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import threading
-import time
 
 import torch
 import torch.distributed as dist
@@ -31,32 +29,27 @@ import data
 import demo
 import model as M
 import runtime
-from eval import evaluate, test_all
+from eval import test_all
 from recipes import RECIPES
-
-ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--recipe", choices=list(RECIPES), help="defaults for the flags below (recipes.py); default: demo without "
-                                              "--datasets, cover with it")
-    a("--datasets", help="comma-separated dataset names: k400, k600, k700, ssv2, mit, in1k, in21k, the demo sets "
-                         "demo_kinetics, demo_ssv2, demo_imagenet, or the name of a custom folder in --data_dir")
+    a("--recipe", choices=list(RECIPES), help="defaults (recipes.py): demo without --datasets, else cover")
+    a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo_kinetics, "
+                         "demo_ssv2, demo_imagenet, or the name of a custom dataset folder in --data_dir")
     a("--data_dir", default="data", help="folder holding one sub-folder per dataset")
     a("--out_dir", default="out", help="checkpoint, log.jsonl, eval.json and the dataset listings go here")
-    a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (ignored with --init: read off the weights)")
-    a("--attention", default="divided_space_time", choices=M.ATTENTION_TYPES, help="TimeSformer attention type")
+    a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (with --init: read off the weights)")
+    a("--attention", default="divided_space_time", choices=M.ATTENTION_TYPES, help="TimeSformer attention")
     a("--frames", type=int, help="frames per video clip (images are always 1)")
     a("--img_size", type=int, help="crop size in pixels, a multiple of the patch size")
     a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors), official TimeSformer .pyth, "
                      "a Hugging Face Timesformer folder, or a ckpt.pt of this project")
-    a("--batch_size", type=int, help="global clips per optimizer step (over all GPUs and --grad_accum micro-steps)")
-    a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256,ssv2=32 (default: "
-                                               "images get 4x --batch_size, see data.image_spec)")
-    a("--weights", help="share of the steps per dataset: one weight each (2,1,1) or name=weight for some "
-                        "(ssv2=2); default: round robin")
+    a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
+    a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x)")
+    a("--weights", help="share of the steps per dataset: one each (2,1,1) or some by name (ssv2=2)")
     a("--max_steps", type=int, help="optimizer steps in all")
     a("--lr", type=float, help="peak learning rate")
     a("--min_lr", type=float, help="learning rate at the end of the cosine decay")
@@ -75,11 +68,10 @@ def get_args(argv=None):
     a("--eval_every", type=int, help="validate (clip-level, 1 view) every N steps; 0 = only at the end")
     a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
     a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
-    a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test of each dataset at the end")
-    a("--stop_at", type=int, help="save and exit after this many steps, leaving the schedule of --max_steps intact "
-                                   "(for job slots shorter than the run: rerun the same command to continue)")
-    a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway: "
-                                            "checkpoint > --init > scratch)")
+    a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test at the end")
+    a("--stop_at", type=int, help="save and exit after this many steps, keeping the --max_steps schedule "
+                                   "(rerun the same command to continue)")
+    a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -105,35 +97,30 @@ def check_args(args):
     if args.img_size < 1 or (args.init is None and args.img_size % patch):
         errors.append(f"--img_size {args.img_size} must be a positive multiple of the patch size {patch}")
     try:
-        weights = dataset_weights(args, names)
-        if min(weights) <= 0:
-            errors.append(f"--weights must be positive, got {args.weights!r}")
+        dataset_weights(args, names)
     except ValueError as e:
         errors.append(f"--weights: {e}")
     if not set(per_dataset(args.dataset_batch_size)) <= set(names):
-        errors.append(f"--dataset_batch_size names datasets that are not in --datasets: {args.dataset_batch_size}")
+        errors.append(f"--dataset_batch_size names datasets not in --datasets: {args.dataset_batch_size}")
     if args.resume and not os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
-        errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume to start fresh or point --out_dir at the run")
+        errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     if args.init and not os.path.exists(args.init):
         errors.append(f"--init: no file or folder at {args.init}")
     if errors:
         sys.exit("error: " + "\nerror: ".join(errors))
 
 
-def per_dataset(text):
-    """'in21k=256,ssv2=32' -> {'in21k': '256', 'ssv2': '32'}"""
+def per_dataset(text):  # 'in21k=256,ssv2=32' -> {'in21k': '256', 'ssv2': '32'}
     return dict(kv.split("=", 1) for kv in text.split(",") if kv)
 
 
 def dataset_weights(args, names):
-    if not args.weights:
-        return [1.0] * len(names)
-    if "=" in args.weights:
-        given = per_dataset(args.weights)
-        return [float(given.get(n, 1)) for n in names]
-    weights = [float(w) for w in args.weights.split(",")]
-    if len(weights) != len(names):
-        raise ValueError(f"one weight per dataset ({len(names)}), got {args.weights!r}")
+    if "=" in (args.weights or ""):
+        weights = [float(per_dataset(args.weights).get(n, 1)) for n in names]
+    else:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(names)
+    if len(weights) != len(names) or min(weights) <= 0:
+        raise ValueError(f"need one positive weight per dataset ({len(names)}), got {args.weights!r}")
     return weights
 
 
@@ -158,27 +145,29 @@ def main(argv=None):
 def train(args, rt):
     names = args.datasets.split(",")
     device, dtype = rt.device, runtime.DTYPES[args.dtype]
-    say = print if rt.master else (lambda *a, **k: None)
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
-    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the others read those listings
+    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
     train_sets, val_sets = runtime.rank0_first(rt, lambda: (open_datasets(args, names, "train"),
                                                              open_datasets(args, names, "val", views=(1, 1))))
-    over = per_dataset(args.dataset_batch_size)
-    batch_sizes = {n: int(over.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
-    for n, b in batch_sizes.items():
-        if b % (rt.world * args.grad_accum):
-            return (f"error: batch size {b} of {n} is not divisible by {rt.world} processes x --grad_accum "
-                    f"{args.grad_accum}: pick a multiple of {rt.world * args.grad_accum}")
-    local_batch = {n: b // (rt.world * args.grad_accum) for n, b in batch_sizes.items()}
+    given = per_dataset(args.dataset_batch_size)  # else images get batch_scale (4) x --batch_size
+    sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
+    parts = rt.world * args.grad_accum  # a global batch is split over processes and micro-steps
+    if any(b % parts for b in sizes.values()):
+        return f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum)"
+    local_batch = {n: b // parts for n, b in sizes.items()}
     weights = dataset_weights(args, names)
 
-    # ---- model and optimizer: checkpoint in out_dir > --init > scratch
+    # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
     raw, source = build_model(args, {n: len(ds.classes) for n, ds in zip(names, train_sets)}, ckpt, rt.master)
     raw.to(device)
-    optimizer = make_optimizer(args, raw, device)
+    groups = raw.param_groups(args.weight_decay)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, failures = 0, runtime.Failures(names, rt.rank)
     if ckpt is not None:
@@ -199,11 +188,12 @@ def train(args, rt):
                                      workers=args.workers, start_micro=step * args.grad_accum,
                                      pin_memory=device.type == "cuda")
     normalize = data.Normalize(args.mean, args.std, device)
+    test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
+                   world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * raw.flops(frames=ds.frames, img_size=args.img_size) for n, ds in zip(names, train_sets)}
     if rt.master:
-        report(args, raw, source, rt, peak, [(n, tr, va, batch_sizes[n], w, flops[n])
-                                             for n, tr, va, w in zip(names, train_sets, val_sets, weights)])
+        runtime.report(args, raw, source, rt, peak, zip(names, train_sets, val_sets, sizes.values(), weights))
 
     def save(step):
         totals = failures.totals(rt)
@@ -220,7 +210,7 @@ def train(args, rt):
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
     stop_flags = torch.zeros((), device=device), torch.ones((), device=device)  # picked without a host copy
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if rt.master else None
+    log = runtime.JsonLog(os.path.join(args.out_dir, "log.jsonl"), rt.master)
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
@@ -228,7 +218,7 @@ def train(args, rt):
     while step < args.max_steps:
         if step == args.stop_at:
             save(step)
-            say(f"\n--stop_at {step}: saved {ckpt_path}; rerun the same command (without --stop_at) to continue.")
+            log.say(f"\n--stop_at {step}: saved {ckpt_path}; rerun without --stop_at to continue.")
             break
         # drop path draws from torch's RNG: seeded per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
@@ -237,23 +227,25 @@ def train(args, rt):
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            batch = meter.wait(batches)  # the next micro-batch: all of it from one dataset
+            batch = meter.wait(batches)  # the next micro-batch, every clip from this step's dataset
             name = names[batch["dataset"]]
             failures.add(name, batch["failed"])
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
+            # forward through the shared trunk and this dataset's head, backward (DDP syncs on the last)
             last = micro == args.grad_accum - 1
-            with contextlib.nullcontext() if last or rt.world == 1 else model.no_sync():  # sync grads once
+            with contextlib.nullcontext() if last or rt.world == 1 else model.no_sync():
                 with runtime.autocast(device, dtype):
                     logits = model(x, head=name)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing) / args.grad_accum
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                scaler.scale(loss / args.grad_accum).backward()
+            step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss summed over ranks and whether any rank got SIGTERM, in one collective
+        # the loss averaged over ranks, and whether any rank got SIGTERM (> 0), in one collective
         stats = torch.stack([step_loss, stop_flags[sigterm.is_set()]])
         if rt.world > 1:
-            dist.all_reduce(stats)
+            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
@@ -261,52 +253,47 @@ def train(args, rt):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_sum, stop = stats.tolist()  # the step's one host sync
-        loss_value = loss_sum / rt.world
+        loss_value, stop = stats.tolist()  # the step's one wait for the GPU
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
             bar.close()
-            return (f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint written. "
-                    f"Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32 instead of fp16.")
+            return (f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
+                    f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
         loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
 
+        # log, validate, save
         if step % args.log_every == 0 or step == args.max_steps:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
                       "loss": {n: round(v, 4) for n, v in loss_ema.items()}, "failed": failures.totals(rt)}
-            bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + f" | {record['clips_per_s']:.0f} "
-                                f"clips/s, data {100 * record['data_wait']:.0f}%, MFU {100 * record['mfu']:.1f}%")
-            write_log(log, record)
+            bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + " | "
+                                f"{record['clips_per_s']:.0f} clips/s, data {record['data_wait']:.0%}, "
+                                f"MFU {record['mfu']:.1%}")
+            log.write(record)
         bar.update(1)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            results = {n: evaluate(raw, ds, head=n, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
-                                   world=rt.world, batch_size=local_batch[n], workers=args.workers)
-                       for n, ds in zip(names, val_sets)}
-            if rt.master:
-                tqdm.write(f"step {step} val clip top-1: " + " ".join(f"{n} {100 * r['top1']:.1f}" for n, r in results.items()))
-            write_log(log, {"step": step, "val": results})
+            log.write({"step": step, "val": test_all(raw, dict(zip(names, val_sets)), **test_kw)})
             model.train()
         if step % args.save_every == 0 or step == args.max_steps or stop:
             save(step)
         if stop:
-            say(f"\nSIGTERM: saved {ckpt_path} at step {step}; rerun the same command to continue.")
+            log.say(f"\nSIGTERM: saved {ckpt_path} at step {step}; rerun the same command to continue.")
             break
     bar.close()
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        results = test_all(raw, dict(zip(names, open_datasets(args, names, "val"))), batch_sizes=local_batch,
-                           out=os.path.join(args.out_dir, "eval.json"), rank=rt.rank, world=rt.world,
-                           normalize=normalize, device=device, dtype=dtype, workers=args.workers)
-        write_log(log, {"step": step, "test": results})
-    if log:
-        log.close()
+        val = dict(zip(names, open_datasets(args, names, "val")))
+        results = test_all(raw, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        log.write({"step": step, "test": results})
+    log.close()
 
 
 def open_datasets(args, names, split, views=None):
     """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named."""
     try:
         demo.prepare(args.data_dir, names)
+        listings = os.path.join(args.out_dir, "listings")
         return [data.build_dataset(n, args.data_dir, split, frames=args.frames, img_size=args.img_size,
-                                   views=views, cache_dir=os.path.join(args.out_dir, "listings")) for n in names]
+                                   views=views, cache_dir=listings) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
 
@@ -318,11 +305,11 @@ def build_model(args, heads, ckpt, verbose):
     if ckpt is not None:
         want = M.make_config(args.model, attention=args.attention, **overrides) if args.init is None else None
         if want is not None and dataclasses.asdict(want) != ckpt["model_config"]:
-            sys.exit(f"error: the checkpoint in {args.out_dir} holds a different architecture ({ckpt['model_config']}) "
-                     f"than this command asks for ({dataclasses.asdict(want)}); use the run's flags or a new --out_dir")
+            sys.exit(f"error: the checkpoint in {args.out_dir} holds a different architecture than asked for "
+                     f"({dataclasses.asdict(want)}); use the run's flags or a new --out_dir")
         if ckpt["config"]["datasets"] != args.datasets:
-            sys.exit(f"error: the checkpoint in {args.out_dir} was trained on --datasets {ckpt['config']['datasets']}, "
-                     f"not {args.datasets}; use the same datasets or a new --out_dir")
+            sys.exit(f"error: the checkpoint in {args.out_dir} was trained on other --datasets "
+                     f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
         raw = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         raw.load_state_dict(ckpt["model"])
         source = f"resuming from {os.path.join(args.out_dir, 'ckpt.pt')} (step {ckpt['step']})"
@@ -337,33 +324,6 @@ def build_model(args, heads, ckpt, verbose):
         source = "training from scratch"
     raw.grad_checkpointing = args.grad_checkpoint
     return raw, source
-
-
-def make_optimizer(args, raw, device):
-    groups = raw.param_groups(args.weight_decay)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-
-
-def report(args, raw, source, rt, peak, datasets):
-    """The start-up report: run, model, datasets, and whether one process's loader workers keep up."""
-    print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} | "
-          f"{args.dtype} | {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {source}")
-    print("config: " + json.dumps(vars(args)))
-    print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'weight':>6s} "
-          f"{'1 worker':>11s} {'model takes':>12s} {'workers needed':>14s}  (model at {ASSUMED_MFU:.0%} MFU)")
-    for n, tr, va, batch, w, flops in datasets:
-        loads, takes = runtime.loader_rate(tr), ASSUMED_MFU * peak / flops  # per process
-        print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {w:6g} "
-              f"{loads:7.1f} /s {takes:9.0f} /s {math.ceil(takes / loads):8d} (have {args.workers})"
-              + (f"  problems: {tr.problems}" if tr.problems else ""))
-
-
-def write_log(log, record):
-    if log:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
 
 
 if __name__ == "__main__":

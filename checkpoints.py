@@ -75,12 +75,12 @@ def read_hf_folder(path):
     return read_file(os.path.join(path, weights[0])), config, classes
 
 
-def load(src):
+def load(src, overrides=None):
     """A path (file or folder) or an in-memory checkpoint -> (format, state dict, config, extra).
 
     format: 'cover' (ours), 'timesformer' (official), 'huggingface' or 'vit' (timm). The state dict
-    uses our keys, a foreign classifier as heads.default. config holds TimeSformerConfig fields;
-    extra may hold 'label_maps' {head: class names}.
+    uses our keys, a foreign classifier as heads.default. config holds TimeSformerConfig fields, the
+    `overrides` applied; extra may hold 'label_maps' {head: class names}.
     """
     hf_config, classes = {}, None
     if isinstance(src, (str, os.PathLike)):
@@ -96,29 +96,34 @@ def load(src):
     if "model_config" in sd and "model" in sd:  # a ckpt.pt of train.py
         state = dict(sd["model"])
         flatten_patch_weight(state)
-        return "cover", state, dict(sd["model_config"]), {"label_maps": sd.get("label_maps")}
+        config = {**sd["model_config"], **(overrides or {})}
+        return "cover", state, config, {"label_maps": sd.get("label_maps")}
     if "model_state" in sd:  # official TimeSformer .pyth
         sd = sd["model_state"]
     for wrapper in ("state_dict", "model"):  # DeiT and others wrap a timm state dict
         if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("unknown checkpoint format: expected a state dict of tensors, an official TimeSformer "
-                         "'.pyth' (with 'model_state'), a Hugging Face folder, or a ckpt.pt of this project")
+        raise ValueError("unknown checkpoint format: expected a state dict of tensors, an official "
+                         "TimeSformer '.pyth' (with 'model_state'), a Hugging Face folder, or our ckpt.pt")
     if any(k.startswith("timesformer.") for k in sd):
         unplaced = [k for k in sd if hf_key(k) is None]
         if unplaced:
-            raise ValueError(f"Hugging Face Timesformer checkpoint has keys this model cannot place: {unplaced[:8]}")
+            raise ValueError(f"Hugging Face checkpoint has keys we cannot place: {first_few(unplaced)}")
         fmt, sd = "huggingface", {hf_key(k): v for k, v in sd.items()}
     else:
         sd = {k.removeprefix("model."): v for k, v in sd.items()}  # PySlowFast prefixes every key
         if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-            raise ValueError(f"unknown checkpoint format (first keys: {list(sd)[:5]}); expected ImageNet ViT "
-                             "weights in timm's layout, an official TimeSformer .pyth, or a Hugging Face folder")
+            raise ValueError(f"unknown checkpoint format (first keys: {list(sd)[:5]}); expected ImageNet "
+                             "ViT weights in timm's layout, an official TimeSformer .pyth or a Hugging Face "
+                             "folder")
         fmt = "timesformer" if any(".temporal_attn." in k for k in sd) or "time_embed" in sd else "vit"
     if "head.weight" in sd:
         sd["heads.default.weight"], sd["heads.default.bias"] = sd.pop("head.weight"), sd.pop("head.bias")
-    config = infer_config(sd, fmt, hf_config)
+    config = {**infer_config(sd, fmt, hf_config), **(overrides or {})}
+    if config["num_heads"] is None:
+        raise ValueError(f"cannot infer the number of attention heads for width {config['width']}: "
+                         "pass num_heads=...")
     flatten_patch_weight(sd)
     extra = {"label_maps": {"default": classes}} if classes else {}
     return fmt, sd, config, extra
@@ -144,7 +149,8 @@ def infer_config(sd, fmt, hf_config):
         attention = hf_config.get("attention") or ("joint_space_time" if "time_embed" in sd else "space_only")
     config = dict(width=D, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
                   patch_size=p, in_chans=in_chans, img_size=math.isqrt(n) * p, attention=attention,
-                  mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D, qkv_bias="blocks.0.attn.qkv.bias" in sd)
+                  mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                  qkv_bias="blocks.0.attn.qkv.bias" in sd)
     config["num_heads"] = hf_config.get("num_heads") or VIT_HEADS.get(D)  # None: the caller must say
     if "time_embed" in sd:
         config["frames"] = sd["time_embed"].shape[1]
@@ -164,10 +170,11 @@ def check_keys(sd, shapes, fmt, cfg):
         if v.shape != shapes[k]:
             raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, model {tuple(shapes[k])}")
     inflated = ("time_embed", ".temporal_fc.") if fmt == "vit" else ()  # zero at init, as the official code
-    missing = [k for k in shapes if k not in sd and not k.startswith("heads.") and not any(p in k for p in inflated)]
+    missing = [k for k in shapes if k not in sd and not k.startswith("heads.")
+               and not any(part in k for part in inflated)]
     if missing:
-        raise ValueError(f"{fmt} checkpoint lacks {first_few(missing)}: it does not match the {cfg.attention} "
-                         "architecture")
+        raise ValueError(f"{fmt} checkpoint lacks {first_few(missing)}: it does not match the "
+                         f"{cfg.attention} architecture")
 
 
 def first_few(keys, n=8):

@@ -21,12 +21,14 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 DESCRIPTIONS = {  # layout -> what we expect on disk, for error messages
     'kinetics': "annotations/{train,val}.csv (header label,youtube_id,time_start,time_end,split) with clips "
-                "{train,val}/<youtube_id>_<start:06d>_<end:06d>.mp4, or class folders {train,val}/<class>/*.mp4",
+                "{train,val}/<youtube_id>_<start:06d>_<end:06d>.mp4, or class folders "
+                "{train,val}/<class>/*.mp4",
     'ssv2': "something-something-v2-{train,validation,labels}.json and 20bn-something-something-v2/<id>.webm",
     'mit': "training/<class>/*.mp4, validation/<class>/*.mp4, optional moments_categories.txt (class,idx)",
     'imagenet': "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val sorted into class folders)",
-    'in21k': "imagenet21k_train/<wnid>/ and imagenet21k_val/<wnid>/ (ImageNet-21K-P), or train/ and val/; the raw "
-             "winter-21 release (wnid folders, no split) needs the 21K-P preprocessing or a split of your own",
+    'in21k': "imagenet21k_train/<wnid>/ and imagenet21k_val/<wnid>/ (ImageNet-21K-P), or train/ and val/; "
+             "the raw winter-21 release (wnid folders, no split) needs the 21K-P preprocessing or a split "
+             "of your own",
     'custom': "train.csv / val.csv with lines '<path relative to the folder> <int label>' (optional "
               "classes.txt, one name per line), or class folders train/<class>/, val/<class>/",
 }
@@ -56,7 +58,8 @@ class Listing:
         prefix = os.path.join(root, '')
         rel = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p, _ in pairs]
         paths = np.array([os.fsencode(p) for p in rel], dtype=bytes)
-        return cls(root, classes, paths, np.array([y for _, y in pairs], dtype=np.int32), dict(problems or {}))
+        labels = np.array([y for _, y in pairs], dtype=np.int32)
+        return cls(root, classes, paths, labels, dict(problems or {}))
 
     def __len__(self):
         return len(self.labels)
@@ -107,8 +110,8 @@ def listing(name, data_dir, split, layout, cache_dir=None):
         classes, entries, listed = parse(root, layout, split, problems)
     except (DatasetError, OSError, ValueError) as e:
         raise DatasetError(f"dataset '{name}' ({split}) cannot be read: {e}.\n  Expected under {root}/: "
-                           f"{DESCRIPTIONS[layout]}.\n  Fix: put the data there in that layout, or point --data_dir "
-                           f"at the folder that holds '{name}/'.") from None
+                           f"{DESCRIPTIONS[layout]}.\n  Fix: put the data there in that layout, or point "
+                           f"--data_dir at the folder that holds '{name}/'.") from None
     entries = drop_missing(entries, problems, examples) if listed else entries
     index = {c: i for i, c in enumerate(classes)}
     pairs = [(p, index[label]) for p, label in entries if label in index]
@@ -116,7 +119,8 @@ def listing(name, data_dir, split, layout, cache_dir=None):
         problems['unknown_label'] = len(entries) - len(pairs)
         examples['unknown_label'] = next(repr(label) for _, label in entries if label not in index)
     problems = {k: v for k, v in sorted(problems.items()) if v}
-    report = ', '.join(f"{k} {v}" + (f" (e.g. {examples[k]})" if k in examples else '') for k, v in problems.items())
+    report = ', '.join(f"{k} {v}" + (f" (e.g. {examples[k]})" if k in examples else '')
+                       for k, v in problems.items())
     if not pairs:
         raise DatasetError(f"dataset '{name}' ({split}) has no usable samples under {root} "
                            f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
@@ -140,12 +144,14 @@ def parse(root, layout, split, problems):
     train_problems = problems if split == 'train' else Counter()  # only the names of train are needed
     ann = os.path.join(root, 'annotations')
     if layout == 'kinetics' and os.path.isdir(ann):
-        train = read_kinetics_csv(first(ann, ['train.csv'], False), os.path.join(root, 'train'), train_problems)
+        train_csv = first(ann, ['train.csv'], isdir=False)
+        train = read_kinetics_csv(train_csv, os.path.join(root, 'train'), train_problems)
         classes = sorted({label for _, label in train})
         if split == 'train':
             return classes, train, True
         clip_dir = first(root, FOLDERS['kinetics'][1])
-        return classes, read_kinetics_csv(first(ann, ['val.csv', 'validate.csv'], False), clip_dir, problems), True
+        val_csv = first(ann, ['val.csv', 'validate.csv'], isdir=False)
+        return classes, read_kinetics_csv(val_csv, clip_dir, problems), True
     if layout == 'ssv2':
         return parse_ssv2(root, split, problems)
     if layout == 'custom' and os.path.isfile(os.path.join(root, 'train.csv')):
@@ -158,7 +164,8 @@ def parse(root, layout, split, problems):
         if split == 'val':
             listed = read_list(first(root, ['val.csv'], False), root, problems)
         # an integer outside the map gets a name that is not in it: counted as unknown_label
-        return classes, [(p, classes[y] if 0 <= y < len(classes) else f'<label {y}>') for p, y in listed], True
+        named = [(p, classes[y] if 0 <= y < len(classes) else f'<label {y}>') for p, y in listed]
+        return classes, named, True
     train_dir, val_dir, exts = FOLDERS[layout]
     classes, entries = scan_folders(first(root, train_dir), exts, train_problems)
     if split == 'val':
@@ -214,14 +221,16 @@ def read_kinetics_csv(path, clip_dir, problems):
         header = [h.strip() for h in next(rows, [])]
         need = ['label', 'youtube_id', 'time_start', 'time_end']
         if not set(need) <= set(header):
-            raise DatasetError(f"{path}: expected the header label,youtube_id,time_start,time_end,split; got {header}")
+            raise DatasetError(f"{path}: expected the header label,youtube_id,time_start,time_end,split; "
+                               f"got {header}")
         col, entries = [header.index(c) for c in need], []
         for row in rows:
             if not any(c.strip() for c in row):
                 continue
             try:
                 label, yid, t0, t1 = (row[i] for i in col)
-                entries.append((os.path.join(clip_dir, f'{yid}_{int(float(t0)):06d}_{int(float(t1)):06d}.mp4'), label))
+                name = f'{yid}_{int(float(t0)):06d}_{int(float(t1)):06d}.mp4'
+                entries.append((os.path.join(clip_dir, name), label))
             except (IndexError, ValueError):
                 problems['malformed_line'] += 1
     return entries

@@ -1,10 +1,8 @@
 """
 TimeSformer (Bertasius et al., 2021) with one classification head per dataset, as CoVeR (Zhang et al.,
-2021) co-trains it on videos and on images, which enter as single-frame videos.
-
-Read in order: TimeSformerConfig, Attention, Block (the divided space-time attention is Block.forward),
-TimeSformer, then from_pretrained. Foreign checkpoint layouts are translated in checkpoints.py.
-Input is (B, C, T, H, W); T, H and W are read from the input, so one model takes clips and images.
+2021) co-trains it on videos and on images, which enter as single-frame videos: input is (B, C, T, H, W)
+and T, H, W are read from it. Read in order: TimeSformerConfig, Attention, Block (the divided space-time
+attention is Block.forward), TimeSformer, from_pretrained (foreign layouts are in checkpoints.py).
 """
 
 import math
@@ -248,8 +246,7 @@ class TimeSformer(nn.Module):
         return self.heads[head](self.forward_features(x))
 
     def compile_trunk(self, **kwargs):
-        """torch.compile the trunk only: one graph per input shape whichever head reads it (compiling
-        forward would guard on the head's name, a graph per head)."""
+        """torch.compile the trunk, not the heads: one graph per input shape, not per head and shape."""
         self.forward_features = torch.compile(self.forward_features, **kwargs)
 
     def param_groups(self, weight_decay):
@@ -292,23 +289,16 @@ class TimeSformer(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_pretrained(cls, src, heads=None, verbose=True, **overrides):
-        """A TimeSformer from a checkpoint path (file or Hugging Face folder) or a state dict.
-
-        Formats (checkpoints.py): timm ImageNet ViT, official TimeSformer .pyth, Hugging Face
-        Timesformer, this project's ckpt.pt. The architecture is read off the shapes; `overrides` set
-        config fields the shapes cannot tell, or change frames / img_size (the embeddings are resized).
-        heads=None keeps the source classifier(s); heads={name: classes} makes new heads, keeping only
-        a head of ours with the same name and size.
-        """
-        fmt, sd, config, extra = checkpoints.load(src)
-        config.update(overrides)
-        if config.get("num_heads", 0) is None:
-            raise ValueError(f"cannot infer the number of attention heads for width {config['width']}: "
-                             "pass num_heads=...")
+        """A TimeSformer from a checkpoint path (file or Hugging Face folder) or a state dict: a timm
+        ImageNet ViT, an official TimeSformer .pyth, a Hugging Face Timesformer or our ckpt.pt. The shapes
+        give the architecture; `overrides` give what they cannot, or change frames / img_size (the
+        embeddings are resized). heads=None keeps the source's classifiers; heads={name: classes} makes
+        new heads, keeping a head of ours with the same name and size."""
+        fmt, sd, config, extra = checkpoints.load(src, overrides)
         cfg = TimeSformerConfig(**config)
         if fmt == "vit":
             sd = inflate_vit(sd, cfg)
-        saved = {k.split(".")[1]: v.shape[0] for k, v in sd.items() if k.startswith("heads.") and k.endswith(".bias")}
+        saved = {k.split(".")[1]: v.shape[0] for k, v in sd.items() if k.startswith("heads.") and "bias" in k}
         heads = saved if heads is None else heads
         report = []
         for name, n in saved.items():
@@ -339,13 +329,12 @@ def inflate_vit(sd, cfg):
     """timm ViT -> TimeSformer, as the official code: temporal attention and norm start as copies of
     the spatial ones; temporal_fc and time_embed stay at their zero init."""
     sd = dict(sd)
-    if cfg.attention == "divided_space_time":
-        for i in range(cfg.depth):
-            for part in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
-                if f"blocks.{i}.attn.{part}" in sd:
-                    sd[f"blocks.{i}.temporal_attn.{part}"] = sd[f"blocks.{i}.attn.{part}"].clone()
-            for part in ("weight", "bias"):
-                sd[f"blocks.{i}.temporal_norm1.{part}"] = sd[f"blocks.{i}.norm1.{part}"].clone()
+    if cfg.attention != "divided_space_time":
+        return sd
+    for key in [k for k in sd if k.startswith("blocks.")]:
+        for spatial, temporal in ((".attn.", ".temporal_attn."), (".norm1.", ".temporal_norm1.")):
+            if spatial in key:
+                sd[key.replace(spatial, temporal)] = sd[key].clone()
     return sd
 
 

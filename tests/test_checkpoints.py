@@ -168,10 +168,10 @@ def test_load_returns_plain_values_in_our_layout(tmp_path):
     """The converter's contract: our keys, the conv weight flattened, config fields, the classifier as
     heads.default; and it does not need model.py."""
     cfg = small_cfg()
-    fmt, sd, config, extra = checkpoints.load(timm_state_dict(cfg, classes=7))
+    fmt, sd, config, extra = checkpoints.load(timm_state_dict(cfg, classes=7), {"num_heads": 3})
     assert fmt == "vit" and sd["patch_embed.proj.weight"].shape == (48, 3 * 8 * 8)
     assert sd["heads.default.weight"].shape == (7, 48) and "head.weight" not in sd
     assert config == dict(width=48, depth=2, patch_size=8, in_chans=3, img_size=32, attention="divided_space_time",
-                          mlp_ratio=4.0, qkv_bias=True, num_heads=None) and extra == {}
+                          mlp_ratio=4.0, qkv_bias=True, num_heads=3) and extra == {}
     code = "import sys, checkpoints; assert 'model' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(checkpoints.__file__), check=True)

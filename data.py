@@ -377,8 +377,10 @@ class ClipDataset(torch.utils.data.Dataset):
             box = lambda h, w: [random_resized_box(h, w, rng, (self.spec.min_area, 1.0))]  # noqa: E731
             x = image_crops(path, box, self.img_size)
         else:
-            t_rng = np.random.default_rng(t_seed)
-            clip = self.read_clips(path, lambda n, fps: [self.indices(n, fps, t_rng)])[0]
+            # a fresh stream per attempt: a retry with the true length draws what a cached read draws
+            def make_indices(n, fps):
+                return [self.indices(n, fps, np.random.default_rng(t_seed))]
+            clip = self.read_clips(path, make_indices)[0]
             box = train_video_box(clip.shape[1], clip.shape[2], self.img_size, rng)
             x = crop_resize(clip, box, self.img_size)
         flip = rng.random() < 0.5  # drawn always, so the stream does not depend on spec.flip

@@ -125,8 +125,19 @@ def load(src, overrides=None):
         raise ValueError(f"cannot infer the number of attention heads for width {config['width']}: "
                          "pass num_heads=...")
     flatten_patch_weight(sd)
+    if fmt == "vit" and config.get("attention", "divided_space_time") == "divided_space_time":
+        inflate_vit(sd)
     extra = {"label_maps": {"default": classes}} if classes else {}
     return fmt, sd, config, extra
+
+
+def inflate_vit(sd):
+    """timm ViT -> divided space-time, as the official code: temporal attention and norm start as copies
+    of the spatial ones; temporal_fc and time_embed stay at their zero init."""
+    for key in [k for k in sd if k.startswith("blocks.")]:
+        for spatial, temporal in ((".attn.", ".temporal_attn."), (".norm1.", ".temporal_norm1.")):
+            if spatial in key:
+                sd[key.replace(spatial, temporal)] = sd[key].clone()
 
 
 def flatten_patch_weight(sd):

@@ -296,8 +296,6 @@ class TimeSformer(nn.Module):
         new heads, keeping a head of ours with the same name and size."""
         fmt, sd, config, extra = checkpoints.load(src, overrides)
         cfg = TimeSformerConfig(**config)
-        if fmt == "vit":
-            sd = inflate_vit(sd, cfg)
         saved = {k.split(".")[1]: v.shape[0] for k, v in sd.items() if k.startswith("heads.") and "bias" in k}
         heads = saved if heads is None else heads
         report = []
@@ -323,19 +321,6 @@ class TimeSformer(nn.Module):
         if verbose:
             print("from_pretrained: " + "; ".join(model.load_report))
         return model
-
-
-def inflate_vit(sd, cfg):
-    """timm ViT -> TimeSformer, as the official code: temporal attention and norm start as copies of
-    the spatial ones; temporal_fc and time_embed stay at their zero init."""
-    sd = dict(sd)
-    if cfg.attention != "divided_space_time":
-        return sd
-    for key in [k for k in sd if k.startswith("blocks.")]:
-        for spatial, temporal in ((".attn.", ".temporal_attn."), (".norm1.", ".temporal_norm1.")):
-            if spatial in key:
-                sd[key.replace(spatial, temporal)] = sd[key].clone()
-    return sd
 
 
 def resize_pos_embed(pos, grid):

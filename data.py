@@ -66,7 +66,7 @@ class DatasetSpec:
 
 def image_spec(name, layout='custom', **kw):
     """An image is a T = 1 clip, ~1/8 of a clip's cost: a 4x batch; tested on the ImageNet centre crop."""
-    return DatasetSpec(name, 'image', 'image', layout, test_crops=1, batch_scale=4, **kw)
+    return DatasetSpec(name, 'image', 'image', layout, **{'test_crops': 1, 'batch_scale': 4, **kw})
 
 
 SPECS = {}

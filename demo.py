@@ -24,7 +24,7 @@ import numpy as np
 
 import data
 
-SHAPES = ('circle', 'square', 'triangle', 'cross', 'ring', 'bar')
+SHAPES = ('circle', 'L-shape', 'triangle', 'cross', 'ring', 'bar')  # tellable apart at 4x4 patches
 MOTIONS = ('Moving [something] from left to right', 'Moving [something] from right to left',
            'Moving [something] up', 'Moving [something] down',
            'Moving [something] towards the camera', 'Moving [something] away from the camera')
@@ -34,12 +34,13 @@ HW = (48, 64)     # video frame height, width
 LENGTH = (16, 24)  # frames per clip (inclusive)
 FPS = 12
 SEED = 0
-VERSION = 2  # bump when the generator changes: older demo folders are then written anew
+VERSION = 3  # bump when the generator changes: older demo folders are then written anew
 
 data.register(
     data.DatasetSpec('demo_kinetics', 'video', 'kinetics', 'kinetics', rate=6),  # 12 fps: 8 frames span ~19
     data.DatasetSpec('demo_ssv2', 'video', 'segment', 'ssv2', flip=False),
-    data.image_spec('demo_imagenet', 'imagenet', min_area=0.35))  # one big object: an 8% crop misses it
+    # one big object, which an 8% crop would miss; 32 px stills cost little, but 2x the video batch suffices
+    data.image_spec('demo_imagenet', 'imagenet', min_area=0.35, batch_scale=2))
 NAMES = ['demo_kinetics', 'demo_ssv2', 'demo_imagenet']
 
 
@@ -58,7 +59,8 @@ def quiet_stderr():
 
 def canvas(rng, h, w):
     """A static background: smooth dark colour blotches (a 3x4 grid of random colours, upsampled)."""
-    return cv2.resize(rng.integers(20, 110, (3, 4, 3)).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    blotches = rng.integers(20, 110, (3, 4, 3)).astype(np.uint8)
+    return cv2.resize(blotches, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
 def colour(rng):
@@ -77,8 +79,10 @@ def draw(img, shape, cx, cy, r, angle, bgr):
     if shape in ('circle', 'ring'):
         thickness = -1 if shape == 'circle' else max(2, round(r / 3))
         cv2.circle(img, (round(cx * 16), round(cy * 16)), round(r * 16), bgr, thickness, cv2.LINE_AA, shift=4)
-    elif shape == 'square':
-        poly(0.8 * r * np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]))
+    elif shape == 'L-shape':
+        t = r / 2.5
+        left, right = -0.8 * r, 0.8 * r
+        poly([[left, -r], [left + t, -r], [left + t, r - t], [right, r - t], [right, r], [left, r]])
     elif shape == 'triangle':
         poly([[r * math.cos(a), r * math.sin(a)] for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
     elif shape == 'bar':
@@ -163,7 +167,8 @@ def make_kinetics(out):
             label = SHAPES[i % len(SHAPES)]
             yid = ''.join(rng.choice(list(string.ascii_letters + string.digits + '-_'), 11))
             t0 = int(rng.integers(0, 290))
-            write_video(os.path.join(out, split, f'{yid}_{t0:06d}_{t0 + 10:06d}.mp4'), clip(rng, label), 'mp4v')
+            name = f'{yid}_{t0:06d}_{t0 + 10:06d}.mp4'
+            write_video(os.path.join(out, split, name), clip(rng, label), 'mp4v')
             rows.append([label, yid, t0, t0 + 10, 'train' if split == 'train' else 'validate'])
         with open(os.path.join(out, 'annotations', f'{split}.csv'), 'w', newline='') as f:
             csv.writer(f).writerows(rows)
@@ -183,11 +188,11 @@ def make_ssv2(out):
             write_video(os.path.join(out, '20bn-something-something-v2', f'{next_id}.webm'),
                         clip(rng, shape, motion), 'VP90')
             label = MOTIONS[motion].replace('[something]', shape)
-            items.append({'id': str(next_id), 'label': label[0].lower() + label[1:], 'template': MOTIONS[motion],
-                          'placeholders': [shape]})
+            items.append({'id': str(next_id), 'label': label[0].lower() + label[1:],
+                          'template': MOTIONS[motion], 'placeholders': [shape]})
             next_id += 1
-        with open(os.path.join(out, f"something-something-v2-{'train' if split == 'train' else 'validation'}.json"),
-                  'w') as f:
+        name = f"something-something-v2-{'train' if split == 'train' else 'validation'}.json"
+        with open(os.path.join(out, name), 'w') as f:
             json.dump(items, f, indent=1)
 
 
@@ -198,8 +203,10 @@ def make_imagenet(out):
             os.makedirs(os.path.join(out, split, wnid))
             for i in range(per_class):
                 rng = np.random.default_rng([SEED, 2, split == 'val', k, i])
-                fname = f'{wnid}_{i}.JPEG' if split == 'train' else f'ILSVRC2012_val_{k * per_class + i:08d}.JPEG'
-                cv2.imwrite(os.path.join(out, split, wnid, fname), still(rng, SHAPES[k]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                serial = k * per_class + i
+                name = f'{wnid}_{i}.JPEG' if split == 'train' else f'ILSVRC2012_val_{serial:08d}.JPEG'
+                path = os.path.join(out, split, wnid, name)
+                cv2.imwrite(path, still(rng, SHAPES[k]), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 MAKERS = {'demo_kinetics': make_kinetics, 'demo_ssv2': make_ssv2, 'demo_imagenet': make_imagenet}

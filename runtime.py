@@ -1,5 +1,7 @@
 """
-Set-up that train.py and eval.py share: the device, the process group under torchrun, and precision.
+What train.py and eval.py share, none of it the method: the device, the process group under torchrun,
+precision, and a run's bookkeeping (checkpoint files, failed-read counts, meters, log.jsonl, the
+start-up report).
 """
 
 import datetime
@@ -105,15 +107,17 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12}
 
 
-def report(args, raw, source, rt, peak, datasets):
-    """The start-up report: run, model, datasets, and whether one process's loader workers keep up."""
+def report(args, model, source, rt, peak, datasets):
+    """Rank 0's start-up report: run, model, datasets, and whether one process's loader workers keep up."""
+    if not rt.master:
+        return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
-          f"| {args.dtype} | {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {source}")
+          f"| {args.dtype} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {source}")
     print("config: " + json.dumps(vars(args)))
     print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'weight':>6s} "
           f"{'1 worker':>11s} {'model takes':>12s} {'workers needed':>14s}  (model at {ASSUMED_MFU:.0%} MFU)")
     for n, tr, va, batch, w in datasets:
-        takes = ASSUMED_MFU * peak / (6 * raw.flops(frames=tr.frames, img_size=args.img_size))  # per process
+        takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
         loads = loader_rate(tr)
         print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {w:6g} "
               f"{loads:7.1f} /s {takes:9.0f} /s {math.ceil(takes / loads):8d} (have {args.workers})"

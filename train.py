@@ -161,9 +161,8 @@ def train(args, rt):
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
-    raw, source = build_model(args, {n: len(ds.classes) for n, ds in zip(names, train_sets)}, ckpt, rt.master)
-    raw.to(device)
-    groups = raw.param_groups(args.weight_decay)
+    model, source = build_model(args, {n: len(ds.classes) for n, ds in zip(names, train_sets)}, ckpt, rt)
+    groups = model.param_groups(args.weight_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
     else:
@@ -178,11 +177,11 @@ def train(args, rt):
             failures.counts.update(ckpt["failed"])
         del ckpt
     if args.compile:
-        raw.compile_trunk()
+        model.compile_trunk()
     # Each step trains one head, the same on all ranks; the others get no gradient (their .grad stays
     # None, so neither the optimizer nor weight decay moves them).
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=len(names) > 1) if rt.world > 1 else raw
+    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=len(names) > 1) if rt.world > 1 else model
     loader = data.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
                                      grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
                                      workers=args.workers, start_micro=step * args.grad_accum,
@@ -191,15 +190,14 @@ def train(args, rt):
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
-    flops = {n: 6 * raw.flops(frames=ds.frames, img_size=args.img_size) for n, ds in zip(names, train_sets)}
-    if rt.master:
-        runtime.report(args, raw, source, rt, peak, zip(names, train_sets, val_sets, sizes.values(), weights))
+    flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
+    runtime.report(args, model, source, rt, peak, zip(names, train_sets, val_sets, sizes.values(), weights))
 
     def save(step):
         totals = failures.totals(rt)
         if rt.master:
             runtime.save_checkpoint(ckpt_path, {
-                "model": raw.state_dict(), "model_config": dataclasses.asdict(raw.cfg),
+                "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "sampler": {"micro": step * args.grad_accum}, "config": vars(args),
                 "label_maps": {n: ds.classes for n, ds in zip(names, train_sets)}, "failed": totals})
@@ -214,7 +212,7 @@ def train(args, rt):
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
-    model.train()
+    wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
             save(step)
@@ -234,9 +232,9 @@ def train(args, rt):
             y = batch["y"].to(device, non_blocking=True)
             # forward through the shared trunk and this dataset's head, backward (DDP syncs on the last)
             last = micro == args.grad_accum - 1
-            with contextlib.nullcontext() if last or rt.world == 1 else model.no_sync():
+            with contextlib.nullcontext() if last or rt.world == 1 else wrapped.no_sync():
                 with runtime.autocast(device, dtype):
-                    logits = model(x, head=name)
+                    logits = wrapped(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
@@ -248,7 +246,7 @@ def train(args, rt):
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -270,8 +268,8 @@ def train(args, rt):
             log.write(record)
         bar.update(1)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            log.write({"step": step, "val": test_all(raw, dict(zip(names, val_sets)), **test_kw)})
-            model.train()
+            log.write({"step": step, "val": test_all(model, dict(zip(names, val_sets)), **test_kw)})
+            wrapped.train()
         if step % args.save_every == 0 or step == args.max_steps or stop:
             save(step)
         if stop:
@@ -282,7 +280,7 @@ def train(args, rt):
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
         val = dict(zip(names, open_datasets(args, names, "val")))
-        results = test_all(raw, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        results = test_all(model, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
         log.write({"step": step, "test": results})
     log.close()
 
@@ -298,8 +296,8 @@ def open_datasets(args, names, split, views=None):
         sys.exit(f"error: {e}")
 
 
-def build_model(args, heads, ckpt, verbose):
-    """-> (model, where its weights came from): the run's checkpoint, else --init, else from scratch."""
+def build_model(args, heads, ckpt, rt):
+    """-> (model on the device, its source): the run's checkpoint, else --init, else from scratch."""
     overrides = dict(frames=args.frames, img_size=args.img_size, drop_path=args.drop_path)
     torch.manual_seed(args.seed)
     if ckpt is not None:
@@ -310,20 +308,20 @@ def build_model(args, heads, ckpt, verbose):
         if ckpt["config"]["datasets"] != args.datasets:
             sys.exit(f"error: the checkpoint in {args.out_dir} was trained on other --datasets "
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
-        raw = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
-        raw.load_state_dict(ckpt["model"])
+        model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
+        model.load_state_dict(ckpt["model"])
         source = f"resuming from {os.path.join(args.out_dir, 'ckpt.pt')} (step {ckpt['step']})"
     elif args.init:
         try:
-            raw = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=verbose, **overrides)
+            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides)
         except (ValueError, KeyError, ImportError) as e:
             sys.exit(f"error: --init {args.init}: {e}")
         source = f"initialised from {args.init}"
     else:
-        raw = M.TimeSformer(M.make_config(args.model, attention=args.attention, **overrides), heads=heads)
+        model = M.TimeSformer(M.make_config(args.model, attention=args.attention, **overrides), heads=heads)
         source = "training from scratch"
-    raw.grad_checkpointing = args.grad_checkpoint
-    return raw, source
+    model.grad_checkpointing = args.grad_checkpoint
+    return model.to(rt.device), source
 
 
 if __name__ == "__main__":

@@ -1,50 +1,32 @@
 """
-Datasets, decoding, sampling and the co-training loader. Read top to bottom: dataset specs (their on-disk
-layouts are parsed in layouts.py); frame-exact decoding; temporal sampling and spatial crops; ClipDataset,
-one sample -> uint8 (C, T, H, W), or its test views; the multi-dataset schedule and sampler, whose whole
-state is one integer, so a resumed run sees exactly the batches an uninterrupted one would; the loaders.
-Clips leave the loader as uint8 and are normalised on the GPU (Normalize): 4x less to copy.
+The co-training data: which dataset each optimizer step trains on, which samples it reads, and how a sample
+becomes a clip. Read top to bottom: dataset specs; the schedule (round robin, or a weighted interleave);
+the sampler, whose whole state is one integer, so a resumed run sees exactly the batches an uninterrupted
+one would; ClipDataset, one sample -> uint8 (C, T, H, W), or its test views; the loaders.
+Pixels are read in video.py, the on-disk layouts parsed in layouts.py. Clips leave the loader as uint8 and
+are normalised on the GPU (Normalize): 4x less to copy.
 """
 
 import functools
 import logging
 import math
 import os
-import struct
 import threading
 import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-# FFmpeg prints a line per broken packet and OpenCV a warning per unopenable file; we report every
-# unreadable file ourselves, once. Set these variables to override.
-os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET
-os.environ.setdefault('OPENCV_LOG_LEVEL', 'ERROR')
-
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, listing
+from video import (READ_ERRORS, VideoError, crop_resize, eval_image_box, eval_video_boxes, hflip, image_crops,
+                   image_size, random_resized_box, read_video, train_video_box, video_info)
 
 log = logging.getLogger(__name__)
 MAX_TRIES = 10  # substitutes tried for an unreadable training sample before giving up
-
-
-class SampleError(Exception):
-    """One file cannot be read; the dataset replaces it (train) or flags it (eval)."""
-
-
-class VideoError(SampleError):
-    def __init__(self, msg, num_frames=None):
-        super().__init__(msg)
-        self.num_frames = num_frames  # set when the video ended early: its true length
-
-
-# What a broken file can raise while we decode it; bugs of our own (TypeError, ...) surface instead.
-READ_ERRORS = (SampleError, OSError, ValueError, SyntaxError, EOFError, struct.error, cv2.error,
-               Image.DecompressionBombError)
 
 # -----------------------------------------------------------------------------
 # specs
@@ -94,6 +76,106 @@ def custom_spec(name, paths):
                            f"({' '.join(IMAGE_EXTS)}) files among the listed paths")
     return image_spec(name) if n_image > n_video else DatasetSpec(name, 'video', 'segment')
 
+# -----------------------------------------------------------------------------
+# the schedule: which dataset trains at each optimizer step
+
+
+def schedule(step, weights):
+    """The dataset that optimizer step `step` trains on: one period of `interleave(weights)` after
+    another. Equal weights: round robin, step % D. No RNG, so all ranks and a resumed run agree."""
+    order = interleave(tuple(float(w) for w in weights))
+    return order[step % len(order)]
+
+
+def steps_before(step, d, weights):
+    """How many optimizer steps < `step` train dataset d."""
+    order = interleave(tuple(float(w) for w in weights))
+    full, rest = divmod(step, len(order))
+    return full * order.count(d) + order[:rest].count(d)
+
+
+@functools.cache
+def interleave(weights):
+    """One period of the schedule, as dataset indices. Equal weights: (0, 1, ..., D-1). Otherwise
+    dataset d gets k_d steps a period, k the weights as small integers, spread as evenly as possible:
+    each step goes to the dataset owed the most (smooth weighted round robin)."""
+    if not weights or min(weights) <= 0:
+        raise ValueError(f"dataset weights must be positive, got {list(weights)}")
+    if len(set(weights)) == 1:
+        return tuple(range(len(weights)))
+    counts = integer_ratio(weights)
+    period, owed, order = sum(counts), [0] * len(counts), []
+    for _ in range(period):
+        owed = [o + k for o, k in zip(owed, counts)]
+        d = owed.index(max(owed))  # ties -> the lowest index
+        owed[d] -= period
+        order.append(d)
+    return tuple(order)
+
+
+def integer_ratio(weights):
+    """Small integers in the ratio of the weights: [2, 1, 1] for 0.5, 0.25, 0.25. Awkward ratios are
+    rounded to 1/10,000 rather than make a period of more than 100,000 steps."""
+    fracs = [Fraction(w).limit_denominator(1000) for w in weights]
+    ints = [int(f * math.lcm(*(f.denominator for f in fracs))) for f in fracs]
+    ints = [i // math.gcd(*ints) for i in ints]
+    if sum(ints) > 100_000:
+        ints = [max(1, round(10_000 * w / sum(weights))) for w in weights]
+    return ints
+
+# -----------------------------------------------------------------------------
+# the sampler
+
+
+class MultiDatasetBatchSampler:
+    """Yields forever, for micro-batch m = start_micro, start_micro + 1, ...: batch_sizes[d] keys
+    (d, index, sample_seed) of dataset d = schedule(m // grad_accum).
+
+    Dataset d has its own endless stream: epoch e is a permutation seeded by (seed, d, e), the same on
+    all ranks; rank r reads perm[r::world][:len // world] (equal shards, like DistributedSampler with
+    drop_last), batch after batch, into the next epoch without a seam. Where d's stream stands at
+    micro-batch m is a function of m alone, so m is the whole state of the sampler.
+    """
+
+    def __init__(self, lengths, batch_sizes, weights=None, grad_accum=1, rank=0, world=1, seed=0,
+                 start_micro=0):
+        assert len(lengths) == len(batch_sizes) == len(weights or lengths)
+        assert 0 <= rank < world and grad_accum >= 1
+        self.shard_len = [n // world for n in lengths]
+        if min(self.shard_len) == 0:
+            raise DatasetError(f"a dataset has fewer samples ({min(lengths)}) than there are ranks ({world})")
+        self.lengths, self.batch_sizes = list(lengths), list(batch_sizes)
+        self.weights = [1.0] * len(lengths) if weights is None else [float(w) for w in weights]
+        self.grad_accum, self.rank, self.world, self.seed = grad_accum, rank, world, seed
+        self.start_micro = start_micro
+        self.shards = {}  # d -> (epoch, this rank's shard of that epoch's permutation)
+
+    def batch(self, m):
+        step, micro = divmod(m, self.grad_accum)
+        d = schedule(step, self.weights)
+        # micro-batches of d before m: all micro-batches of a step read the step's dataset
+        before = steps_before(step, d, self.weights) * self.grad_accum + micro
+        start = before * self.batch_sizes[d]  # position in d's stream
+        return [self.key(d, p) for p in range(start, start + self.batch_sizes[d])]
+
+    def key(self, d, p):
+        epoch, j = divmod(p, self.shard_len[d])
+        if self.shards.get(d, (None,))[0] != epoch:
+            perm = np.random.default_rng([self.seed, d, epoch]).permutation(self.lengths[d])
+            self.shards[d] = (epoch, perm[self.rank::self.world][:self.shard_len[d]])
+        # position j of rank r's shard is position j*world + r of the epoch's permutation
+        ss = np.random.SeedSequence([self.seed, d, epoch, j * self.world + self.rank])
+        return d, int(self.shards[d][1][j]), int(ss.generate_state(1, np.uint64)[0] >> 1)
+
+    def __iter__(self):
+        m = self.start_micro
+        while True:
+            yield self.batch(m)
+            m += 1
+
+# -----------------------------------------------------------------------------
+# the dataset
+
 
 def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, views=None, cache_dir=None):
     """The dataset <data_dir>/<name>, its listing kept in cache_dir (layouts.listing). views: (clips, crops)
@@ -107,223 +189,6 @@ def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, 
     spec = replace(spec, test_clips=views[0], test_crops=views[1]) if views else spec
     train = split == 'train' if train is None else train
     return ClipDataset(spec, samples, frames=frames, img_size=img_size, train=train)
-
-# -----------------------------------------------------------------------------
-# decoding
-
-
-def open_video(path):
-    if not os.path.isfile(path):
-        raise VideoError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise VideoError(f"{path}: empty file (0 bytes)")
-    # one decoder thread: the parallelism comes from DataLoader workers
-    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
-    if not cap.isOpened():
-        raise VideoError(f"{path}: FFmpeg cannot open it (corrupt, truncated or not a video)")
-    return cap
-
-
-def header(cap):  # (frame count, fps), as the file states them
-    return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS))
-
-
-def video_info(path):
-    """(true number of frames, fps): the header when plausible, else counted by decoding. A count too large
-    (a truncated file) looks plausible: read_video finds it out (VideoError.num_frames)."""
-    cap = open_video(path)
-    try:
-        n, fps = header(cap)
-        fps_ok = math.isfinite(fps) and 0 < fps < 1000  # broken webm headers say 1000
-        if n <= 0 or n > 1_000_000 or not fps_ok:
-            n = 0
-            while cap.grab():
-                n += 1
-    finally:
-        cap.release()
-    if n == 0:
-        raise VideoError(f"{path}: no decodable frames")
-    if not fps_ok:
-        warn_once(path, f"unusable fps {fps} in the header, assuming 30")
-        fps = 30.0
-    return n, fps
-
-
-def read_video(path, indices):
-    """uint8 (len(indices), H, W, 3) RGB: exactly the frames at those 0-based decode-order indices.
-
-    Never seeks (frame seeks are exact only at keyframes on some codecs): decodes from the start,
-    grab() for frames we skip (no colour conversion), retrieve() for the ones we keep.
-    """
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if indices.size == 0 or indices.min() < 0:
-        raise ValueError(f"need non-negative frame indices, got {indices}")
-    wanted, last, kept = set(indices.tolist()), int(indices.max()), {}
-    cap = open_video(path)
-    try:
-        for i in range(last + 1):
-            if not cap.grab():
-                raise VideoError(f"{path}: frame {last} requested but the video ends after {i} frames",
-                                 num_frames=i)
-            if i in wanted:
-                ok, frame = cap.retrieve()
-                if not ok or frame is None:
-                    raise VideoError(f"{path}: frame {i} could not be converted")
-                kept[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-    finally:
-        cap.release()
-    return np.stack([kept[i] for i in indices.tolist()])  # (T, H, W, 3)
-
-
-def load_image(path, reduce=1.0):
-    """uint8 (H, W, 3) RGB, EXIF orientation applied; see rgb_image."""
-    with Image.open(path) as im:
-        return np.asarray(rgb_image(im, reduce))
-
-
-def rgb_image(im, reduce=1.0):
-    """An opened Pillow image, decoded, in mode RGB. reduce > 1: a JPEG may come back up to that many times
-    smaller per side (decoded at 1/2, 1/4 or 1/8 scale, skipping most of the work). Transparency is
-    composited on white, as a browser shows it; truncated files raise rather than fill with grey."""
-    if reduce >= 2:
-        im.draft(None, (math.ceil(im.width / reduce), math.ceil(im.height / reduce)))  # JPEG only
-    im.load()
-    ImageOps.exif_transpose(im, in_place=True)
-    if im.mode == 'RGB':
-        return im
-    if im.mode.startswith('I') or im.mode == 'F':
-        a = np.asarray(im, dtype=np.float32) / (257.0 if im.mode != 'F' else 1.0)
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert('RGB')
-    if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
-        rgba = np.asarray(im.convert('RGBA'), dtype=np.float32)
-        alpha = rgba[..., 3:] / 255.0
-        return Image.fromarray(np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8))
-    return im.convert('RGB')
-
-# -----------------------------------------------------------------------------
-# temporal sampling
-
-
-def kinetics_indices(num_video_frames, frames, rate, fps, clip_idx=0, num_clips=1, rng=None):
-    """`frames` frames, `rate` frames apart at 30 fps: frame i of a clip is floor(start + i*rate*fps/30),
-    clamped to [0, n-1]. start lies in [0, n - span], span = frames*rate*fps/30: in train an integer
-    drawn uniformly; at test clip k of N sits in the middle of the k-th of N equal parts of that range,
-    start = floor((n - span) * (k + 0.5) / N)."""
-    n = num_video_frames
-    room = max(n - frames * rate * fps / 30.0, 0.0)
-    if rng is not None:
-        start = int(rng.integers(0, math.floor(room) + 1))
-    else:
-        start = math.floor(room * (clip_idx + 0.5) / num_clips)
-    # multiply before dividing: the exact cases (30 fps; 25 fps at rate 32) have no float error
-    idx = np.floor(start + np.arange(frames) * rate * fps / 30.0).astype(np.int64)
-    return np.clip(idx, 0, n - 1)
-
-
-def segment_indices(num_video_frames, frames, rng=None, clip_idx=0, num_clips=1):
-    """SSv2 style: `frames` equal segments of [0, n), one frame from each: floor((k + u) * n / frames),
-    u uniform in [0, 1) per segment in train, (clip + 0.5) / num_clips at test (the middle for one)."""
-    n = num_video_frames
-    u = rng.random(frames) if rng is not None else np.full(frames, (clip_idx + 0.5) / num_clips)
-    idx = np.floor((np.arange(frames) + u) * n / frames).astype(np.int64)
-    return np.clip(idx, 0, n - 1)
-
-# -----------------------------------------------------------------------------
-# spatial crops. A box is (y0, x0, h, w) in the original pixels; only that region is resized to the
-# output, which equals resizing the whole frame and then cropping, up to rounding, for less work.
-
-
-def image_crops(path, boxes_for, out):
-    """uint8 (len(boxes), out, out, 3): the boxes boxes_for(H, W) of an image of displayed size H x W,
-    each resized to out x out. A JPEG is decoded only as large as the boxes need."""
-    with Image.open(path) as im:
-        if im.format == 'JPEG':  # size and EXIF come before the pixels: boxes first, then decode
-            W, H = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientation turned by 90 degrees
-                H, W = W, H
-            boxes = boxes_for(H, W)
-            img = np.asarray(rgb_image(im, reduce=min(min(b[2], b[3]) for b in boxes) / out))
-        else:  # other formats may keep EXIF after the pixels
-            img = np.asarray(rgb_image(im))
-            H, W = img.shape[:2]
-            boxes = boxes_for(H, W)
-    sy, sx = img.shape[0] / H, img.shape[1] / W  # decoded size over full size
-    scaled = [(y0 * sy, x0 * sx, bh * sy, bw * sx) for y0, x0, bh, bw in boxes]
-    return np.concatenate([crop_resize(img[None], box, out) for box in scaled])
-
-
-def crop_resize(frames, box, out):
-    """(T, H, W, 3) uint8 -> (T, out, out, 3): the box, rounded to whole pixels, resized."""
-    H, W = frames.shape[1:3]
-    bh, bw = max(1, min(H, round(box[2]))), max(1, min(W, round(box[3])))
-    y0, x0 = min(max(0, round(box[0])), H - bh), min(max(0, round(box[1])), W - bw)
-    # bilinear aliases when shrinking by more than 2x (1080p sources); area averaging does not
-    interp = cv2.INTER_AREA if min(bh, bw) > 2 * out else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(f[y0:y0 + bh, x0:x0 + bw], (out, out), interpolation=interp) for f in frames])
-
-
-def train_video_box(h, w, img_size, rng):
-    """Short side scaled to a random integer in [img*256/224, img*320/224], random img x img crop."""
-    short = int(rng.integers(round(img_size * 256 / 224), round(img_size * 320 / 224) + 1))
-    side = img_size * min(h, w) / short  # the crop's side in original pixels
-    return rng.uniform(0, h - side), rng.uniform(0, w - side), side, side
-
-
-def random_resized_box(h, w, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop: area fraction in `scale`, log-uniform aspect ratio, 10 tries, then a centre
-    crop with the aspect ratio clamped into `ratio`."""
-    for _ in range(10):
-        area = h * w * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        bw, bh = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < bw <= w and 0 < bh <= h:
-            return int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1)), bh, bw
-    if w / h < ratio[0]:
-        bw, bh = w, round(w / ratio[0])
-    elif w / h > ratio[1]:
-        bw, bh = round(h * ratio[1]), h
-    else:
-        bw, bh = w, h
-    return (h - bh) // 2, (w - bw) // 2, bh, bw
-
-
-def eval_video_boxes(h, w, crops):
-    """Short side -> img, then `crops` squares along the long side (left/centre/right, or top/centre/
-    bottom for portrait); one crop is the centre one."""
-    side = min(h, w)
-    offsets = [(max(h, w) - side) / 2] if crops == 1 else np.linspace(0, max(h, w) - side, crops)
-    return [(o, 0, side, side) if h > w else (0, o, side, side) for o in offsets]
-
-
-def eval_image_box(h, w, img_size):
-    """ImageNet convention: short side to img*256/224, centre img x img crop."""
-    side = img_size * min(h, w) / round(img_size * 256 / 224)
-    return (h - side) / 2, (w - side) / 2, side, side
-
-
-class Normalize:
-    """uint8 (..., C, T, H, W) -> float32 (x/255 - mean) / std, with mean and std kept on the device."""
-
-    def __init__(self, mean, std, device):
-        def column(v):  # "0.45,0.45,0.45" or a sequence -> (C, 1, 1, 1)
-            values = [float(s) for s in (v.split(',') if isinstance(v, str) else v)]
-            return torch.tensor(values, device=device).reshape(-1, 1, 1, 1)
-        self.mean, self.std = column(mean), column(std)
-
-    def __call__(self, x):
-        assert x.shape[-4] == 3, f"expected (..., C=3, T, H, W), got {tuple(x.shape)}"
-        return (x.float() / 255.0 - self.mean) / self.std
-
-# -----------------------------------------------------------------------------
-# the dataset
-
-_WARNED = set()  # paths this process has warned about
-
-
-def warn_once(path, err):
-    if path not in _WARNED:  # per process: each DataLoader worker warns once per path
-        _WARNED.add(path)
-        log.warning(f"unreadable sample {path}: {err}")
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -356,11 +221,11 @@ class ClipDataset(torch.utils.data.Dataset):
         failed, err = [], None
         for _ in range(MAX_TRIES):
             path, label = self.samples.path(index), int(self.samples.labels[index])
-            # separate streams for time and space: a re-sample after a lying header (new temporal
+            # separate streams for time and space: a re-read after a lying header (new temporal
             # indices) gives the same bytes as a read with the true length cached
             t_seed, s_seed = rng.integers(0, 2**63, size=2)
             try:
-                x = self.load_train(path, int(t_seed), np.random.default_rng(s_seed))
+                x = self.train_clip(path, int(t_seed), np.random.default_rng(s_seed))
                 x = torch.from_numpy(x).permute(3, 0, 1, 2).contiguous()  # (T, H, W, C) -> (C, T, H, W)
                 return {'x': x, 'y': label, 'failed': failed}
             except READ_ERRORS as e:  # never stop training: take another sample of this dataset
@@ -371,20 +236,17 @@ class ClipDataset(torch.utils.data.Dataset):
                            f"{err}); check the files, the codecs OpenCV's FFmpeg supports, and disk access. "
                            f"Failed: {failed}")
 
-    def load_train(self, path, t_seed, rng):
-        """-> (T, img, img, 3) uint8."""
+    def train_clip(self, path, t_seed, rng):
+        """(T, img, img, 3) uint8: the frames drawn from t_seed, the crop and flip from rng."""
         if self.spec.kind == 'image':
-            box = lambda h, w: [random_resized_box(h, w, rng, (self.spec.min_area, 1.0))]  # noqa: E731
-            x = image_crops(path, box, self.img_size)
+            with Image.open(path) as im:
+                box = random_resized_box(*image_size(im), rng, (self.spec.min_area, 1.0))
+                x = image_crops(im, [box], self.img_size)
         else:
-            # a fresh stream per attempt: a retry with the true length draws what a cached read draws
-            def make_indices(n, fps):
-                return [self.indices(n, fps, np.random.default_rng(t_seed))]
-            clip = self.read_clips(path, make_indices)[0]
-            box = train_video_box(clip.shape[1], clip.shape[2], self.img_size, rng)
-            x = crop_resize(clip, box, self.img_size)
+            clip, = self.read_clips(path, [t_seed])
+            x = crop_resize(clip, train_video_box(*clip.shape[1:3], self.img_size, rng), self.img_size)
         flip = rng.random() < 0.5  # drawn always, so the stream does not depend on spec.flip
-        return np.stack([cv2.flip(f, 1) for f in x]) if self.spec.flip and flip else x
+        return hflip(x) if self.spec.flip and flip else x
 
     def eval_item(self, index):
         path = self.samples.path(index)
@@ -401,36 +263,64 @@ class ClipDataset(torch.utils.data.Dataset):
         Images: one crop is the ImageNet centre crop; several follow the video rule with T = 1."""
         s, crops = self.img_size, self.spec.test_crops
         if self.spec.kind == 'image':
-            def boxes(h, w):
-                return [eval_image_box(h, w, s)] if crops == 1 else eval_video_boxes(h, w, crops)
-            views = image_crops(path, boxes, s)[:, None]  # (V, T = 1, s, s, 3)
+            with Image.open(path) as im:
+                h, w = image_size(im)
+                boxes = [eval_image_box(h, w, s)] if crops == 1 else eval_video_boxes(h, w, crops)
+                views = image_crops(im, boxes, s)[:, None]  # (V, T = 1, s, s, 3)
         else:
-            n_clips = self.spec.test_clips
-            clips = self.read_clips(path, lambda n, fps: [self.indices(n, fps, None, c, n_clips)
-                                                          for c in range(n_clips)])
+            clips = self.read_clips(path)
             views = [crop_resize(c, box, s) for c in clips for box in eval_video_boxes(*c.shape[1:3], crops)]
         return torch.from_numpy(np.stack(views)).permute(0, 4, 1, 2, 3).contiguous()  # (V, C, T, H, W)
 
-    def indices(self, n, fps, rng, clip_idx=0, num_clips=1):
-        if self.spec.sampling == 'segment':
-            return segment_indices(n, self.frames, rng, clip_idx, num_clips)
-        return kinetics_indices(n, self.frames, self.spec.rate, fps, clip_idx, num_clips, rng)
-
-    def read_clips(self, path, make_indices):
-        """make_indices(n, fps) -> index arrays, all read in one decode. A header that claims more frames
-        than the file has is found out by the read that runs off the end: it tells the true length."""
+    def read_clips(self, path, t_seeds=None):
+        """(T, H, W, 3) clips of one video, all from one decode: one per seed in t_seeds (training), else
+        the spec's test clips. A header that claims more frames than the file has is found out by the read
+        that runs off the end, which tells the true length; the same seeds then draw again."""
         if path not in self.lengths:
             self.lengths[path] = video_info(path)
         for attempt in range(2):
             n, fps = self.lengths[path]
-            clips = make_indices(n, fps)
+            if t_seeds is None:
+                k = self.spec.test_clips
+                clips = [self.indices(n, fps, clip_idx=c, num_clips=k) for c in range(k)]
+            else:
+                clips = [self.indices(n, fps, rng=np.random.default_rng(s)) for s in t_seeds]
             try:
-                frames = read_video(path, np.concatenate(clips))  # (sum T, H, W, 3)
-                return np.split(frames, np.cumsum([len(c) for c in clips])[:-1])
+                return np.split(read_video(path, np.concatenate(clips)), len(clips))
             except VideoError as e:
                 if attempt or not e.num_frames:
                     raise
                 self.lengths[path] = (e.num_frames, fps)
+
+    def indices(self, n, fps, rng=None, clip_idx=0, num_clips=1):
+        if self.spec.sampling == 'segment':
+            return segment_indices(n, self.frames, rng, clip_idx, num_clips)
+        return kinetics_indices(n, self.frames, self.spec.rate, fps, clip_idx, num_clips, rng)
+
+
+def kinetics_indices(num_video_frames, frames, rate, fps, clip_idx=0, num_clips=1, rng=None):
+    """`frames` frames, `rate` frames apart at 30 fps: frame i of a clip is floor(start + i*rate*fps/30),
+    clamped to [0, n-1]. start lies in [0, n - span], span = frames*rate*fps/30: in train an integer
+    drawn uniformly; at test clip k of N sits in the middle of the k-th of N equal parts of that range,
+    start = floor((n - span) * (k + 0.5) / N)."""
+    n = num_video_frames
+    room = max(n - frames * rate * fps / 30.0, 0.0)
+    if rng is not None:
+        start = int(rng.integers(0, math.floor(room) + 1))
+    else:
+        start = math.floor(room * (clip_idx + 0.5) / num_clips)
+    # multiply before dividing: the exact cases (30 fps; 25 fps at rate 32) have no float error
+    idx = np.floor(start + np.arange(frames) * rate * fps / 30.0).astype(np.int64)
+    return np.clip(idx, 0, n - 1)
+
+
+def segment_indices(num_video_frames, frames, rng=None, clip_idx=0, num_clips=1):
+    """SSv2 style: `frames` equal segments of [0, n), one frame from each: floor((k + u) * n / frames),
+    u uniform in [0, 1) per segment in train, (clip + 0.5) / num_clips at test (the middle for one)."""
+    n = num_video_frames
+    u = rng.random(frames) if rng is not None else np.full(frames, (clip_idx + 0.5) / num_clips)
+    idx = np.floor((np.arange(frames) + u) * n / frames).astype(np.int64)
+    return np.clip(idx, 0, n - 1)
 
 
 def load_test_views(path, spec_name, *, frames=8, img_size=224, views=None):
@@ -441,96 +331,17 @@ def load_test_views(path, spec_name, *, frames=8, img_size=224, views=None):
     empty = Listing.from_pairs('', [], [])
     return ClipDataset(spec, empty, frames=frames, img_size=img_size, train=False).views(str(path))
 
+
+_WARNED = set()  # paths this process has warned about
+
+
+def warn_once(path, err):
+    if path not in _WARNED:  # per process: each DataLoader worker warns once per path
+        _WARNED.add(path)
+        log.warning(f"unreadable sample {path}: {err}")
+
 # -----------------------------------------------------------------------------
-# co-training schedule and loaders
-
-
-@functools.lru_cache(maxsize=16)
-def interleave(weights):
-    """One period of the smooth weighted round-robin, and prefix counts per dataset: every period
-    dataset d gets exactly w_d steps, spread as evenly as possible."""
-    fracs = [Fraction(w).limit_denominator(1000) for w in weights]
-    if not fracs or min(fracs) <= 0:
-        raise ValueError(f"dataset weights must be positive, got {list(weights)}")
-    lcm = math.lcm(*(f.denominator for f in fracs))
-    ints = [int(f * lcm) for f in fracs]
-    ints = [i // math.gcd(*ints) for i in ints]
-    if sum(ints) > 100_000:  # awkward ratios: approximate to 1/10000 rather than a huge period
-        ints = [max(1, round(10_000 * w / sum(weights))) for w in weights]
-    period, D = sum(ints), len(ints)
-    order, current = np.empty(period, dtype=np.int64), np.zeros(D, dtype=np.int64)
-    for s in range(period):
-        current += ints
-        d = int(np.argmax(current))  # ties -> lowest index, so equal weights give 0, 1, ..., D-1
-        current[d] -= period
-        order[s] = d
-    prefix = np.zeros((period + 1, D), dtype=np.int64)  # prefix[s, d]: steps < s of the period given to d
-    prefix[1:] = np.cumsum(np.eye(D, dtype=np.int64)[order], axis=0)
-    return order, prefix
-
-
-def schedule(step, weights):
-    """The dataset that trains at optimizer step `step`: round robin (step % D) for equal weights, else
-    the smooth weighted round-robin (step frequencies proportional to the weights). No RNG."""
-    order, _ = interleave(tuple(float(w) for w in weights))
-    return int(order[step % len(order)])
-
-
-def steps_before(step, d, weights):
-    """How many optimizer steps < `step` train dataset d."""
-    order, prefix = interleave(tuple(float(w) for w in weights))
-    full, rest = divmod(step, len(order))
-    return int(full * prefix[-1, d] + prefix[rest, d])
-
-
-class MultiDatasetBatchSampler:
-    """Yields forever, for micro-batch m = start_micro, start_micro + 1, ...: batch_sizes[d] keys
-    (d, index, sample_seed) of dataset d = schedule(m // grad_accum).
-
-    Dataset d has its own endless stream: epoch e is a permutation seeded by (seed, d, e), the same on
-    all ranks; rank r reads perm[r::world][:len // world] (equal shards, like DistributedSampler with
-    drop_last), batch after batch, into the next epoch without a seam. Where d's stream stands at
-    micro-batch m is a function of m alone, so m is the whole state of the sampler.
-    """
-
-    def __init__(self, lengths, batch_sizes, weights=None, grad_accum=1, rank=0, world=1, seed=0,
-                 start_micro=0):
-        assert len(lengths) == len(batch_sizes) == len(weights or lengths)
-        assert 0 <= rank < world and grad_accum >= 1
-        self.shard_len = [n // world for n in lengths]
-        if min(self.shard_len) == 0:
-            raise DatasetError(f"a dataset has fewer samples ({min(lengths)}) than there are ranks ({world})")
-        self.lengths, self.batch_sizes = list(lengths), list(batch_sizes)
-        self.weights = [1.0] * len(lengths) if weights is None else [float(w) for w in weights]
-        self.grad_accum, self.rank, self.world, self.seed = grad_accum, rank, world, seed
-        self.start_micro = start_micro
-        self.shards = {}  # d -> (epoch, this rank's shard of that epoch's permutation)
-
-    def micro_batches_before(self, m, d):
-        """Micro-batches < m that dataset d receives (all micro-batches of a step share a dataset)."""
-        step, sub = divmod(m, self.grad_accum)
-        before = steps_before(step, d, self.weights) * self.grad_accum
-        return before + (sub if schedule(step, self.weights) == d else 0)
-
-    def batch(self, m):
-        d = schedule(m // self.grad_accum, self.weights)
-        start = self.micro_batches_before(m, d) * self.batch_sizes[d]  # position in d's stream
-        return [self.key(d, p) for p in range(start, start + self.batch_sizes[d])]
-
-    def key(self, d, p):
-        epoch, j = divmod(p, self.shard_len[d])
-        if self.shards.get(d, (None,))[0] != epoch:
-            perm = np.random.default_rng([self.seed, d, epoch]).permutation(self.lengths[d])
-            self.shards[d] = (epoch, perm[self.rank::self.world][:self.shard_len[d]])
-        # position j of rank r's shard is position j*world + r of the epoch's permutation
-        ss = np.random.SeedSequence([self.seed, d, epoch, j * self.world + self.rank])
-        return d, int(self.shards[d][1][j]), int(ss.generate_state(1, np.uint64)[0] >> 1)
-
-    def __iter__(self):
-        m = self.start_micro
-        while True:
-            yield self.batch(m)
-            m += 1
+# loaders
 
 
 class MultiDataset(torch.utils.data.Dataset):
@@ -551,35 +362,6 @@ def collate_train(batch):
             'failed': [p for b in batch for p in b['failed']]}
 
 
-def worker_init(_, owner=None):
-    cv2.setNumThreads(1)  # one decoder thread per worker: the workers are the parallelism
-    torch.set_num_threads(1)
-    if owner is not None:
-        threading.Thread(target=exit_with, args=(owner,), daemon=True).start()
-
-
-def exit_with(pid):
-    """End this worker once process `pid`, which it loads for, has ended (also by SIGKILL). A forkserver
-    worker is a child of the fork server, so DataLoader's own check on its parent never fires."""
-    while True:
-        time.sleep(1)
-        try:
-            os.kill(pid, 0)
-        except OSError:  # no such process (or, after pid reuse, someone else's)
-            os._exit(0)
-
-
-def loader_kwargs(workers, pin_memory, prefetch):
-    kw = dict(num_workers=workers, pin_memory=pin_memory,
-              worker_init_fn=functools.partial(worker_init, owner=os.getpid()))
-    if workers > 0:
-        # Workers start from a clean forkserver process, not a fork of this one: a fork inherits OpenCV's
-        # thread pool (a worker forked while it was busy hangs in cv2) and, under DDP, the process group's
-        # sockets (a worker outliving a killed rank holds them, and an elastic restart hangs on it).
-        kw.update(persistent_workers=True, prefetch_factor=prefetch, multiprocessing_context="forkserver")
-    return kw
-
-
 def build_train_loader(datasets, batch_sizes, *, weights=None, grad_accum=1, rank=0, world=1, seed=0,
                        workers=4, start_micro=0, pin_memory=False):
     """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths]}.
@@ -598,3 +380,49 @@ def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_me
     mine = range(rank, len(dataset), world)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=mine,
                                        **loader_kwargs(workers, pin_memory, prefetch=2))
+
+
+def loader_kwargs(workers, pin_memory, prefetch):
+    kw = dict(num_workers=workers, pin_memory=pin_memory,
+              worker_init_fn=functools.partial(worker_init, owner=os.getpid()))
+    if workers > 0:
+        # Workers start from a clean forkserver process, not a fork of this one: a fork inherits OpenCV's
+        # thread pool (a worker forked while it was busy hangs in cv2) and, under DDP, the process group's
+        # sockets (a worker outliving a killed rank holds them, and an elastic restart hangs on it).
+        kw.update(persistent_workers=True, prefetch_factor=prefetch, multiprocessing_context="forkserver")
+    return kw
+
+
+def worker_init(_, owner=None):
+    cv2.setNumThreads(1)  # one decoder thread per worker: the workers are the parallelism
+    torch.set_num_threads(1)
+    if owner is not None:
+        threading.Thread(target=exit_with, args=(owner,), daemon=True).start()
+
+
+def exit_with(pid):
+    """End this worker once process `pid`, which it loads for, has ended (also by SIGKILL). A forkserver
+    worker is a child of the fork server, so DataLoader's own check on its parent never fires."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(pid, 0)
+        except OSError:  # no such process (or, after pid reuse, someone else's)
+            os._exit(0)
+
+
+class Normalize:
+    """uint8 (..., C, T, H, W) -> float32 (x/255 - mean) / std, with mean and std kept on the device."""
+
+    def __init__(self, mean, std, device):
+        self.mean, self.std = per_channel(mean, device), per_channel(std, device)
+
+    def __call__(self, x):
+        assert x.shape[-4] == 3, f"expected (..., C=3, T, H, W), got {tuple(x.shape)}"
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+def per_channel(values, device):
+    """"0.45,0.45,0.45" or a sequence -> a (C, 1, 1, 1) tensor, to broadcast over (C, T, H, W)."""
+    values = values.split(',') if isinstance(values, str) else values
+    return torch.tensor([float(v) for v in values], device=device).reshape(-1, 1, 1, 1)

@@ -1,11 +1,8 @@
-"""data.py on real encoded files that each test writes into tmp_path (never ../shared): frame-exact
-decoding checked against PyAV, sampling math against cases computed by hand, the sampler's streams."""
+"""data.py: the schedule and the sampler's streams, sampling math against cases computed by hand, and datasets
+on real encoded files that each test writes into tmp_path (never ../shared)."""
 
 import os
-import subprocess
-import sys
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from PIL import Image
 
 import data  # conftest.py puts the project root on sys.path
 import demo  # noqa: F401  (registers the demo sets' specs)
+import video
 from layouts import Listing
 from media import band_frames, decode_all, make_ssv2, noise_frames, tiny_video, write_image, write_video
 
@@ -24,46 +22,61 @@ def one_file(spec_name, path, **kw):
                             train=False, **kw)
 
 
-# ----------------------------------------------------------------------------- decoding
-
-@pytest.mark.parametrize('ext', ['.mp4', '.webm', '.avi'])
-def test_read_video_is_frame_exact(tmp_path, ext):
-    path = write_video(tmp_path / f'v{ext}', noise_frames(30))
-    full = decode_all(path)
-    assert len(full) == 30 and all((full[i] != full[i + 1]).any() for i in range(29))
-    rng = np.random.default_rng(1)
-    for idx in [rng.integers(0, 30, 8), [29, 3, 3, 0, 17, 29], [29], [0], rng.permutation(30)]:
-        np.testing.assert_array_equal(data.read_video(path, idx), full[np.asarray(idx)])
-    assert data.read_video(path, [5, 2]).dtype == np.uint8
+# ----------------------------------------------------------------------------- schedule and sampler
 
 
-@pytest.mark.parametrize('ext', ['.mp4', '.webm', '.avi'])
-def test_read_video_matches_pyav(tmp_path, ext):
-    # PyAV (libswscale yuv420p -> rgb24) and OpenCV's FFmpeg backend give bit-identical RGB on these files
-    # (and on H.264 footage we checked by hand), so no tolerance is needed.
-    path = write_video(tmp_path / f'v{ext}', noise_frames(20, 50, 70, seed=3))
-    with av.open(path) as c:
-        ref = np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
-    idx = [19, 0, 7, 7, 12, 1]
-    np.testing.assert_array_equal(data.read_video(path, idx), ref[idx])
+def test_schedule_round_robin_and_weighted():
+    assert [data.schedule(s, [1, 1, 1]) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert [data.schedule(s, [2.0, 2.0]) for s in range(4)] == [0, 1, 0, 1]
+    assert [data.schedule(s, [2, 1]) for s in range(6)] == [0, 1, 0, 0, 1, 0]  # smooth weighted round robin
+    assert [data.schedule(s, [0.5, 0.25, 0.25]) for s in range(8)] == [0, 1, 2, 0, 0, 1, 2, 0]
+    w = [3, 1.5, 0.7]
+    counts = np.bincount([data.schedule(s, w) for s in range(5200)], minlength=3)
+    np.testing.assert_allclose(counts / 5200, np.array(w) / sum(w), atol=1e-3)
+    for s in [0, 1, 7, 52, 99, 1000]:
+        for d in range(3):
+            assert data.steps_before(s, d, w) == sum(data.schedule(t, w) == d for t in range(s))
+    with pytest.raises(ValueError):
+        data.schedule(0, [1, 0])
 
 
-def test_read_video_past_end_and_bad_files(tmp_path):
-    path = write_video(tmp_path / 'v.mp4', noise_frames(10))
-    with pytest.raises(data.VideoError, match='ends after 10 frames') as e:
-        data.read_video(path, [3, 10])
-    assert e.value.num_frames == 10 and path in str(e.value)
-    assert data.video_info(path) == (10, 12.0)
-    (tmp_path / 'zero.mp4').write_bytes(b'')
-    # fixed junk bytes: with fresh os.urandom bytes this test failed once in CI (read_video did not raise;
-    # not reproduced in 3,400 seeded draws), so the draw is pinned to one that FFmpeg rejects
-    (tmp_path / 'junk.webm').write_bytes(np.random.default_rng(0).bytes(4000))
-    for bad in ['zero.mp4', 'junk.webm', 'nope.mp4']:
-        with pytest.raises(data.VideoError):
-            data.read_video(str(tmp_path / bad), [0])
-        with pytest.raises(data.VideoError):
-            data.video_info(str(tmp_path / bad))
+def test_grad_accum_micro_batches_share_a_dataset():
+    smp = data.MultiDatasetBatchSampler([50, 30, 20], [2, 3, 4], weights=[2, 1, 1], grad_accum=4)
+    ds_of = [smp.batch(m)[0][0] for m in range(64)]
+    assert all(ds_of[m] == ds_of[m - m % 4] for m in range(64))
+    assert ds_of[::4] == [data.schedule(s, [2, 1, 1]) for s in range(16)]
+    assert all(len(smp.batch(m)) == [2, 3, 4][ds_of[m]] for m in range(64))
+    # dataset 0 (8 of the 16 steps, 4 micro-batches of 2) reads its stream without gaps: epoch 0 is a permutation
+    keys0 = [k for m in range(64) for k in smp.batch(m) if k[0] == 0]
+    assert len(keys0) == 8 * 4 * 2 and sorted(k[1] for k in keys0[:50]) == list(range(50))
 
+
+@pytest.mark.parametrize('world,n', [(2, 10), (3, 10), (3, 11)])
+def test_ddp_shards_are_disjoint_and_cover_the_epoch(world, n):
+    shard = n // world
+    per_rank = []
+    for r in range(world):
+        smp = data.MultiDatasetBatchSampler([n], [1], rank=r, world=world, seed=3)
+        keys = [smp.batch(m)[0] for m in range(2 * shard)]
+        per_rank.append(keys)
+        e0, e1 = [k[1] for k in keys[:shard]], [k[1] for k in keys[shard:]]
+        assert len(set(e0)) == shard and len(set(e1)) == shard
+    epoch0 = [set(k[1] for k in keys[:shard]) for keys in per_rank]
+    assert all(not (a & b) for i, a in enumerate(epoch0) for b in epoch0[i + 1:])  # no overlap
+    assert len(set().union(*epoch0)) == n - n % world                              # all but the < world tail
+    perm = np.random.default_rng([3, 0, 0]).permutation(n)                        # same permutation on all ranks
+    assert [k[1] for k in per_rank[1][:shard]] == perm[1::world][:shard].tolist()
+    seeds = [k[2] for keys in per_rank for k in keys]
+    assert len(set(seeds)) == len(seeds)                                          # distinct augmentation per sample
+    assert [k[1] for k in per_rank[0][shard:]] != [k[1] for k in per_rank[0][:shard]]            # fresh shuffle
+
+
+def test_stream_crosses_epochs_without_a_seam():
+    smp = data.MultiDatasetBatchSampler([5], [2], seed=1)
+    flat = [k[1] for m in range(5) for k in smp.batch(m)]   # 10 positions = exactly 2 epochs
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+
+# ----------------------------------------------------------------------------- datasets of real files
 
 def test_truncated_webm_header_lies_and_dataset_recovers(tmp_path):
     """A truncated webm keeps its header (claims 40 frames) but decodes fewer: the dataset re-samples with
@@ -73,82 +86,21 @@ def test_truncated_webm_header_lies_and_dataset_recovers(tmp_path):
     blob = open(path, 'rb').read()
     open(path, 'wb').write(blob[:int(len(blob) * 0.6)])
     true_n = len(decode_all(path))
-    assert 5 < true_n < 40 and data.video_info(path) == (40, 12.0)  # the header is plausible, and wrong
+    assert 5 < true_n < 40 and video.video_info(path) == (40, 12.0)  # the header is plausible, and wrong
     (root / 'train.csv').write_text('a.webm 0\n')
     (root / 'val.csv').write_text('a.webm 0\n')
     ev = data.build_dataset('cust', tmp_path, 'val', frames=8, img_size=32)
     item = ev[0]
     assert item['ok']
-    expect = data.read_video(path, data.segment_indices(true_n, 8))  # the middle of 8 true segments
-    box = data.eval_video_boxes(48, 64, 3)[1]
-    np.testing.assert_array_equal(item['x'][1].permute(1, 2, 3, 0).numpy(), data.crop_resize(expect, box, 32))
+    expect = video.read_video(path, data.segment_indices(true_n, 8))  # the middle of 8 true segments
+    box = video.eval_video_boxes(48, 64, 3)[1]
+    np.testing.assert_array_equal(item['x'][1].permute(1, 2, 3, 0).numpy(), video.crop_resize(expect, box, 32))
     assert ev.lengths[path][0] == true_n
     # train: same key -> same bytes, whether the true length is already cached or not
     tr = data.build_dataset('cust', tmp_path, 'train', frames=8, img_size=32)
     a = tr[(0, 123)]
     assert a['failed'] == [] and torch.equal(a['x'], tr[(0, 123)]['x'])
 
-
-def test_video_info_counts_when_header_has_no_count(tmp_path):
-    """A recorder killed before closing the file: the AVI header says 0 frames (real case, made here)."""
-    path = str(tmp_path / 'crash.avi')
-    script = (f"import cv2, numpy as np, os\nvw = cv2.VideoWriter({path!r}, cv2.VideoWriter_fourcc(*'MJPG'), 12, (64, 48))\n"
-              "for i in range(200): vw.write(np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8))\n"
-              "os._exit(0)\n")
-    subprocess.run([sys.executable, '-c', script], check=True)
-    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
-    assert cap.get(cv2.CAP_PROP_FRAME_COUNT) <= 0  # what the header says
-    n = len(decode_all(path))
-    assert n > 10 and data.video_info(path) == (n, 12.0)
-
-
-def test_video_info_distrusts_fps_1000(tmp_path, monkeypatch):
-    # broken webm headers report fps 1000; we cannot write such a file with cv2, so patch the header read
-    path = write_video(tmp_path / 'v.webm', noise_frames(7))
-    monkeypatch.setattr(data, 'header', lambda cap: (-5, 1000.0))
-    assert data.video_info(path) == (7, 30.0)
-
-
-def test_load_image_modes(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    gray = rgb[..., 0]
-    Image.fromarray(gray).save(tmp_path / 'g.jpg', quality=100)
-    out = data.load_image(tmp_path / 'g.jpg')
-    assert out.shape == (20, 30, 3) and (out[..., 0] == out[..., 2]).all()
-    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'c.jpg', quality=100)
-    assert data.load_image(tmp_path / 'c.jpg').shape == (20, 30, 3)
-    Image.fromarray((gray.astype(np.uint16) * 257)).save(tmp_path / 'g16.png')  # 16-bit grey
-    assert Image.open(tmp_path / 'g16.png').mode == 'I;16'
-    np.testing.assert_array_equal(data.load_image(tmp_path / 'g16.png')[..., 1], gray)
-    rgba = np.dstack([rgb, np.full((20, 30), 255, np.uint8)])
-    rgba[:5, :, 3] = 0                # fully transparent top rows
-    rgba[5:10, :, 3] = 128            # half transparent
-    Image.fromarray(rgba).save(tmp_path / 'a.png')
-    out = data.load_image(tmp_path / 'a.png')
-    assert (out[:5] == 255).all() and (out[10:] == rgb[10:]).all()  # composited on white
-    np.testing.assert_allclose(out[5:10], rgb[5:10].astype(float) * 128 / 255 + 255 * 127 / 255, atol=1)
-    Image.fromarray(rgba).convert('LA').save(tmp_path / 'la.png')
-    assert (data.load_image(tmp_path / 'la.png')[:5] == 255).all()
-    pal = Image.fromarray(rgb).convert('P')
-    pal.save(tmp_path / 'p.png', transparency=int(np.asarray(pal)[0, 0]))
-    out = data.load_image(tmp_path / 'p.png')
-    assert out.shape == (20, 30, 3) and (out[0, 0] == 255).all()
-
-
-def test_load_image_exif_rotation_and_truncation(tmp_path):
-    img = np.zeros((20, 40, 3), np.uint8)
-    img[:, :10] = 255                  # white on the left
-    exif = Image.Exif()
-    exif[0x0112] = 6                   # "rotate 90 degrees clockwise to display"
-    for ext in ['jpg', 'png']:
-        Image.fromarray(img).save(tmp_path / f'r.{ext}', exif=exif)
-        out = data.load_image(tmp_path / f'r.{ext}')
-        assert out.shape == (40, 20, 3) and out[:8].mean() > 200 and out[-8:].mean() < 50  # left -> top
-    write_image(tmp_path / 't.jpg')
-    blob = (tmp_path / 't.jpg').read_bytes()
-    (tmp_path / 't.jpg').write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(OSError, match='truncated'):  # never a silently grey image
-        data.load_image(tmp_path / 't.jpg')
 
 def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
     """A 640x480 JPEG rotated by EXIF: the header gives the displayed size, a reduced decode is the
@@ -159,25 +111,25 @@ def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(img).save(tmp_path / 'big.jpg', exif=exif, quality=95)
-    full = data.load_image(tmp_path / 'big.jpg')
+    full = video.load_image(tmp_path / 'big.jpg')
     assert full.shape[:2] == (640, 480)
-    small = data.load_image(tmp_path / 'big.jpg', reduce=4.5)  # 4.5x fits 4x, not 8x
+    small = video.load_image(tmp_path / 'big.jpg', reduce=4.5)  # 4.5x fits 4x, not 8x
     assert small.shape == (160, 120, 3)
     np.testing.assert_allclose(small.astype(float), cv2.resize(full, (120, 160), interpolation=cv2.INTER_AREA), atol=12)
     for ext in ['png', 'tiff']:  # no reduced decoding there: the crops come from the full image
         Image.fromarray(img).save(tmp_path / f'big.{ext}', exif=exif)
         ds = one_file('in1k', str(tmp_path / f'big.{ext}'), img_size=32)
         view = ds[0]['x'][0, :, 0].permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(view, data.crop_resize(data.load_image(tmp_path / f'big.{ext}')[None],
-                                                              data.eval_image_box(640, 480, 32), 32)[0])
+        np.testing.assert_array_equal(view, video.crop_resize(video.load_image(tmp_path / f'big.{ext}')[None],
+                                                              video.eval_image_box(640, 480, 32), 32)[0])
     ds = one_file('in1k', str(tmp_path / 'big.jpg'), img_size=32)
     view = ds[0]['x'][0, :, 0].permute(1, 2, 0).numpy().astype(float)  # (32, 32, 3), from a 1/8-size decode
-    box = data.eval_image_box(640, 480, 32)
-    ref = data.crop_resize(full[None], box, 32)[0]
+    box = video.eval_image_box(640, 480, 32)
+    ref = video.crop_resize(full[None], box, 32)[0]
     assert np.abs(view - ref).mean() < 4, np.abs(view - ref).mean()
 
 
-# ----------------------------------------------------------------------------- sampling math
+# ----------------------------------------------------------------------------- temporal sampling
 
 
 def test_kinetics_indices_hand_computed():
@@ -207,35 +159,7 @@ def test_segment_indices_hand_computed():
     assert ((seen // 10) == np.arange(8)).all()  # one frame inside each segment [10k, 10k + 9]
     assert {int(v) for v in seen[:, 3]} == set(range(30, 40))
 
-# ----------------------------------------------------------------------------- transforms
-
-
-def smooth_image(h, w):
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([127 + 100 * np.sin(xx / 9 + yy / 13), 127 + 100 * np.cos(yy / 7),
-                     127 + 60 * np.sin((xx + yy) / 11)], -1).astype(np.uint8)
-
-
-def test_crop_then_resize_equals_resize_then_crop():
-    f, s, img = smooth_image(240, 320), 240, 224
-    for short, oy, ox in [(256, 0, 0), (280, 13, 57), (320, 96, 150), (300, 40, 150)]:
-        ref = cv2.resize(f, (round(320 * short / s), short), interpolation=cv2.INTER_LINEAR)[oy:oy + img, ox:ox + img]
-        out = data.crop_resize(f[None], (oy * s / short, ox * s / short, img * s / short, img * s / short), img)[0]
-        diff = np.abs(out.astype(int) - ref)
-        assert diff.mean() < 2 and diff.max() <= 8, (short, diff.mean(), diff.max())
-
-
-def test_train_box_and_random_resized_crop_ranges():
-    for seed in range(200):
-        rng = np.random.default_rng(seed)
-        y0, x0, h, w = data.train_video_box(240, 320, 224, rng)
-        assert h == w and 240 * 224 / 320 - 1e-9 <= h <= 240 * 224 / 256 + 1e-9
-        assert 0 <= y0 <= 240 - h and 0 <= x0 <= 320 - w
-        y0, x0, h, w = data.random_resized_box(100, 150, rng)
-        assert 0 <= y0 and y0 + h <= 100 and 0 <= x0 and x0 + w <= 150
-        assert 0.07 <= h * w / 15000 <= 1 and 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
-    # a 10:1 strip cannot hold any 3:4..4:3 box of that area often enough: centre crop with ratio 4/3
-    assert data.random_resized_box(10, 1000, np.random.default_rng(0), scale=(0.9, 1.0)) == (0, 493, 10, 13)
+# ----------------------------------------------------------------------------- views, flips, items
 
 
 def test_test_views_left_centre_right_and_portrait(tmp_path):
@@ -262,12 +186,12 @@ def test_views_override_and_single_file_views(tmp_path):
     x = ds[0]['x']
     assert ds.num_views == 6 and x.shape == (6, 3, 8, 16, 16)
     for c in range(2):  # clip-major: views 3c..3c+2 are clip c's three crops
-        frames = data.read_video(path, data.kinetics_indices(300, 8, 32, 30.0, c, 2))
-        for k, box in enumerate(data.eval_video_boxes(24, 40, 3)):
-            np.testing.assert_array_equal(x[3 * c + k].permute(1, 2, 3, 0).numpy(), data.crop_resize(frames, box, 16))
+        frames = video.read_video(path, data.kinetics_indices(300, 8, 32, 30.0, c, 2))
+        for k, box in enumerate(video.eval_video_boxes(24, 40, 3)):
+            np.testing.assert_array_equal(x[3 * c + k].permute(1, 2, 3, 0).numpy(), video.crop_resize(frames, box, 16))
     assert torch.equal(data.load_test_views(path, 'k400', frames=8, img_size=16, views=(2, 3)), x)
     assert data.load_test_views(path, 'my_custom_set', frames=4, img_size=16).shape == (3, 3, 4, 16, 16)
-    with pytest.raises(data.VideoError):
+    with pytest.raises(video.VideoError):
         data.load_test_views(str(tmp_path / 'nope.mp4'), 'k400')
     img = write_image(tmp_path / 'in1k' / 'val' / 'n1' / 'a.JPEG', (30, 50))
     write_image(tmp_path / 'in1k' / 'train' / 'n1' / 'a.JPEG')
@@ -352,7 +276,7 @@ def test_bad_videos_are_replaced_in_train_and_flagged_in_eval(tmp_path):
         assert e['ok'] == (name not in bad) and e['index'] == i and e['x'].shape == (3, 3, 8, 32, 32)
         if name in bad:
             assert (e['x'] == 0).all()
-    np.testing.assert_array_equal(data.read_video(str(tmp_path / 'bad' / 'one.mp4'), [0, 0]).shape, (2, 24, 32, 3))
+    np.testing.assert_array_equal(video.read_video(str(tmp_path / 'bad' / 'one.mp4'), [0, 0]).shape, (2, 24, 32, 3))
     # nothing readable at all: a clear error instead of an endless retry
     for n in names:
         if n not in bad and os.path.exists(tmp_path / 'bad' / n):
@@ -391,59 +315,7 @@ def test_bad_images_are_replaced_and_odd_modes_load(tmp_path):
         assert bool(item['failed']) == (name in bad) and (not item['failed'] or os.path.basename(item['failed'][0]) == name)
         assert ev[i]['ok'] == (name not in bad), name
 
-# ----------------------------------------------------------------------------- schedule and sampler
-
-
-def test_schedule_round_robin_and_weighted():
-    assert [data.schedule(s, [1, 1, 1]) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    assert [data.schedule(s, [2.0, 2.0]) for s in range(4)] == [0, 1, 0, 1]
-    assert [data.schedule(s, [2, 1]) for s in range(6)] == [0, 1, 0, 0, 1, 0]  # smooth weighted round robin
-    assert [data.schedule(s, [0.5, 0.25, 0.25]) for s in range(8)] == [0, 1, 2, 0, 0, 1, 2, 0]
-    w = [3, 1.5, 0.7]
-    counts = np.bincount([data.schedule(s, w) for s in range(5200)], minlength=3)
-    np.testing.assert_allclose(counts / 5200, np.array(w) / sum(w), atol=1e-3)
-    for s in [0, 1, 7, 52, 99, 1000]:
-        for d in range(3):
-            assert data.steps_before(s, d, w) == sum(data.schedule(t, w) == d for t in range(s))
-    with pytest.raises(ValueError):
-        data.schedule(0, [1, 0])
-
-
-def test_grad_accum_micro_batches_share_a_dataset():
-    smp = data.MultiDatasetBatchSampler([50, 30, 20], [2, 3, 4], weights=[2, 1, 1], grad_accum=4)
-    ds_of = [smp.batch(m)[0][0] for m in range(64)]
-    assert all(ds_of[m] == ds_of[m - m % 4] for m in range(64))
-    assert ds_of[::4] == [data.schedule(s, [2, 1, 1]) for s in range(16)]
-    assert all(len(smp.batch(m)) == [2, 3, 4][ds_of[m]] for m in range(64))
-    # dataset 0 (8 of the 16 steps, 4 micro-batches of 2) reads its stream without gaps: epoch 0 is a permutation
-    keys0 = [k for m in range(64) for k in smp.batch(m) if k[0] == 0]
-    assert len(keys0) == 8 * 4 * 2 and sorted(k[1] for k in keys0[:50]) == list(range(50))
-
-
-@pytest.mark.parametrize('world,n', [(2, 10), (3, 10), (3, 11)])
-def test_ddp_shards_are_disjoint_and_cover_the_epoch(world, n):
-    shard = n // world
-    per_rank = []
-    for r in range(world):
-        smp = data.MultiDatasetBatchSampler([n], [1], rank=r, world=world, seed=3)
-        keys = [smp.batch(m)[0] for m in range(2 * shard)]
-        per_rank.append(keys)
-        e0, e1 = [k[1] for k in keys[:shard]], [k[1] for k in keys[shard:]]
-        assert len(set(e0)) == shard and len(set(e1)) == shard
-    epoch0 = [set(k[1] for k in keys[:shard]) for keys in per_rank]
-    assert all(not (a & b) for i, a in enumerate(epoch0) for b in epoch0[i + 1:])  # no overlap
-    assert len(set().union(*epoch0)) == n - n % world                              # all but the < world tail
-    perm = np.random.default_rng([3, 0, 0]).permutation(n)                        # same permutation on all ranks
-    assert [k[1] for k in per_rank[1][:shard]] == perm[1::world][:shard].tolist()
-    seeds = [k[2] for keys in per_rank for k in keys]
-    assert len(set(seeds)) == len(seeds)                                          # distinct augmentation per sample
-    assert [k[1] for k in per_rank[0][shard:]] != [k[1] for k in per_rank[0][:shard]]            # fresh shuffle
-
-
-def test_stream_crosses_epochs_without_a_seam():
-    smp = data.MultiDatasetBatchSampler([5], [2], seed=1)
-    flat = [k[1] for m in range(5) for k in smp.batch(m)]   # 10 positions = exactly 2 epochs
-    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+# ----------------------------------------------------------------------------- loaders
 
 
 def small_train_sets(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import data
 import demo
 import train
+import video
 
 MOTION_STEPS = 750  # well past the point where the recipe finds the order of frames
 
@@ -34,7 +35,7 @@ def test_demo_generation_is_deterministic_and_parses(tmp_path, small_demo, capsy
             va = data.build_dataset(name, tmp_path / d, 'val', img_size=32)
             assert len(tr) == 2 * 6 and len(va) == 6 and tr.problems == {} and len(tr.classes) == 6
             path = tr.samples.path(0)
-            first = data.load_image(path) if tr.spec.kind == 'image' else data.read_video(path, [0])[0]
+            first = video.load_image(path) if tr.spec.kind == 'image' else video.read_video(path, [0])[0]
             out[name] = ([(os.path.relpath(p, tmp_path / d), y) for p, y in pairs(tr) + pairs(va)], tr.classes, first)
             assert tr[(0, 0)]['x'].shape == ((3, 8, 32, 32) if tr.spec.kind == 'video' else (3, 1, 32, 32))
         runs.append(out)
@@ -49,7 +50,7 @@ def test_demo_generation_is_deterministic_and_parses(tmp_path, small_demo, capsy
     assert sorted(os.listdir(root)) == ['DEMO_VERSION', 'annotations', 'train', 'val']
     assert open(root / 'annotations' / 'train.csv').readline().strip() == 'label,youtube_id,time_start,time_end,split'
     assert not [p for p in os.listdir(tmp_path / 'a') if '.tmp-' in p]  # temp folders renamed away
-    n, fps = data.video_info(data.build_dataset('demo_ssv2', tmp_path / 'a', 'train').samples.path(0))
+    n, fps = video.video_info(data.build_dataset('demo_ssv2', tmp_path / 'a', 'train').samples.path(0))
     assert fps == demo.FPS and demo.LENGTH[0] <= n <= demo.LENGTH[1]
 
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-import data
+import video
 
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 av = pytest.importorskip("av")
@@ -87,8 +87,8 @@ def test_same_names_and_annotations_copied(prepared):
 def test_read_video_matches_pyav(prepared, rel):
     path = str(prepared[1] / rel)
     ref = pyav_frames(path)
-    assert data.video_info(path)[0] == len(ref)
-    np.testing.assert_array_equal(data.read_video(path, np.arange(len(ref))), ref)
+    assert video.video_info(path)[0] == len(ref)
+    np.testing.assert_array_equal(video.read_video(path, np.arange(len(ref))), ref)
 
 
 def test_second_run_skips_existing(prepared):

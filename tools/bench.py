@@ -492,10 +492,10 @@ def video_sets(args, tmp):
 
 def data_info(path):
     """(frames, fps, height, width)."""
-    import data
+    import video
 
-    n, fps = data.video_info(path)
-    h, w = data.read_video(path, [0]).shape[1:3]
+    n, fps = video.video_info(path)
+    h, w = video.read_video(path, [0]).shape[1:3]
     return n, fps, h, w
 
 
@@ -559,9 +559,9 @@ def pyav_keyframe_seek(path, indices):
 def opencv_seek(path, indices):
     """OpenCV with cap.set(CAP_PROP_POS_FRAMES, k) before every wanted frame that is not the next one."""
     import cv2
-    import data
+    import video
 
-    cap, out, position = data.open_video(path), {}, 0
+    cap, out, position = video.open_video(path), {}, 0
     try:
         for k in sorted(set(indices.tolist())):
             if k != position:
@@ -619,10 +619,10 @@ def nearest_frames(frames, window, first):
 
 def augment(frames, seed, size):
     """The spatial part of ClipDataset.load_train, with data.py's helpers."""
-    import data
+    import video
 
     rng = np.random.default_rng(seed)
-    x = data.crop_resize(frames, data.train_video_box(*frames.shape[1:3], size, rng), size)
+    x = video.crop_resize(frames, video.train_video_box(*frames.shape[1:3], size, rng), size)
     x = np.ascontiguousarray(x[:, :, ::-1]) if rng.random() < 0.5 else x
     return torch.from_numpy(x).permute(3, 0, 1, 2).contiguous()  # (C, T, S, S) uint8
 
@@ -631,16 +631,17 @@ def bench_videos(args, name, videos):
     """Table rows and JSON results for one set of videos."""
     import data
     import layouts
+    import video
 
     spec, T, S = data.SPECS["k400"], args.frames, args.img_size
     jobs = []  # (video, frame indices, seed): the same clips for every reader
     for v in videos:
-        n, fps = data.video_info(v)
+        n, fps = video.video_info(v)
         jobs += [(v, data.kinetics_indices(n, T, spec.rate, fps, rng=np.random.default_rng(s)), s)
                  for s in range(args.clips)]
     listing = layouts.Listing.from_pairs(os.path.dirname(videos[0]), ["x"], [(v, 0) for v in videos])
     ds = data.ClipDataset(spec, listing, frames=T, img_size=S, train=True)
-    readers = {"ours": data.read_video, "pyav slowfast": pyav_slowfast,
+    readers = {"ours": video.read_video, "pyav slowfast": pyav_slowfast,
                "pyav keyframe seek": pyav_keyframe_seek, "opencv POS_FRAMES seek": opencv_seek}
     fns = {k: (lambda r=r: [augment(r(v, idx), s, S) for v, idx, s in jobs]) for k, r in readers.items()}
     fns["ClipDataset item"] = lambda: [ds[(i % len(videos), i)] for i in range(len(jobs))]
@@ -670,9 +671,9 @@ def bench_videos(args, name, videos):
 
 
 def megabits_per_s(path):
-    import data
+    import video
 
-    n, fps = data.video_info(path)
+    n, fps = video.video_info(path)
     return os.path.getsize(path) * 8e-6 / (n / fps)
 
 
@@ -697,12 +698,12 @@ def bench_images(args, videos, folder):
 def make_jpegs(videos, n, folder, size=(500, 375)):
     """n ImageNet-sized JPEGs (quality 90) from the videos' frames."""
     import cv2
-    import data
+    import video
     from PIL import Image
 
     per_video = n // len(videos) + 1
     frames = [f for v in videos
-              for f in data.read_video(v, np.arange(0, 24 * per_video, 24) % data.video_info(v)[0])]
+              for f in video.read_video(v, np.arange(0, 24 * per_video, 24) % video.video_info(v)[0])]
     paths = []
     for k, f in enumerate(frames[:n]):
         paths.append(os.path.join(folder, f"{k}.jpg"))

@@ -4,6 +4,7 @@ precision, and a run's bookkeeping (checkpoint files, failed-read counts, meters
 start-up report).
 """
 
+import contextlib
 import datetime
 import gc
 import json
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+import data
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
@@ -57,14 +60,14 @@ def setup(device="auto"):
     return Runtime(rank, world, device, dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT))
 
 
-def rank0_first(rt, fn):
-    """fn() on rank 0, then on the other ranks, which find what rank 0 wrote (dataset listings, demo data)."""
+def rank0_first(rt, fn, *args):
+    """fn(*args) on rank 0, then on the other ranks, which find what rank 0 wrote (listings, demo data)."""
     if rt.master:
-        result = fn()
+        result = fn(*args)
     if rt.world > 1:
         dist.barrier(group=rt.startup_group)
     if not rt.master:
-        result = fn()
+        result = fn(*args)
     return result
 
 
@@ -107,20 +110,29 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12}
 
 
-def report(args, model, source, rt, peak, datasets):
-    """Rank 0's start-up report: run, model, datasets, and whether one process's loader workers keep up."""
+def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, weights):
+    """Rank 0's start-up report: the run, the recipe's values, and per dataset its size, batch, steps and
+    epochs in this run, and whether one process's loader workers keep up with the model."""
     if not rt.master:
         return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
           f"| {args.dtype} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {source}")
+    print(f"recipe {args.recipe} (recipes.py): " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    changed = [f"{k}={getattr(args, k)} (recipe: {v})" for k, v in recipe.items() if getattr(args, k) != v]
+    if changed:
+        print("  changed on the command line: " + ", ".join(changed))
     print("config: " + json.dumps(vars(args)))
     print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'weight':>6s} "
-          f"{'1 worker':>11s} {'model takes':>12s} {'workers needed':>14s}  (model at {ASSUMED_MFU:.0%} MFU)")
-    for n, tr, va, batch, w in datasets:
+          f"{'steps':>7s} {'epochs':>6s} {'1 worker':>11s} {'model takes':>12s} {'workers needed':>14s}"
+          f"  (model at {ASSUMED_MFU:.0%} MFU)")
+    for d, (n, tr, va) in enumerate(zip(names, train_sets, val_sets)):
+        batch = local_batch[n] * rt.world * args.grad_accum  # clips per optimizer step
+        steps = data.steps_before(args.max_steps, d, weights)
         takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
         loads = loader_rate(tr)
-        print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {w:6g} "
-              f"{loads:7.1f} /s {takes:9.0f} /s {math.ceil(takes / loads):8d} (have {args.workers})"
+        print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {weights[d]:6g} "
+              f"{steps:7d} {steps * batch / len(tr):6.1f} {loads:7.1f} /s {takes:9.0f} /s "
+              f"{math.ceil(takes / loads):8d} (have {args.workers})"
               + (f"  problems: {tr.problems}" if tr.problems else ""))
 
 
@@ -141,11 +153,11 @@ class Meter:
     def reset(self):
         self.start, self.waited, self.clips, self.flops = time.perf_counter(), 0.0, 0, 0.0
 
-    def wait(self, batches):
+    @contextlib.contextmanager
+    def waiting(self):  # time spent in this block is time spent waiting for data
         t0 = time.perf_counter()
-        batch = next(batches)
+        yield
         self.waited += time.perf_counter() - t0
-        return batch
 
     def count(self, clips, flops):
         self.clips += clips

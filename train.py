@@ -2,12 +2,13 @@
 CoVeR co-training: one TimeSformer trunk, one classification head per dataset, and a schedule that gives
 each optimizer step to one dataset; images train as single-frame videos.
 
-    python train.py                                       # the demo recipe: built-in data, CPU, minutes
+    python train.py                                       # the demo: built-in data, CPU, minutes
+    python train.py --datasets demo_ssv2                  # the demo recipe on one demo set
     torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth \\
         --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5             # the cover recipe on real data
 
-Rerunning with the same --out_dir continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
-Read get_args (the flags; their defaults come from recipes.py), then train: set-up, loop, final test.
+Naming only demo sets (or none) runs the `demo` recipe, real ones `cover` (recipes.py); flags given win.
+The same command again continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
 """
 
 import argparse
@@ -28,17 +29,17 @@ from tqdm import tqdm
 import data
 import demo
 import model as M
+import recipes
 import runtime
 from eval import test_all
-from recipes import RECIPES
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--recipe", choices=list(RECIPES), help="defaults (recipes.py): demo without --datasets, else cover")
-    a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo_kinetics, "
-                         "demo_ssv2, demo_imagenet, or the name of a custom dataset folder in --data_dir")
+    a("--recipe", choices=list(recipes.RECIPES), help="defaults (recipes.py): demo for demo sets, else cover")
+    a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo sets (demo.py), "
+                         "or the name of a folder of your own in --data_dir (layouts.py)")
     a("--data_dir", default="data", help="folder holding one sub-folder per dataset")
     a("--out_dir", default="out", help="checkpoint, log.jsonl, eval.json and the dataset listings go here")
     a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (with --init: read off the weights)")
@@ -69,59 +70,17 @@ def get_args(argv=None):
     a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
     a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
     a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test at the end")
-    a("--stop_at", type=int, help="save and exit after this many steps, keeping the --max_steps schedule "
-                                   "(rerun the same command to continue)")
+    a("--stop_at", type=int, help="save and exit at this step, on the --max_steps schedule (rerun to go on)")
     a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
+    p.set_defaults(**recipes.RECIPES[known.recipe or recipes.pick(known.datasets)])
     args = p.parse_args(argv)
-    args.recipe = args.recipe or ("cover" if args.datasets else "demo")
-    for k, v in RECIPES[args.recipe].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.recipe = args.recipe or recipes.pick(args.datasets)
+    recipes.check(args)
     return args
-
-
-def check_args(args):
-    """Fail before any heavy work, with one line per problem that names the fix."""
-    names = args.datasets.split(",")
-    errors = []
-    if len(set(names)) != len(names):
-        errors.append(f"--datasets lists a dataset twice: {args.datasets}")
-    if args.init is None and args.model not in M.PRESETS:
-        errors.append(f"--model {args.model!r} is not a preset; choose one of {', '.join(M.PRESETS)}")
-    patch = M.PRESETS.get(args.model, {}).get("patch_size", 16)
-    if args.frames < 1:
-        errors.append(f"--frames must be >= 1 (got {args.frames})")
-    if args.img_size < 1 or (args.init is None and args.img_size % patch):
-        errors.append(f"--img_size {args.img_size} must be a positive multiple of the patch size {patch}")
-    try:
-        dataset_weights(args, names)
-    except ValueError as e:
-        errors.append(f"--weights: {e}")
-    if not set(per_dataset(args.dataset_batch_size)) <= set(names):
-        errors.append(f"--dataset_batch_size names datasets not in --datasets: {args.dataset_batch_size}")
-    if args.resume and not os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
-        errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
-    if args.init and not os.path.exists(args.init):
-        errors.append(f"--init: no file or folder at {args.init}")
-    if errors:
-        sys.exit("error: " + "\nerror: ".join(errors))
-
-
-def per_dataset(text):  # 'in21k=256,ssv2=32' -> {'in21k': '256', 'ssv2': '32'}
-    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
-
-
-def dataset_weights(args, names):
-    if "=" in (args.weights or ""):
-        weights = [float(per_dataset(args.weights).get(n, 1)) for n in names]
-    else:
-        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(names)
-    if len(weights) != len(names) or min(weights) <= 0:
-        raise ValueError(f"need one positive weight per dataset ({len(names)}), got {args.weights!r}")
-    return weights
 
 
 def get_lr(step, args):
@@ -134,34 +93,32 @@ def get_lr(step, args):
 
 def main(argv=None):
     args = get_args(argv)
-    check_args(args)
     rt = runtime.setup(args.device)
-    error = train(args, rt)  # returns once its DDP wrapper is gone, so the group can be left cleanly
+    error = None
+    try:
+        train(args, rt)
+    except SystemExit as e:  # leave the process group below, once train's DDP wrapper is gone
+        error = e.code
     runtime.teardown(rt)
     if error:
         sys.exit(error)
 
 
 def train(args, rt):
-    names = args.datasets.split(",")
-    device, dtype = rt.device, runtime.DTYPES[args.dtype]
+    names, device, dtype = args.datasets.split(","), rt.device, runtime.DTYPES[args.dtype]
+    weights = recipes.dataset_weights(args, names)
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
     # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
-    train_sets, val_sets = runtime.rank0_first(rt, lambda: (open_datasets(args, names, "train"),
-                                                             open_datasets(args, names, "val", views=(1, 1))))
-    given = per_dataset(args.dataset_batch_size)  # else images get batch_scale (4) x --batch_size
-    sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
-    parts = rt.world * args.grad_accum  # a global batch is split over processes and micro-steps
-    if any(b % parts for b in sizes.values()):
-        return f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum)"
-    local_batch = {n: b // parts for n, b in sizes.items()}
-    weights = dataset_weights(args, names)
+    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
+    val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
+    label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
+    local_batch = local_batch_sizes(args, names, train_sets, rt.world)  # clips per micro-batch
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
-    model, source = build_model(args, {n: len(ds.classes) for n, ds in zip(names, train_sets)}, ckpt, rt)
+    model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, rt)
     groups = model.param_groups(args.weight_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -191,23 +148,12 @@ def train(args, rt):
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
-    runtime.report(args, model, source, rt, peak, zip(names, train_sets, val_sets, sizes.values(), weights))
-
-    def save(step):
-        totals = failures.totals(rt)
-        if rt.master:
-            runtime.save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "sampler": {"micro": step * args.grad_accum}, "config": vars(args),
-                "label_maps": {n: ds.classes for n, ds in zip(names, train_sets)}, "failed": totals})
-        if rt.world > 1:
-            dist.barrier()
+    runtime.report(args, recipes.RECIPES[args.recipe], model, source, rt, peak, names, train_sets, val_sets,
+                   local_batch, weights)
 
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
-    stop_flags = torch.zeros((), device=device), torch.ones((), device=device)  # picked without a host copy
     log = runtime.JsonLog(os.path.join(args.out_dir, "log.jsonl"), rt.master)
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
@@ -215,9 +161,11 @@ def train(args, rt):
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
-            save(step)
+            save_checkpoint(ckpt_path, step, model, optimizer, scaler, failures, label_maps, args, rt)
             log.say(f"\n--stop_at {step}: saved {ckpt_path}; rerun without --stop_at to continue.")
             break
+        d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
+        name = names[d]
         # drop path draws from torch's RNG: seeded per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
         lr = get_lr(step, args)
@@ -225,8 +173,9 @@ def train(args, rt):
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            batch = meter.wait(batches)  # the next micro-batch, every clip from this step's dataset
-            name = names[batch["dataset"]]
+            with meter.waiting():
+                batch = next(batches)  # the loader follows the same schedule: every clip is from dataset d
+            assert batch["dataset"] == d
             failures.add(name, batch["failed"])
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
@@ -240,7 +189,7 @@ def train(args, rt):
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
         # the loss averaged over ranks, and whether any rank got SIGTERM (> 0), in one collective
-        stats = torch.stack([step_loss, stop_flags[sigterm.is_set()]])
+        stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set()))])
         if rt.world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         # clip the gradient, step the optimizer
@@ -254,8 +203,8 @@ def train(args, rt):
         loss_value, stop = stats.tolist()  # the step's one wait for the GPU
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
             bar.close()
-            return (f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
-                    f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
+            sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
+                     f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
         loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
 
         # log, validate, save
@@ -271,7 +220,7 @@ def train(args, rt):
             log.write({"step": step, "val": test_all(model, dict(zip(names, val_sets)), **test_kw)})
             wrapped.train()
         if step % args.save_every == 0 or step == args.max_steps or stop:
-            save(step)
+            save_checkpoint(ckpt_path, step, model, optimizer, scaler, failures, label_maps, args, rt)
         if stop:
             log.say(f"\nSIGTERM: saved {ckpt_path} at step {step}; rerun the same command to continue.")
             break
@@ -294,6 +243,16 @@ def open_datasets(args, names, split, views=None):
                                    views=views, cache_dir=listings) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
+
+
+def local_batch_sizes(args, names, train_sets, world):
+    """{dataset: clips per micro-batch of one process}: the global batch, --batch_size (4x for images)
+    unless --dataset_batch_size says, split over the processes and the --grad_accum micro-steps."""
+    given, parts = recipes.per_dataset(args.dataset_batch_size), world * args.grad_accum
+    sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
+    if any(b % parts for b in sizes.values()):
+        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum)")
+    return {n: b // parts for n, b in sizes.items()}
 
 
 def build_model(args, heads, ckpt, rt):
@@ -322,6 +281,19 @@ def build_model(args, heads, ckpt, rt):
         source = "training from scratch"
     model.grad_checkpointing = args.grad_checkpoint
     return model.to(rt.device), source
+
+
+def save_checkpoint(path, step, model, optimizer, scaler, failures, label_maps, args, rt):
+    """Rank 0 writes it (atomically); every rank counts failures with it and waits until it is written."""
+    failed = failures.totals(rt)
+    if rt.master:
+        runtime.save_checkpoint(path, {
+            "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
+            "failed": failed})
+    if rt.world > 1:
+        dist.barrier()
 
 
 if __name__ == "__main__":

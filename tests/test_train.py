@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 import data
 import demo
+import recipes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
     torchrun(common + ["--stop_at", "1"])
     after = load(os.path.join(out, "ckpt.pt"))
     names = demo.NAMES
-    first = names[data.schedule(0, train.dataset_weights(train.get_args(common), names))]  # the dataset of step 0
+    first = names[data.schedule(0, recipes.dataset_weights(train.get_args(common), names))]  # the dataset of step 0
     others = [n for n in names if n != first]
     assert after["step"] == 1
     for n in others:  # step 0 belonged to one dataset only
@@ -100,6 +101,46 @@ def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
         train.main(["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o")] + flags)
     assert message in str(e.value)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("datasets, recipe", [
+    ([], "demo"), (["--datasets", "demo_ssv2"], "demo"), (["--datasets", "demo_kinetics,demo_imagenet"], "demo"),
+    (["--datasets", "k400,ssv2,in21k"], "cover"), (["--datasets", "my_own_clips"], "cover"),
+    (["--datasets", "k400", "--recipe", "demo"], "demo"),
+])
+def test_the_named_datasets_pick_the_recipe(datasets, recipe):
+    args = train.get_args(datasets)
+    assert args.recipe == recipe
+    for k, v in recipes.RECIPES[recipe].items():
+        assert k == "datasets" or getattr(args, k) == v, k
+    assert args.model == ("demo" if recipe == "demo" else "base")
+
+
+def test_a_mix_of_demo_and_real_sets_must_name_the_recipe():
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--datasets", "demo_ssv2,k400"])
+    assert "--recipe" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_recipe_sets_any_flag_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setitem(recipes.RECIPES, "demo", {**recipes.RECIPES["demo"], "clip_grad": 0.5, "grad_accum": 2,
+                                                  "label_smoothing": 0.1, "log_every": 7})
+    args = train.get_args(["--label_smoothing", "0.2"])
+    assert (args.clip_grad, args.grad_accum, args.log_every, args.label_smoothing) == (0.5, 2, 7, 0.2)
+    assert train.get_args(["--recipe", "cover"]).clip_grad == 1.0  # the flag's own default elsewhere
+
+
+def test_start_up_report_gives_the_recipe_and_each_datasets_steps_and_epochs(demo_dir, tmp_path, capsys):
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"), "--max_steps", "8", "--stop_at", "0",
+                       "--workers", "0", "--weights", "demo_ssv2=2"])
+    out = capsys.readouterr().out
+    assert "recipe demo (recipes.py): " in out and "batch_size=4 (recipe: 32)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  demo_")}
+    sizes = {n: len(data.build_dataset(n, demo_dir, "train")) for n in demo.NAMES}
+    # 8 steps of weights 1, 2, 1: 2, 4 and 2 steps; batch 4 clips (8 images); epochs = steps x batch / size
+    for n, steps, batch in [("demo_kinetics", 2, 4), ("demo_ssv2", 4, 4), ("demo_imagenet", 2, 8)]:
+        assert rows[n][1] == str(sizes[n]) and rows[n][4] == str(batch) and rows[n][6] == str(steps)
+        assert rows[n][7] == f"{steps * batch / sizes[n]:.1f}"
 
 
 def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):

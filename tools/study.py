@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import recipes  # noqa: E402
 import train  # noqa: E402
 from recipes import RECIPES  # noqa: E402
 
@@ -42,7 +43,7 @@ VIDEO, ALL = [KIN, SSV2], [KIN, SSV2, IMG]
 
 def steps_per_dataset(mix, steps):
     """{dataset: optimizer steps it gets} in `steps` steps of the demo recipe's schedule of `mix`."""
-    weights = train.dataset_weights(train.get_args(["--recipe", "demo", "--datasets", ",".join(mix)]), mix)
+    weights = recipes.dataset_weights(train.get_args(["--recipe", "demo", "--datasets", ",".join(mix)]), mix)
     return {n: data.steps_before(steps, d, weights) for d, n in enumerate(mix)}
 
 

@@ -1,8 +1,8 @@
 """
 The co-training data: which dataset each optimizer step trains on, which samples it reads, and how a sample
-becomes a clip. Read top to bottom: dataset specs; the schedule (round robin, or a weighted interleave);
+becomes clips. Read top to bottom: dataset specs; the schedule (round robin, or a weighted interleave);
 the sampler, whose whole state is one integer, so a resumed run sees exactly the batches an uninterrupted
-one would; ClipDataset, one sample -> uint8 (C, T, H, W), or its test views; the loaders.
+one would; ClipDataset, one sample -> R training clips uint8 (R, C, T, H, W), or its test views; loaders.
 Pixels are read in video.py, the on-disk layouts parsed in layouts.py. Clips leave the loader as uint8 and
 are normalised on the GPU (Normalize): 4x less to copy.
 """
@@ -192,8 +192,10 @@ def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, 
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Train mode: key (index, sample_seed) -> {'x': uint8 (C, T, H, W), 'y', 'failed': [paths replaced]};
-    every random draw comes from sample_seed, so a key always gives the same bytes.
+    """Train mode: key (index, sample_seed[, R]) -> {'x': uint8 (R, C, T, H, W), 'y', 'failed': [paths
+    replaced]}: R training clips of one sample (repeated sampling; R = 1 by default), each with its own
+    window, crop and flip, a video decoded once for all R. Every random draw comes from sample_seed, so a
+    key always gives the same bytes, and clip 0 of R is the clip of R = 1.
     Eval mode: key index -> {'x': uint8 (V, C, T, H, W), 'y', 'ok', 'index'}, V = clips x crops views,
     clip-major; an unreadable sample is not replaced: x is zeros and ok is False."""
 
@@ -213,21 +215,20 @@ class ClipDataset(torch.utils.data.Dataset):
         if self.train:
             if not isinstance(key, tuple):
                 raise TypeError(f"{self.spec.name} is in train mode: index it with (index, sample_seed)")
-            return self.train_item(int(key[0]), int(key[1]))
+            return self.train_item(int(key[0]), int(key[1]), int(key[2]) if len(key) > 2 else 1)
         return self.eval_item(int(key))
 
-    def train_item(self, index, seed):
+    def train_item(self, index, seed, num_sample=1):
         rng = np.random.default_rng(seed)
         failed, err = [], None
         for _ in range(MAX_TRIES):
             path, label = self.samples.path(index), int(self.samples.labels[index])
-            # separate streams for time and space: a re-read after a lying header (new temporal
+            # per clip, one seed for time and one for space: a re-read after a lying header (new temporal
             # indices) gives the same bytes as a read with the true length cached
-            t_seed, s_seed = rng.integers(0, 2**63, size=2)
+            seeds = rng.integers(0, 2**63, size=(num_sample, 2))
             try:
-                x = self.train_clip(path, int(t_seed), np.random.default_rng(s_seed))
-                x = torch.from_numpy(x).permute(3, 0, 1, 2).contiguous()  # (T, H, W, C) -> (C, T, H, W)
-                return {'x': x, 'y': label, 'failed': failed}
+                x = torch.from_numpy(self.train_clips(path, seeds))  # (R, T, H, W, C)
+                return {'x': x.permute(0, 4, 1, 2, 3).contiguous(), 'y': label, 'failed': failed}
             except READ_ERRORS as e:  # never stop training: take another sample of this dataset
                 warn_once(path, e)
                 failed.append(path)
@@ -236,17 +237,23 @@ class ClipDataset(torch.utils.data.Dataset):
                            f"{err}); check the files, the codecs OpenCV's FFmpeg supports, and disk access. "
                            f"Failed: {failed}")
 
-    def train_clip(self, path, t_seed, rng):
-        """(T, img, img, 3) uint8: the frames drawn from t_seed, the crop and flip from rng."""
+    def train_clips(self, path, seeds):
+        """(R, T, img, img, 3) uint8 for R = len(seeds): clip r's frames drawn from seeds[r, 0], its crop
+        and flip from seeds[r, 1]. One decode of the file for all R."""
+        rngs = [np.random.default_rng(int(s)) for s in seeds[:, 1]]
         if self.spec.kind == 'image':
             with Image.open(path) as im:
-                box = random_resized_box(*image_size(im), rng, (self.spec.min_area, 1.0))
-                x = image_crops(im, [box], self.img_size)
+                h, w = image_size(im)
+                boxes = [random_resized_box(h, w, rng, (self.spec.min_area, 1.0)) for rng in rngs]
+                clips = image_crops(im, boxes, self.img_size)[:, None]  # (R, T = 1, img, img, 3)
         else:
-            clip, = self.read_clips(path, [t_seed])
-            x = crop_resize(clip, train_video_box(*clip.shape[1:3], self.img_size, rng), self.img_size)
-        flip = rng.random() < 0.5  # drawn always, so the stream does not depend on spec.flip
-        return hflip(x) if self.spec.flip and flip else x
+            clips = [crop_resize(c, train_video_box(*c.shape[1:3], self.img_size, rng), self.img_size)
+                     for c, rng in zip(self.read_clips(path, seeds[:, 0]), rngs)]
+        out = []
+        for x, rng in zip(clips, rngs):
+            flip = rng.random() < 0.5  # drawn always, so the stream does not depend on spec.flip
+            out.append(hflip(x) if self.spec.flip and flip else x)
+        return np.stack(out)
 
     def eval_item(self, index):
         path = self.samples.path(index)
@@ -284,7 +291,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 k = self.spec.test_clips
                 clips = [self.indices(n, fps, clip_idx=c, num_clips=k) for c in range(k)]
             else:
-                clips = [self.indices(n, fps, rng=np.random.default_rng(s)) for s in t_seeds]
+                clips = [self.indices(n, fps, rng=np.random.default_rng(int(s))) for s in t_seeds]
             try:
                 return np.split(read_video(path, np.concatenate(clips)), len(clips))
             except VideoError as e:
@@ -345,31 +352,36 @@ def warn_once(path, err):
 
 
 class MultiDataset(torch.utils.data.Dataset):
-    """Key (d, index, sample_seed) -> datasets[d][(index, sample_seed)], with 'dataset': d added."""
+    """Key (d, index, sample_seed) -> datasets[d][(index, sample_seed, num_sample[d])], 'dataset': d added."""
 
-    def __init__(self, datasets):
-        self.datasets = list(datasets)
+    def __init__(self, datasets, num_sample):
+        self.datasets, self.num_sample = list(datasets), list(num_sample)
 
     def __getitem__(self, key):
         d, index, seed = key
-        return {**self.datasets[d][(index, seed)], 'dataset': d}
+        return {**self.datasets[d][(index, seed, self.num_sample[d])], 'dataset': d}
 
 
 def collate_train(batch):
-    return {'x': torch.stack([b['x'] for b in batch]),  # (B, C, T, H, W) uint8
-            'y': torch.tensor([b['y'] for b in batch], dtype=torch.long),
+    """B samples of R clips -> (B*R, C, T, H, W) uint8, a sample's clips side by side, its label repeated."""
+    return {'x': torch.cat([b['x'] for b in batch]),
+            'y': torch.tensor([b['y'] for b in batch for _ in b['x']], dtype=torch.long),
             'dataset': batch[0]['dataset'],
             'failed': [p for b in batch for p in b['failed']]}
 
 
-def build_train_loader(datasets, batch_sizes, *, weights=None, grad_accum=1, rank=0, world=1, seed=0,
-                       workers=4, start_micro=0, pin_memory=False):
-    """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths]}.
+def build_train_loader(datasets, batch_sizes, *, num_sample=None, weights=None, grad_accum=1, rank=0, world=1,
+                       seed=0, workers=4, start_micro=0, pin_memory=False):
+    """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths]},
+    B = batch_sizes[d] clips: B / R samples of dataset d with R = num_sample[d] clips each (default 1).
     To resume, pass start_micro = the number of micro-batches already consumed."""
     assert all(d.train for d in datasets), "build_train_loader needs datasets built with train=True"
-    sampler = MultiDatasetBatchSampler([len(d) for d in datasets], batch_sizes, weights, grad_accum, rank,
-                                       world, seed, start_micro)
-    return torch.utils.data.DataLoader(MultiDataset(datasets), batch_sampler=sampler,
+    num_sample = num_sample or [1] * len(datasets)
+    assert all(b % r == 0 for b, r in zip(batch_sizes, num_sample)), (batch_sizes, num_sample)
+    samples = [b // r for b, r in zip(batch_sizes, num_sample)]
+    sampler = MultiDatasetBatchSampler([len(d) for d in datasets], samples, weights, grad_accum, rank, world,
+                                       seed, start_micro)
+    return torch.utils.data.DataLoader(MultiDataset(datasets, num_sample), batch_sampler=sampler,
                                        collate_fn=collate_train, **loader_kwargs(workers, pin_memory, 4))
 
 

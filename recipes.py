@@ -14,13 +14,14 @@ RECIPES = {
     "demo": dict(datasets="demo_kinetics,demo_ssv2,demo_imagenet", weights="demo_ssv2=2", model="demo",
                  img_size=32, frames=8, batch_size=32, optimizer="adamw", lr=1e-3, min_lr=1e-5,
                  weight_decay=0.05, warmup_steps=30, max_steps=1200, eval_every=600, save_every=600,
-                 dtype="fp32", workers=2, drop_path=0.0, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
+                 num_sample=1, dtype="fp32", workers=2, drop_path=0.0, mean="0.45,0.45,0.45",
+                 std="0.225,0.225,0.225"),
     # CoVeR on real data, with the official TimeSformer K400 recipe where the paper gives one: SGD with
     # nesterov momentum, lr 0.005, weight decay 1e-4, global batch 64, 8x224 clips; round robin, long
     # enough that K400 gets the official 15 epochs (56,250 steps of 64 clips each dataset).
     "cover": dict(datasets="k400,ssv2,in21k", weights="", model="base", img_size=224, frames=8, batch_size=64,
                   optimizer="sgd", lr=0.005, min_lr=0.0, weight_decay=1e-4, warmup_steps=1000,
-                  max_steps=168_750, eval_every=5000, save_every=1000, dtype="bf16", workers=8,
+                  max_steps=168_750, eval_every=5000, save_every=1000, dtype="bf16", workers=8, num_sample=1,
                   drop_path=0.1, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
 }
 
@@ -54,14 +55,29 @@ def check(args):
         dataset_weights(args, names)
     except ValueError as e:
         errors.append(f"--weights: {e}")
-    if not set(per_dataset(args.dataset_batch_size)) <= set(names):
-        errors.append(f"--dataset_batch_size names datasets not in --datasets: {args.dataset_batch_size}")
+    for flag in ("dataset_batch_size", "num_sample"):
+        text = str(getattr(args, flag))
+        plain = flag == "num_sample" and "=" not in text  # one number for all: --num_sample only
+        pairs = [] if plain else [kv.split("=") for kv in text.split(",") if kv]
+        if any(len(kv) != 2 or kv[0] not in names for kv in pairs):
+            errors.append(f"--{flag} {text}: a name not in --datasets, or not name=value pairs")
+        elif not all(v.isdigit() and int(v) >= 1 for v in ([text] if plain else [kv[1] for kv in pairs])):
+            errors.append(f"--{flag} {text}: whole numbers >= 1")
     if args.resume and not os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     if args.init and not os.path.exists(args.init):
         errors.append(f"--init: no file or folder at {args.init}")
     if errors:
         sys.exit("error: " + "\nerror: ".join(errors))
+
+
+def num_sample(args, name, kind):
+    """Training clips taken from one decoded sample of dataset `name`: --num_sample as one number (for
+    videos; images take 1) or by name (ssv2=2,in21k=2; the others 1)."""
+    text = str(args.num_sample)
+    if "=" in text:
+        return int(per_dataset(text).get(name, 1))
+    return int(text) if kind == "video" else 1
 
 
 def per_dataset(text):  # 'in21k=256,ssv2=32' -> {'in21k': '256', 'ssv2': '32'}

@@ -110,7 +110,8 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12}
 
 
-def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, weights):
+def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
+           weights):
     """Rank 0's start-up report: the run, the recipe's values, and per dataset its size, batch, steps and
     epochs in this run, and whether one process's loader workers keep up with the model."""
     if not rt.master:
@@ -118,30 +119,31 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
           f"| {args.dtype} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {source}")
     print(f"recipe {args.recipe} (recipes.py): " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
-    changed = [f"{k}={getattr(args, k)} (recipe: {v})" for k, v in recipe.items() if getattr(args, k) != v]
+    changed = [f"{k}={getattr(args, k)} (recipe: {v})" for k, v in recipe.items()
+               if str(getattr(args, k)) != str(v)]
     if changed:
         print("  changed on the command line: " + ", ".join(changed))
     print("config: " + json.dumps(vars(args)))
-    print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'weight':>6s} "
-          f"{'steps':>7s} {'epochs':>6s} {'1 worker':>11s} {'model takes':>12s} {'workers needed':>14s}"
-          f"  (model at {ASSUMED_MFU:.0%} MFU)")
+    print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'R':>3s} "
+          f"{'weight':>6s} {'steps':>7s} {'epochs':>6s} {'1 worker':>11s} {'model takes':>12s} "
+          f"{'workers needed':>14s}  (R: clips per decoded sample; model at {ASSUMED_MFU:.0%} MFU)")
     for d, (n, tr, va) in enumerate(zip(names, train_sets, val_sets)):
         batch = local_batch[n] * rt.world * args.grad_accum  # clips per optimizer step
         steps = data.steps_before(args.max_steps, d, weights)
         takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
-        loads = loader_rate(tr)
-        print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {weights[d]:6g} "
-              f"{steps:7d} {steps * batch / len(tr):6.1f} {loads:7.1f} /s {takes:9.0f} /s "
+        loads, R = loader_rate(tr, num_sample[n]), num_sample[n]
+        print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {R:3d} {weights[d]:6g} "
+              f"{steps:7d} {steps * batch / R / len(tr):6.1f} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
               + (f"  problems: {tr.problems}" if tr.problems else ""))
 
 
-def loader_rate(dataset, samples=4):
-    """Training samples one worker prepares per second, timed on the first few."""
+def loader_rate(dataset, num_sample, samples=4):
+    """Training clips one worker prepares per second, num_sample from each sample, timed on the first few."""
     t0 = time.perf_counter()
     for i in range(min(samples, len(dataset))):
-        dataset[(i, i)]
-    return min(samples, len(dataset)) / (time.perf_counter() - t0)
+        dataset[(i, i, num_sample)]
+    return num_sample * min(samples, len(dataset)) / (time.perf_counter() - t0)
 
 
 class Meter:

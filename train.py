@@ -50,6 +50,8 @@ def get_args(argv=None):
                      "a Hugging Face Timesformer folder, or a ckpt.pt of this project")
     a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
     a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x)")
+    a("--num_sample", help="training clips taken from each decoded video (repeated sampling), for the video "
+                           "sets (images: 1) or by name (ssv2=2,in21k=2); --batch_size counts the clips")
     a("--weights", help="share of the steps per dataset: one each (2,1,1) or some by name (ssv2=2)")
     a("--max_steps", type=int, help="optimizer steps in all")
     a("--lr", type=float, help="peak learning rate")
@@ -114,7 +116,8 @@ def train(args, rt):
     train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
-    local_batch = local_batch_sizes(args, names, train_sets, rt.world)  # clips per micro-batch
+    num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
+    local_batch = local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # clips per micro-batch
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
@@ -140,6 +143,7 @@ def train(args, rt):
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=len(names) > 1) if rt.world > 1 else model
     loader = data.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
+                                     num_sample=[num_sample[n] for n in names],
                                      grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
                                      workers=args.workers, start_micro=step * args.grad_accum,
                                      pin_memory=device.type == "cuda")
@@ -149,7 +153,7 @@ def train(args, rt):
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
     runtime.report(args, recipes.RECIPES[args.recipe], model, source, rt, peak, names, train_sets, val_sets,
-                   local_batch, weights)
+                   local_batch, num_sample, weights)
 
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
@@ -245,13 +249,15 @@ def open_datasets(args, names, split, views=None):
         sys.exit(f"error: {e}")
 
 
-def local_batch_sizes(args, names, train_sets, world):
+def local_batch_sizes(args, names, train_sets, world, num_sample):
     """{dataset: clips per micro-batch of one process}: the global batch, --batch_size (4x for images)
-    unless --dataset_batch_size says, split over the processes and the --grad_accum micro-steps."""
+    unless --dataset_batch_size says, split over the processes and the --grad_accum micro-steps; each
+    a whole number of samples of --num_sample clips."""
     given, parts = recipes.per_dataset(args.dataset_batch_size), world * args.grad_accum
     sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
-    if any(b % parts for b in sizes.values()):
-        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum)")
+    if any(b % (parts * num_sample[n]) for n, b in sizes.items()):
+        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum) x "
+                 f"--num_sample {num_sample}: a sample's clips stay in one micro-batch")
     return {n: b // parts for n, b in sizes.items()}
 
 

@@ -40,4 +40,16 @@ def test_data_section(tmp_path):
     for name in sets:
         assert all(results["data"][name]["frame_exact"].values()), results["data"][name]
         assert f"[{name}] clips/s per worker" in out
-    assert "images/s" in out
+    assert "images/s" in out and "| ours R=1 | ours R=2 | ours R=4 |" in out
+    for name in sets:  # each decode gives R clips: R = 4 delivers more clips than R = 1
+        assert results["data"][name]["clips_per_s"]["ours R=4"] > results["data"][name]["clips_per_s"]["ours R=1"]
+
+
+def test_prepare_section(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("av")
+    out, results = bench(tmp_path, "prepare")
+    variants = [k for k in results["prepare"] if "prepared" in k]
+    assert len(variants) == 5 and "--gop 250" in out and "--short_side 256" in out
+    short = {k: min(int(v) for v in results["prepare"][k]["size"].split("x")) for k in variants}
+    assert short[next(k for k in variants if "256" in k)] == 256 < short[next(k for k in variants if "defaults" in k)]

@@ -96,10 +96,15 @@ def test_truncated_webm_header_lies_and_dataset_recovers(tmp_path):
     box = video.eval_video_boxes(48, 64, 3)[1]
     np.testing.assert_array_equal(item['x'][1].permute(1, 2, 3, 0).numpy(), video.crop_resize(expect, box, 32))
     assert ev.lengths[path][0] == true_n
-    # train: same key -> same bytes, whether the true length is already cached or not
-    tr = data.build_dataset('cust', tmp_path, 'train', frames=8, img_size=32)
-    a = tr[(0, 123)]
-    assert a['failed'] == [] and torch.equal(a['x'], tr[(0, 123)]['x'])
+    # train: same key -> same bytes, whether the true length is already cached or not; with R clips from
+    # one decode too, every window redrawn from its own seed inside the true length
+    for R in (1, 3):
+        tr = data.build_dataset('cust', tmp_path, 'train', frames=8, img_size=32)
+        a = tr[(0, 123, R)]
+        assert a['failed'] == [] and a['x'].shape[0] == R and torch.equal(a['x'], tr[(0, 123, R)]['x'])
+        fresh = data.build_dataset('cust', tmp_path, 'train', frames=8, img_size=32)
+        fresh.lengths[path] = (true_n, 12.0)  # as if the true length had been known from the start
+        assert torch.equal(a['x'], fresh[(0, 123, R)]['x'])
 
 
 def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
@@ -127,6 +132,30 @@ def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
     box = video.eval_image_box(640, 480, 32)
     ref = video.crop_resize(full[None], box, 32)[0]
     assert np.abs(view - ref).mean() < 4, np.abs(view - ref).mean()
+
+
+def test_repeated_sampling_takes_several_clips_from_one_decode(tmp_path, monkeypatch):
+    """R training clips of one video: one decoder open for all R, R different windows (each frames 32 apart),
+    crops and flips of their own, and clip 0 is the clip R = 1 gives for the same key."""
+    write_video(tmp_path / 'k400' / 'train' / 'a' / 'v.mp4', noise_frames(300, 48, 64), fps=30)
+    opens, reads = [], []
+    real_open, real_read = video.open_video, data.read_video
+    monkeypatch.setattr(video, 'open_video', lambda p: opens.append(p) or real_open(p))
+    monkeypatch.setattr(data, 'read_video', lambda p, idx: reads.append(np.asarray(idx)) or real_read(p, idx))
+    ds = data.build_dataset('k400', tmp_path, 'train', frames=8, img_size=32)
+    x = ds[(0, 7, 4)]['x']
+    assert x.shape == (4, 3, 8, 32, 32) and len(opens) == 2 and len(reads) == 1  # the header, one decode
+    windows = reads[0].reshape(4, 8)
+    assert (np.diff(windows, axis=1) == 32).all() and len(set(windows[:, 0].tolist())) > 1
+    assert all(not torch.equal(x[i], x[j]) for i in range(4) for j in range(i))
+    ds[(0, 8, 4)]
+    assert len(opens) == 3  # the length is known now: one open per sample
+    assert torch.equal(ds[(0, 7, 1)]['x'][0], x[0])
+    img = write_image(tmp_path / 'in1k' / 'train' / 'n1' / 'a.JPEG', (60, 80))
+    pics = data.build_dataset('in1k', tmp_path, 'train', img_size=16)
+    x = pics[(0, 5, 3)]['x']
+    assert x.shape == (3, 3, 1, 16, 16) and not torch.equal(x[0], x[1])  # three crops of one image
+    assert torch.equal(pics[(0, 5)]['x'][0], x[0]) and img
 
 
 # ----------------------------------------------------------------------------- temporal sampling
@@ -208,7 +237,7 @@ def test_flip_policy(tmp_path):
     make_ssv2(tmp_path / 'ssv2', {'1': 'Pushing [something] from left to right'}, {}, frames)
     for name, should_flip in [('k400', True), ('ssv2', False)]:
         ds = data.build_dataset(name, tmp_path, 'train', frames=4, img_size=32)
-        flipped = sum(bool(ds[(0, s)]['x'][0, :, :, :4].float().mean() < 128) for s in range(30))  # red not left
+        flipped = sum(bool(ds[(0, s)]['x'][0, 0, :, :, :4].float().mean() < 128) for s in range(30))  # red not left
         assert 0 < flipped < 30 if should_flip else flipped == 0, (name, flipped)
 
 
@@ -218,7 +247,7 @@ def test_item_shapes_and_determinism(tmp_path):
     write_video(root / 'val' / 'a' / 'v.mp4', noise_frames(20, 40, 60))
     ds = data.build_dataset('mix', tmp_path, 'train', frames=8, img_size=32)
     a, b, c = ds[(0, 1)], ds[(0, 1)], ds[(0, 2)]
-    assert a['x'].shape == (3, 8, 32, 32) and a['x'].dtype == torch.uint8 and a['y'] == 0 and a['failed'] == []
+    assert a['x'].shape == (1, 3, 8, 32, 32) and a['x'].dtype == torch.uint8 and a['y'] == 0 and a['failed'] == []
     assert torch.equal(a['x'], b['x']) and not torch.equal(a['x'], c['x'])
     with pytest.raises(TypeError):
         ds[0]
@@ -227,7 +256,7 @@ def test_item_shapes_and_determinism(tmp_path):
     (root / 'val' / 'a' / 'v.mp4').unlink()
     write_image(root / 'val' / 'b' / 'i.JPG')
     ds = data.build_dataset('mix', tmp_path, 'train', img_size=32)
-    assert ds.spec.kind == 'image' and ds.spec.batch_scale == 4 and ds[(0, 0)]['x'].shape == (3, 1, 32, 32)
+    assert ds.spec.kind == 'image' and ds.spec.batch_scale == 4 and ds[(0, 0)]['x'].shape == (1, 3, 1, 32, 32)
     ev = data.build_dataset('mix', tmp_path, 'val', img_size=32)
     assert ev.num_views == 1 and ev[0]['x'].shape == (1, 3, 1, 32, 32) and ev[0]['ok']
 
@@ -266,7 +295,7 @@ def test_bad_videos_are_replaced_in_train_and_flagged_in_eval(tmp_path):
     os.remove(tmp_path / 'bad' / 'gone.mp4')  # disappears after start-up (network disk, cleanup job...)
     for i, name in enumerate(names):
         item = tr[(i, 10 + i)]
-        assert item['x'].shape == (3, 8, 32, 32)
+        assert item['x'].shape == (1, 3, 8, 32, 32)
         failed = [os.path.basename(p) for p in item['failed']]
         if name in bad:
             assert failed[0] == name and set(failed) <= bad and item['y'] in (0, 1)
@@ -311,7 +340,7 @@ def test_bad_images_are_replaced_and_odd_modes_load(tmp_path):
         path = tr.samples.path(i)
         name = os.path.basename(path)
         item = tr[(i, i)]
-        assert item['x'].shape == (3, 1, 32, 32)
+        assert item['x'].shape == (1, 3, 1, 32, 32)
         assert bool(item['failed']) == (name in bad) and (not item['failed'] or os.path.basename(item['failed'][0]) == name)
         assert ev[i]['ok'] == (name not in bad), name
 
@@ -326,13 +355,13 @@ def small_train_sets(tmp_path):
     return [data.build_dataset(n, tmp_path, 'train', frames=4, img_size=16) for n in ('vid', 'pic')]
 
 
-@pytest.mark.parametrize('workers', [0, 2])
-def test_resume_gives_identical_batches(tmp_path, workers):
+@pytest.mark.parametrize('workers, num_sample', [(0, [1, 1]), (2, [1, 1]), (2, [3, 2])])
+def test_resume_gives_identical_batches(tmp_path, workers, num_sample):
     sets = small_train_sets(tmp_path)
-    kw = dict(weights=[1, 2], grad_accum=2, seed=7, workers=workers)
+    kw = dict(weights=[1, 2], grad_accum=2, seed=7, workers=workers, num_sample=num_sample)
     full = data.build_train_loader(sets, [3, 4], **kw)
     it = iter(full)
-    ref = [next(it) for _ in range(14)]
+    ref = [next(it) for _ in range(24)]  # dataset 0 reads a whole epoch, bad file included
     resumed = data.build_train_loader(sets, [3, 4], start_micro=9, **kw)
     it2 = iter(resumed)
     for b in ref[9:]:
@@ -342,6 +371,8 @@ def test_resume_gives_identical_batches(tmp_path, workers):
     for m, b in enumerate(ref):
         assert b['dataset'] == data.schedule(m // 2, [1, 2]) and b['x'].dtype == torch.uint8
         assert b['x'].shape == ((3, 3, 4, 16, 16) if b['dataset'] == 0 else (4, 3, 1, 16, 16))
+        R = num_sample[b['dataset']]  # a sample's R clips side by side, its label repeated
+        assert torch.equal(b['y'], b['y'][::R].repeat_interleave(R))
     failed = [p for b in ref for p in b['failed']]
     assert failed and all(p.endswith('bad.mp4') for p in failed)  # flat list of str, bad file replaced
     del it, it2

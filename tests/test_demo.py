@@ -37,7 +37,7 @@ def test_demo_generation_is_deterministic_and_parses(tmp_path, small_demo, capsy
             path = tr.samples.path(0)
             first = video.load_image(path) if tr.spec.kind == 'image' else video.read_video(path, [0])[0]
             out[name] = ([(os.path.relpath(p, tmp_path / d), y) for p, y in pairs(tr) + pairs(va)], tr.classes, first)
-            assert tr[(0, 0)]['x'].shape == ((3, 8, 32, 32) if tr.spec.kind == 'video' else (3, 1, 32, 32))
+            assert tr[(0, 0)]['x'].shape == ((1, 3, 8, 32, 32) if tr.spec.kind == 'video' else (1, 3, 1, 32, 32))
         runs.append(out)
     for name in demo.NAMES:
         assert runs[0][name][0] == runs[1][name][0] and runs[0][name][1] == runs[1][name][1]

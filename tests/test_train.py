@@ -26,9 +26,11 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_resume_is_bit_identical(demo_dir, tmp_path):
-    """8 steps straight == 4 steps, stop, 4 more from the checkpoint (CPU, one process)."""
-    common = FAST + ["--data_dir", demo_dir, "--max_steps", "8", "--workers", "0", "--save_every", "100"]
+@pytest.mark.parametrize("extra", [[], ["--num_sample", "2"]])
+def test_resume_is_bit_identical(demo_dir, tmp_path, extra):
+    """8 steps straight == 4 steps, stop, 4 more from the checkpoint (CPU, one process); also when each
+    video gives 2 clips (repeated sampling)."""
+    common = FAST + extra + ["--data_dir", demo_dir, "--max_steps", "8", "--workers", "0", "--save_every", "100"]
     train.main(common + ["--out_dir", str(tmp_path / "a")])
     train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
     assert load(tmp_path / "b" / "ckpt.pt")["step"] == 4
@@ -41,8 +43,8 @@ def test_resume_is_bit_identical(demo_dir, tmp_path):
     assert b["sampler"] == {"micro": 8}
 
 
-def torchrun(args, timeout=300, launcher=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, "train.py"] + args
+def torchrun(args, timeout=300, launcher=(), script="train.py"):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, script] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -84,6 +86,40 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
         assert results[n]["views"] == val.num_views
 
 
+LOG_KEYS = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import data, train
+
+read = data.MultiDataset.__getitem__
+
+def logged(self, key):  # every sample key the training loader reads, per rank
+    with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "a") as f:
+        f.write(json.dumps([int(k) for k in key] + [self.num_sample[key[0]]]) + "\\n")
+    return read(self, key)
+
+data.MultiDataset.__getitem__ = logged
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir, tmp_path):
+    """2 processes, --num_sample 2, batch 4 clips: 2 videos a step over the ranks. One epoch of demo_ssv2 in
+    steps reads every video exactly once, on one rank, and takes 2 clips from it."""
+    n = len(data.build_dataset("demo_ssv2", demo_dir, "train"))
+    script = tmp_path / "launch.py"
+    script.write_text(LOG_KEYS.format(root=ROOT, out=str(tmp_path)))
+    torchrun(["--recipe", "demo", "--datasets", "demo_ssv2", "--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"),
+              "--batch_size", "4", "--num_sample", "2", "--max_steps", str(n // 2), "--workers", "0",
+              "--final_eval", "none", "--eval_every", "0"], script=str(script))
+    keys = {r: [json.loads(line) for line in open(tmp_path / f"rank{r}")] for r in (0, 1)}
+    assert len(keys[0]) == len(keys[1]) == n // 2  # one video a step on each rank
+    assert sorted(k[1] for r in keys for k in keys[r]) == list(range(n))
+    assert all(k[3] == 2 for r in keys for k in keys[r])  # clips taken from each
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert log[-1]["step"] == n // 2
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),
@@ -94,6 +130,9 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
     (["--model", "huge"], "not a preset"),
     (["--weights", "demo_ssv2=-1"], "one positive weight per dataset"),
     (["--dataset_batch_size", "k400=8"], "not in --datasets"),
+    (["--num_sample", "0"], "--num_sample 0: whole numbers >= 1"),
+    (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
+    (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
@@ -139,8 +178,8 @@ def test_start_up_report_gives_the_recipe_and_each_datasets_steps_and_epochs(dem
     sizes = {n: len(data.build_dataset(n, demo_dir, "train")) for n in demo.NAMES}
     # 8 steps of weights 1, 2, 1: 2, 4 and 2 steps; batch 4 clips (8 images); epochs = steps x batch / size
     for n, steps, batch in [("demo_kinetics", 2, 4), ("demo_ssv2", 4, 4), ("demo_imagenet", 2, 8)]:
-        assert rows[n][1] == str(sizes[n]) and rows[n][4] == str(batch) and rows[n][6] == str(steps)
-        assert rows[n][7] == f"{steps * batch / sizes[n]:.1f}"
+        assert rows[n][1] == str(sizes[n]) and rows[n][4] == str(batch) and rows[n][7] == str(steps)
+        assert rows[n][8] == f"{steps * batch / sizes[n]:.1f}"
 
 
 def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):

@@ -8,15 +8,18 @@ the ratio. Sections run on their own or all together; CUDA when present, else CP
   infer   multi-view inference (3 crops per video), inference_mode: ours vs Hugging Face
   mfu     model FLOP/s of our training step over the peak: the published one on known GPUs, on CPU
           one plain GEMM measured in the same run
-  data    clips/s per worker of data.py's Kinetics 8x32 train pipeline vs a PySlowFast-style PyAV
-          decode, and two seeking readers, on videos as downloaded and as tools/prepare_videos.py
-          writes them; frame-exactness; images/s of the ImageNet path vs bare Pillow
+  data    clips/s per worker of data.py's Kinetics 8x32 train item at R = 1, 2, 4 clips per decode
+          (--num_sample) vs a PySlowFast-style PyAV decode and two seeking readers, one decode per
+          clip, on videos as downloaded and as tools/prepare_videos.py writes them; frame-exactness;
+          images/s of the ImageNet path vs bare Pillow
+  prepare the same per-worker rates (and bit rates) on tools/prepare_videos.py's output under
+          other options: keyframe interval, short side, CRF
   memory  activation and peak memory of a training step, with and without grad_checkpointing
 
   python tools/bench.py --section train infer           # ViT-B, 8x224, batch 2 (the paper's model)
   python tools/bench.py --section train --depth 2       # same block shapes, 2 of the 12 blocks
   python tools/bench.py --section data                  # generated Kinetics-like clips, 1280x720
-  python tools/bench.py --section data --videos a.mp4 b.mp4   # your videos, and them prepared
+  python tools/bench.py --section data --videos a.mp4 b.mp4   # and your videos, as they are and prepared
   python tools/bench.py --quick                         # every section on a tiny model, < 1 minute
 Precision: fp32 on CPU, bf16 on CUDA (autocast in training, bf16 weights at inference); --dtype sets it.
 The data section needs `pip install imageio-ffmpeg av` (it writes its clips with FFmpeg and compares
@@ -451,11 +454,11 @@ def make_clip(path, width, height, seed, quick):
                 os.remove(f)
 
 
-def prepared(videos, folder):
-    """Each video as tools/prepare_videos.py writes it with its defaults, in `folder`."""
+def prepared(videos, folder, options=()):
+    """Each video as tools/prepare_videos.py writes it with its defaults (and `options`), in `folder`."""
     import prepare_videos
 
-    options = prepare_videos.parse_args(["-", "-"])
+    options = prepare_videos.parse_args(["-", "-", *options])
     out = []
     for i, v in enumerate(videos):
         dst = os.path.join(folder, f"{i}_{os.path.basename(v)}")  # numbered: names may repeat across folders
@@ -468,13 +471,20 @@ def prepared(videos, folder):
 
 
 def video_sets(args, tmp):
-    """{name: [paths]}: the videos as downloaded and as prepared (in tmp). Generated clips are cached
-    across runs."""
-    if args.videos:
-        missing = [v for v in args.videos if not os.path.isfile(v)]
-        if missing:
-            raise SystemExit(f"no such video: {missing[0]}")
-        return {"given": args.videos, "given, prepared": prepared(args.videos, tmp)}
+    """{name: [paths]}: Kinetics-like clips as downloaded (generated, cached across runs) and the --videos
+    given, each also as tools/prepare_videos.py writes them (in tmp)."""
+    sets = sources(args)
+    for name, videos in list(sets.items()):
+        ready = prepared(videos, os.path.join(tmp, str(len(sets))))  # each run: the options may have changed
+        sets[f"{name.split(',')[0]}, prepared (short side {min(data_info(ready[0])[2:])}, GOP 16)"] = ready
+    return sets
+
+
+def sources(args):
+    """{name: [paths]}: the generated clips as downloaded, and the --videos given."""
+    missing = [v for v in args.videos or [] if not os.path.isfile(v)]
+    if missing:
+        raise SystemExit(f"no such video: {missing[0]}")
     width, height, count = (640, 360, 1) if args.quick else (1280, 720, 2)
     cache = os.path.join(tempfile.gettempdir(), "cover_bench_videos")
     names = [f"k400like_v{GEN_VERSION}_{width}x{height}_{'quick' if args.quick else 'full'}_{s}.mp4"
@@ -484,10 +494,10 @@ def video_sets(args, tmp):
         if not os.path.exists(path):
             print(f"writing {path}", flush=True)
             make_clip(path, width, height, s, args.quick)
-    ready = prepared(downloaded, tmp)  # each run: the script's options may have changed
-    short = min(data_info(ready[0])[2:])
-    return {f"{width}x{height}, GOP 250 (as downloaded)": downloaded,
-            f"short side {short}, GOP 16 (tools/prepare_videos.py)": ready}
+    sets = {f"generated {width}x{height}, as downloaded (GOP 250)": downloaded}
+    if args.videos:
+        sets["given, as they are"] = args.videos
+    return sets
 
 
 def data_info(path):
@@ -627,47 +637,79 @@ def augment(frames, seed, size):
     return torch.from_numpy(x).permute(3, 0, 1, 2).contiguous()  # (C, T, S, S) uint8
 
 
-def bench_videos(args, name, videos):
-    """Table rows and JSON results for one set of videos."""
-    import data
-    import layouts
+R_VALUES = (1, 2, 4)  # clips per decoded video (repeated sampling, --num_sample)
+
+
+def first_window(ds, path, seed):
+    """The frames ClipDataset draws for the first clip of sample seed `seed`: the clip every reader reads."""
     import video
 
+    t_seed = np.random.default_rng(seed).integers(0, 2**63, size=(1, 2))[0, 0]
+    return ds.indices(*video.video_info(path), rng=np.random.default_rng(int(t_seed)))
+
+
+READERS = {"pyav slowfast": pyav_slowfast, "pyav keyframe seek": pyav_keyframe_seek,
+           "opencv POS_FRAMES seek": opencv_seek}  # one decode per clip each
+
+
+def clip_rates(args, videos, sides):
+    """{side: clips/s per worker} of Kinetics 8x32 training clips, sides among 'ours R=<R>' (our train item:
+    one decode, R windows, crops and flips) and READERS (+ the same crop); all read the same first clips.
+    -> (rates, seconds per round, jobs)."""
+    import data
+    import layouts
+
     spec, T, S = data.SPECS["k400"], args.frames, args.img_size
-    jobs = []  # (video, frame indices, seed): the same clips for every reader
-    for v in videos:
-        n, fps = video.video_info(v)
-        jobs += [(v, data.kinetics_indices(n, T, spec.rate, fps, rng=np.random.default_rng(s)), s)
-                 for s in range(args.clips)]
     listing = layouts.Listing.from_pairs(os.path.dirname(videos[0]), ["x"], [(v, 0) for v in videos])
     ds = data.ClipDataset(spec, listing, frames=T, img_size=S, train=True)
-    readers = {"ours": video.read_video, "pyav slowfast": pyav_slowfast,
-               "pyav keyframe seek": pyav_keyframe_seek, "opencv POS_FRAMES seek": opencv_seek}
-    fns = {k: (lambda r=r: [augment(r(v, idx), s, S) for v, idx, s in jobs]) for k, r in readers.items()}
-    fns["ClipDataset item"] = lambda: [ds[(i % len(videos), i)] for i in range(len(jobs))]
+    keys = [(i % len(videos), i) for i in range(len(videos) * args.clips)]  # (sample, sample seed)
+    jobs = [(videos[i], first_window(ds, videos[i], seed), seed) for i, seed in keys]
+    fns = {}
+    for side in sides:
+        if side.startswith("ours R="):
+            fns[side] = lambda R=int(side[7:]): [ds[(i, seed, R)] for i, seed in keys]
+        else:
+            fns[side] = lambda r=READERS[side]: [augment(r(v, idx), s, S) for v, idx, s in jobs]
     med, rounds = alternate(fns, args.rounds, 1, torch.device("cpu"))
-    cps = {k: len(jobs) / v for k, v in med.items()}
+    cps = {k: len(jobs) * (int(k[7:]) if k.startswith("ours R=") else 1) / t for k, t in med.items()}
+    return cps, rounds, jobs
+
+
+def bench_videos(args, name, videos):
+    """Table rows and JSON results for one set of videos."""
+    import video
+
+    cps, rounds, jobs = clip_rates(args, videos, [f"ours R={R}" for R in R_VALUES] + list(READERS))
+    readers = {"ours": video.read_video, **READERS}
     exact = exactness(readers, jobs)
     n, fps, h, w = data_info(videos[0])
-    tag = f"[{name}]"
-    rows = [(f"{tag} clips/s per worker, Kinetics {T}x{spec.rate} train: ours / PySlowFast-style PyAV",
-             cps["ours"], cps["pyav slowfast"], ratio(cps["ours"], cps["pyav slowfast"]), ">= 2"),
-            (f"{tag} clips/s: PyAV seeking to the keyframe before each frame / ours",
-             cps["pyav keyframe seek"], cps["ours"], ratio(cps["pyav keyframe seek"], cps["ours"]), ""),
-            (f"{tag} clips/s: OpenCV CAP_PROP_POS_FRAMES seeks / ours",
-             cps["opencv POS_FRAMES seek"], cps["ours"],
-             ratio(cps["opencv POS_FRAMES seek"], cps["ours"]), ""),
-            (f"{tag} clips/s: ClipDataset item / ours", cps["ClipDataset item"], cps["ours"],
-             ratio(cps["ClipDataset item"], cps["ours"]), ""),
-            (f"{tag} same frames as sequential PyAV: ours / PySlowFast / keyframe seek / POS_FRAMES seek",
-             " / ".join(str(exact[k][0]) for k in readers), "", "", "True / ..."),
-            (f"{tag} max |pixel diff| vs PyAV rgb24: ours / PySlowFast / keyframe seek / POS_FRAMES seek",
-             " / ".join(str(exact[k][1]) for k in readers), "", "", "0 / ...")]
+    tag, seek = f"[{name}]", cps["pyav keyframe seek"]
+    rows = [(f"{tag} clips/s per worker, Kinetics {args.frames}x32 train, R=1: ours / PySlowFast-style PyAV",
+             cps["ours R=1"], cps["pyav slowfast"], ratio(cps["ours R=1"], cps["pyav slowfast"]), ">= 2")]
+    rows += [(f"{tag} clips/s: ours at R={R} / ours at R=1", cps[f"ours R={R}"], cps["ours R=1"],
+              ratio(cps[f"ours R={R}"], cps["ours R=1"]), ">= 3" if R == 4 else "") for R in R_VALUES[1:]]
+    rows += [(f"{tag} clips/s: ours at R={R} / PyAV seeking to the keyframe before each frame",
+              cps[f"ours R={R}"], seek, ratio(cps[f"ours R={R}"], seek), "") for R in R_VALUES]
+    rows += [(f"{tag} clips/s: OpenCV CAP_PROP_POS_FRAMES seeks / ours at R=1", cps["opencv POS_FRAMES seek"],
+              cps["ours R=1"], ratio(cps["opencv POS_FRAMES seek"], cps["ours R=1"]), ""),
+             (f"{tag} same frames as sequential PyAV: ours / PySlowFast / keyframe seek / POS_FRAMES seek",
+              " / ".join(str(exact[k][0]) for k in readers), "", "", "True / ..."),
+             (f"{tag} max |pixel diff| vs PyAV rgb24: ours / PySlowFast / keyframe seek / POS_FRAMES seek",
+              " / ".join(str(exact[k][1]) for k in readers), "", "", "0 / ...")]
     results = {"videos": [os.path.basename(v) for v in videos], "size": f"{w}x{h}", "frames": n, "fps": fps,
                "mbit_per_s": statistics.mean(megabits_per_s(v) for v in videos),
                "clips_per_s": cps, "frame_exact": {k: e[0] for k, e in exact.items()},
                "max_pixel_diff": {k: e[1] for k, e in exact.items()}, "seconds_per_round": rounds}
     return rows, results
+
+
+def per_worker_table(results, sides):
+    """A markdown table: one row a set of videos, its size and bit rate, clips/s per worker of each side."""
+    lines = ["| videos | size | Mbit/s | " + " | ".join(sides) + " |", "|---|---|---|" + "---|" * len(sides)]
+    for name, r in results.items():
+        cells = [fmt(r["clips_per_s"][k]) for k in sides]
+        lines.append(f"| {name} | {r['size']} | {r['mbit_per_s']:.2f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 def megabits_per_s(path):
@@ -711,15 +753,20 @@ def make_jpegs(videos, n, folder, size=(500, 375)):
     return paths
 
 
-def section_data(args):
+def single_threaded():
+    """What one DataLoader worker gets: one thread (and PyAV, the peer decoder)."""
     import cv2
 
     try:
         import av  # noqa: F401
     except ImportError:
-        raise SystemExit("the data section compares with PyAV: pip install av") from None
-    cv2.setNumThreads(1)  # what one DataLoader worker gets: one thread
+        raise SystemExit("the data sections compare with PyAV: pip install av") from None
+    cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def section_data(args):
+    single_threaded()
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         sets = video_sets(args, tmp)
@@ -731,10 +778,39 @@ def section_data(args):
     config = {"clips_per_video": args.clips, "frames": args.frames, "img_size": args.img_size, "rate": 32,
               "rounds": args.rounds, "threads": 1}
     report(args, "data", config, rows + [image_row], results)
+    print(f"\nclips/s per worker (one core), Kinetics {args.frames}x32 training clips, {args.img_size} px:\n"
+          + per_worker_table({k: v for k, v in results.items() if k != "images"},
+                             [f"ours R={R}" for R in R_VALUES] + ["pyav slowfast", "pyav keyframe seek"]))
+
+
+PREPARE_VARIANTS = [(), ("--gop", "64"), ("--gop", "250"), ("--short_side", "256"), ("--crf", "28")]
+
+
+def section_prepare(args):
+    """What tools/prepare_videos.py should default to: per option variant, the clips/s per worker of our
+    train item (a reader that never seeks) at R = 1 and 2, of PyAV seeking to keyframes, and the bit rate."""
+    single_threaded()
+    results, sides = {}, ["ours R=1", "ours R=2", "pyav keyframe seek"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, videos in sources(args).items():
+            for k, options in enumerate(PREPARE_VARIANTS):
+                ready = prepared(videos, os.path.join(tmp, f"{len(results)}"), options)
+                cps, rounds, _ = clip_rates(args, ready, sides)
+                h, w = data_info(ready[0])[2:]
+                label = f"{name.split(',')[0]}, prepared {' '.join(options) or 'with the defaults'}"
+                results[label] = {"options": list(options), "size": f"{w}x{h}", "clips_per_s": cps,
+                                  "mbit_per_s": statistics.mean(megabits_per_s(v) for v in ready),
+                                  "seconds_per_round": rounds}
+    torch.set_num_threads(args.threads or os.cpu_count())
+    config = {"clips_per_video": args.clips, "frames": args.frames, "img_size": args.img_size,
+              "rounds": args.rounds, "threads": 1}
+    report(args, "prepare", config, [], results)
+    print(f"\ntools/prepare_videos.py options, clips/s per worker (one core), Kinetics {args.frames}x32:\n"
+          + per_worker_table(results, sides))
 
 
 SECTIONS = {"train": section_train, "infer": section_infer, "mfu": section_mfu, "data": section_data,
-            "memory": section_memory}
+            "prepare": section_prepare, "memory": section_memory}
 
 
 def main():

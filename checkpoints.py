@@ -93,11 +93,12 @@ def load(src, overrides=None):
     sd = src
     if not isinstance(sd, dict):
         raise ValueError(f"unknown checkpoint format: got a {type(sd).__name__}, expected a dict")
-    if "model_config" in sd and "model" in sd:  # a ckpt.pt of train.py
-        state = dict(sd["model"])
+    if "model_config" in sd and "model" in sd:  # a ckpt.pt of train.py: its moving average if kept (--ema)
+        state = dict(sd.get("ema") or sd["model"])
         flatten_patch_weight(state)
         config = {**sd["model_config"], **(overrides or {})}
-        return "cover", state, config, {"label_maps": sd.get("label_maps")}
+        fmt = "cover (the moving average, --ema)" if sd.get("ema") else "cover"
+        return fmt, state, config, {"label_maps": sd.get("label_maps")}
     if "model_state" in sd:  # official TimeSformer .pyth
         sd = sd["model_state"]
     for wrapper in ("state_dict", "model"):  # DeiT and others wrap a timm state dict

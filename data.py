@@ -19,6 +19,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, listing
@@ -438,3 +439,32 @@ def per_channel(values, device):
     """"0.45,0.45,0.45" or a sequence -> a (C, 1, 1, 1) tensor, to broadcast over (C, T, H, W)."""
     values = values.split(',') if isinstance(values, str) else values
     return torch.tensor([float(v) for v in values], device=device).reshape(-1, 1, 1, 1)
+
+
+def mix(x, y, num_classes, mixup=0.0, cutmix=0.0, smoothing=0.0, rng=None):
+    """Mixup or CutMix of one batch on its device -> (x, soft targets (B, num_classes)). Each clip is paired
+    with the clip `shift` places on (a roll of the batch, shift drawn from rng), lambda ~ Beta(alpha, alpha);
+    with both alphas > 0 a batch takes one of the two at even odds. CutMix pastes the partner's box into
+    every frame of a clip, and lambda becomes the area left. Targets: label-smoothed one-hot, mixed.
+    Both alphas 0: x and the class indices y as they are."""
+    if mixup == cutmix == 0:
+        return x, y
+    target = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    use_cutmix = cutmix > 0 and (mixup == 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    shift = int(rng.integers(1, len(x))) if len(x) > 1 else 0
+    partner = x.roll(shift, dims=0)
+    if use_cutmix:
+        (y0, y1), (x0, x1) = [cut(size, math.sqrt(1 - lam), rng) for size in x.shape[-2:]]
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]  # the same box in every frame (..., T, H, W)
+        lam = 1 - (y1 - y0) * (x1 - x0) / (x.shape[-2] * x.shape[-1])
+    else:
+        x = lam * x + (1 - lam) * partner
+    return x, lam * target + (1 - lam) * target.roll(shift, dims=0)
+
+
+def cut(size, fraction, rng):
+    """One side of a CutMix box: `fraction` of `size` around a uniform centre, clipped to [0, size]."""
+    centre, half = int(rng.integers(size)), round(size * fraction) / 2
+    return max(0, round(centre - half)), min(size, round(centre + half))

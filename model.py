@@ -249,13 +249,23 @@ class TimeSformer(nn.Module):
         """torch.compile the trunk, not the heads: one graph per input shape, not per head and shape."""
         self.forward_features = torch.compile(self.forward_features, **kwargs)
 
-    def param_groups(self, weight_decay):
-        """Every parameter once; weight decay on matrices only, not on biases, norms and embeddings."""
+    def param_groups(self, weight_decay, layer_decay=1.0):
+        """Every parameter once; weight decay on matrices only, not on biases, norms and embeddings.
+        Layer-wise lr decay (layer_decay < 1, for fine-tuning): each group's lr_scale is layer_decay **
+        (depth - i) for block i (counted from 0 at the input), ** (depth + 1) for the embeddings, and 1 for
+        the final norm and the heads."""
         no_decay_names = {"cls_token", "pos_embed", "time_embed"}
-        decay, no_decay = [], []
+        groups = {}  # (lr_scale, decayed) -> group
         for name, prm in self.named_parameters():
-            (no_decay if prm.ndim < 2 or name in no_decay_names else decay).append(prm)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decayed = prm.ndim >= 2 and name not in no_decay_names
+            if name.startswith("blocks."):
+                layer = int(name.split(".")[1]) + 1
+            else:  # the embeddings are layer 0, the final norm and the heads the top
+                layer = self.cfg.depth + 1 if name.startswith(("norm.", "heads.")) else 0
+            scale = layer_decay ** (self.cfg.depth + 1 - layer)
+            group = {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+            groups.setdefault((scale, decayed), group)["params"].append(prm)
+        return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # decayed first
 
     def flops(self, frames=None, img_size=None, head=None):
         """Multiply-adds of one forward pass on one clip, the paper's convention (0.196 T for ViT-B

@@ -4,6 +4,7 @@ train.py's flags; a flag given on the command line wins. Naming only demo sets (
 naming real datasets runs `cover`; a mix of both must say which with --recipe.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -55,20 +56,47 @@ def check(args):
         dataset_weights(args, names)
     except ValueError as e:
         errors.append(f"--weights: {e}")
-    for flag in ("dataset_batch_size", "num_sample"):
+    for flag, least in (("dataset_batch_size", 1), ("num_sample", 1), ("mixup", 0), ("cutmix", 0)):
         text = str(getattr(args, flag))
-        plain = flag == "num_sample" and "=" not in text  # one number for all: --num_sample only
+        plain = flag != "dataset_batch_size" and "=" not in text  # one value for all datasets
         pairs = [] if plain else [kv.split("=") for kv in text.split(",") if kv]
         if any(len(kv) != 2 or kv[0] not in names for kv in pairs):
             errors.append(f"--{flag} {text}: a name not in --datasets, or not name=value pairs")
-        elif not all(v.isdigit() and int(v) >= 1 for v in ([text] if plain else [kv[1] for kv in pairs])):
-            errors.append(f"--{flag} {text}: whole numbers >= 1")
+            continue
+        values = [text] if plain else [kv[1] for kv in pairs]
+        if not all(number(v, int if least else float) >= least for v in values):
+            errors.append(f"--{flag} {text}: {'whole numbers >= 1' if least else 'numbers >= 0'}")
+    for package in ("tensorboard", "wandb"):  # opt-in extras, imported only when asked for
+        if getattr(args, package) and importlib.util.find_spec(package) is None:
+            errors.append(f"--{package} needs the {package} package: pip install {package}")
+    if not 0 <= args.ema < 1 or not 0 < args.layer_decay <= 1:
+        errors.append(f"--ema {args.ema} must lie in [0, 1) (0: off), --layer_decay {args.layer_decay} "
+                      "in (0, 1] (1: off)")
     if args.resume and not os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     if args.init and not os.path.exists(args.init):
         errors.append(f"--init: no file or folder at {args.init}")
     if errors:
         sys.exit("error: " + "\nerror: ".join(errors))
+
+
+def local_batch_sizes(args, names, train_sets, world, num_sample):
+    """{dataset: clips per micro-batch of one process}: the global batch, --batch_size (4x for images)
+    unless --dataset_batch_size says, split over the processes and the --grad_accum micro-steps; each
+    a whole number of samples of --num_sample clips."""
+    given, parts = per_dataset(args.dataset_batch_size), world * args.grad_accum
+    sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
+    if any(b % (parts * num_sample[n]) for n, b in sizes.items()):
+        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum) x "
+                 f"--num_sample {num_sample}: a sample's clips stay in one micro-batch")
+    return {n: b // parts for n, b in sizes.items()}
+
+
+def number(text, kind):  # -1 where `text` is not a number of that kind
+    try:
+        return kind(text)
+    except ValueError:
+        return -1
 
 
 def num_sample(args, name, kind):
@@ -78,6 +106,12 @@ def num_sample(args, name, kind):
     if "=" in text:
         return int(per_dataset(text).get(name, 1))
     return int(text) if kind == "video" else 1
+
+
+def mixing(args, name):
+    """(mixup alpha, cutmix alpha) of dataset `name`: each flag one number for all or by name (k400=0.8)."""
+    alphas = [per_dataset(str(a)).get(name, 0) if "=" in str(a) else a for a in (args.mixup, args.cutmix)]
+    return float(alphas[0]), float(alphas[1])
 
 
 def per_dataset(text):  # 'in21k=256,ssv2=32' -> {'in21k': '256', 'ssv2': '32'}

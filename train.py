@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,6 +63,10 @@ def get_args(argv=None):
     a("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--clip_grad", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     a("--label_smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    a("--mixup", default="0", help="mixup alpha (0: off), for all datasets or by name (k400=0.8,ssv2=0.8)")
+    a("--cutmix", default="0", help="cutmix alpha (0: off), as --mixup; with both, each batch takes one")
+    a("--ema", type=float, default=0.0, help="decay of a moving average of the weights, tested in its place")
+    a("--layer_decay", type=float, default=1.0, help="layer-wise lr decay when fine-tuning, e.g. 0.75")
     a("--drop_path", type=float, help="stochastic depth at the last block")
     a("--dtype", choices=list(runtime.DTYPES), help="autocast precision (fp16 adds a GradScaler)")
     a("--compile", action="store_true", help="torch.compile the trunk (the heads stay eager)")
@@ -71,6 +76,8 @@ def get_args(argv=None):
     a("--eval_every", type=int, help="validate (clip-level, 1 view) every N steps; 0 = only at the end")
     a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
     a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
+    a("--tensorboard", action="store_true", help="log to <out_dir>/tensorboard too (pip install tensorboard)")
+    a("--wandb", metavar="PROJECT", help="log to this Weights & Biases project too (pip install wandb)")
     a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test at the end")
     a("--stop_at", type=int, help="save and exit at this step, on the --max_steps schedule (rerun to go on)")
     a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
@@ -117,22 +124,25 @@ def train(args, rt):
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
-    local_batch = local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # clips per micro-batch
+    local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, rt)
-    groups = model.param_groups(args.weight_decay)
+    groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = ema_copy(model) if args.ema else None  # a moving average of the weights, kept beside them
     step, failures = 0, runtime.Failures(names, rt.rank)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
         if rt.master:  # the saved counts are totals over the ranks
             failures.counts.update(ckpt["failed"])
         del ckpt
@@ -148,6 +158,11 @@ def train(args, rt):
                                      workers=args.workers, start_micro=step * args.grad_accum,
                                      pin_memory=device.type == "cuda")
     normalize = data.Normalize(args.mean, args.std, device)
+    mixing = {n: recipes.mixing(args, n) for n in names}  # (mixup, cutmix) alphas
+    smoothing = {n: 0.0 if any(mixing[n]) else args.label_smoothing for n in names}  # mixed targets have it
+    tested, which = (ema, "ema") if ema else (model, "live")  # the weights validated and tested
+    ema_params = list(ema.parameters()) if ema else None
+    model_params = [p.detach() for p in model.parameters()]  # the EMA's update is not part of a graph
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
@@ -158,14 +173,14 @@ def train(args, rt):
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
-    log = runtime.JsonLog(os.path.join(args.out_dir, "log.jsonl"), rt.master)
+    log = runtime.RunLog(args.out_dir, rt.master, args)
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
-            save_checkpoint(ckpt_path, step, model, optimizer, scaler, failures, label_maps, args, rt)
+            save_checkpoint(ckpt_path, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
             log.say(f"\n--stop_at {step}: saved {ckpt_path}; rerun without --stop_at to continue.")
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
@@ -174,21 +189,23 @@ def train(args, rt):
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # lr_scale < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             with meter.waiting():
                 batch = next(batches)  # the loader follows the same schedule: every clip is from dataset d
-            assert batch["dataset"] == d
             failures.add(name, batch["failed"])
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
+            # mixup / cutmix where on: soft targets, smoothing included, drawn per step (resume is exact)
+            x, y = data.mix(x, y, len(label_maps[name]), *mixing[name], args.label_smoothing,
+                            np.random.default_rng([args.seed, step, micro, rt.rank]))
             # forward through the shared trunk and this dataset's head, backward (DDP syncs on the last)
             last = micro == args.grad_accum - 1
             with contextlib.nullcontext() if last or rt.world == 1 else wrapped.no_sync():
                 with runtime.autocast(device, dtype):
                     logits = wrapped(x, head=name)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing[name])
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
@@ -203,6 +220,8 @@ def train(args, rt):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:  # the moving average follows every optimizer step
+            torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
         loss_value, stop = stats.tolist()  # the step's one wait for the GPU
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
@@ -221,10 +240,11 @@ def train(args, rt):
             log.write(record)
         bar.update(1)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            log.write({"step": step, "val": test_all(model, dict(zip(names, val_sets)), **test_kw)})
+            val = test_all(tested, dict(zip(names, val_sets)), **test_kw)
+            log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
         if step % args.save_every == 0 or step == args.max_steps or stop:
-            save_checkpoint(ckpt_path, step, model, optimizer, scaler, failures, label_maps, args, rt)
+            save_checkpoint(ckpt_path, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
         if stop:
             log.say(f"\nSIGTERM: saved {ckpt_path} at step {step}; rerun the same command to continue.")
             break
@@ -233,8 +253,9 @@ def train(args, rt):
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
         val = dict(zip(names, open_datasets(args, names, "val")))
-        results = test_all(model, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
-        log.write({"step": step, "test": results})
+        log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
+        results = test_all(tested, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        log.write({"step": step, "test": results, "weights": which})
     log.close()
 
 
@@ -247,18 +268,6 @@ def open_datasets(args, names, split, views=None):
                                    views=views, cache_dir=listings) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
-
-
-def local_batch_sizes(args, names, train_sets, world, num_sample):
-    """{dataset: clips per micro-batch of one process}: the global batch, --batch_size (4x for images)
-    unless --dataset_batch_size says, split over the processes and the --grad_accum micro-steps; each
-    a whole number of samples of --num_sample clips."""
-    given, parts = recipes.per_dataset(args.dataset_batch_size), world * args.grad_accum
-    sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
-    if any(b % (parts * num_sample[n]) for n, b in sizes.items()):
-        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum) x "
-                 f"--num_sample {num_sample}: a sample's clips stay in one micro-batch")
-    return {n: b // parts for n, b in sizes.items()}
 
 
 def build_model(args, heads, ckpt, rt):
@@ -289,7 +298,15 @@ def build_model(args, heads, ckpt, rt):
     return model.to(rt.device), source
 
 
-def save_checkpoint(path, step, model, optimizer, scaler, failures, label_maps, args, rt):
+def ema_copy(model):
+    """A frozen copy of the weights, for their moving average: built anew, as a deepcopy of a model
+    after compile_trunk would keep the compiled forward, which runs the live model's weights."""
+    ema = M.TimeSformer(model.cfg, heads={n: h.out_features for n, h in model.heads.items()})
+    ema.load_state_dict(model.state_dict())
+    return ema.to(next(model.parameters()).device).requires_grad_(False)
+
+
+def save_checkpoint(path, step, model, ema, optimizer, scaler, failures, label_maps, args, rt):
     """Rank 0 writes it (atomically); every rank counts failures with it and waits until it is written."""
     failed = failures.totals(rt)
     if rt.master:
@@ -297,7 +314,7 @@ def save_checkpoint(path, step, model, optimizer, scaler, failures, label_maps, 
             "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-            "failed": failed})
+            "failed": failed, **({"ema": ema.state_dict()} if ema else {})})
     if rt.world > 1:
         dist.barrier()
 

@@ -344,6 +344,50 @@ def test_bad_images_are_replaced_and_odd_modes_load(tmp_path):
         assert bool(item['failed']) == (name in bad) and (not item['failed'] or os.path.basename(item['failed'][0]) == name)
         assert ev[i]['ok'] == (name not in bad), name
 
+# ----------------------------------------------------------------------------- mixup and cutmix
+
+
+def partners(target, y, smoothing, K):
+    """From mixed targets of clips with distinct labels: each clip's lambda and the clip it was mixed with."""
+    lam = (target[torch.arange(len(y)), y] - smoothing / K) / (1 - smoothing)
+    rest = target.clone()
+    rest[torch.arange(len(y)), y] = -1
+    return lam, [int((y == rest[i].argmax()).nonzero()) for i in range(len(y))]
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_mixup_targets_sum_to_one_and_match_lambda(smoothing):
+    x, y, K = torch.randn(6, 3, 4, 16, 16), torch.tensor([4, 0, 5, 2, 7, 1]), 9
+    mixed, target = data.mix(x, y, K, mixup=0.8, smoothing=smoothing, rng=np.random.default_rng(3))
+    torch.testing.assert_close(target.sum(dim=1), torch.ones(6))
+    lam, partner = partners(target, y, smoothing, K)
+    assert torch.allclose(lam, lam[0]) and 0 < lam[0] < 1 and len(set(partner)) == 6  # one pairing of the batch
+    assert all(p != i for i, p in enumerate(partner)) and len({(p - i) % 6 for i, p in enumerate(partner)}) == 1
+    for i, p in enumerate(partner):
+        torch.testing.assert_close(mixed[i], lam[i] * x[i] + (1 - lam[i]) * x[p])
+
+
+def test_cutmix_pastes_one_box_into_every_frame_and_lambda_is_the_area_left():
+    x, y, K = torch.arange(5.0).view(5, 1, 1, 1, 1).expand(5, 3, 4, 16, 16).contiguous(), torch.arange(5), 5
+    for seed in range(20):
+        mixed, target = data.mix(x, y, K, cutmix=1.0, rng=np.random.default_rng(seed))
+        lam, partner = partners(target, y, 0.0, K)
+        for i, p in enumerate(partner):
+            pasted = mixed[i] != i  # (C, T, H, W): where the partner's pixels are
+            assert (pasted == pasted[0, 0]).all()  # the same box in every frame and channel
+            rows, cols = pasted[0, 0].any(dim=1).nonzero(), pasted[0, 0].any(dim=0).nonzero()
+            if len(rows):
+                assert pasted[0, 0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a box
+                assert (mixed[i][pasted] == p).all()
+            assert abs(float(lam[i]) - (1 - pasted[0, 0].float().mean())) < 1e-6
+
+
+def test_mixing_off_leaves_the_batch_and_the_class_indices():
+    x, y = torch.randn(4, 3, 2, 8, 8), torch.tensor([0, 1, 2, 1])
+    mixed, target = data.mix(x, y, 3, 0.0, 0.0, 0.1, np.random.default_rng(0))
+    assert mixed is x and target is y  # so the loss is the same call as without mixing, bit for bit
+
+
 # ----------------------------------------------------------------------------- loaders
 
 

@@ -139,6 +139,27 @@ def test_param_groups_cover_every_parameter_once():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
+def test_layer_decay_scales_each_layer_as_the_formula_says():
+    """depth 2, decay 0.5: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, final norm and heads 1 (as BEiT and
+    VideoMAE count layers); weight decay grouped as without layer decay."""
+    m = M.TimeSformer(small_cfg(depth=2), heads={"a": 5, "b": 7})
+    groups = m.param_groups(0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n, p in m.named_parameters() if any(p is q for q in g["params"])}
+    decayed = {n for g in groups if g["weight_decay"] for n, p in m.named_parameters()
+               if any(p is q for q in g["params"])}
+    assert len(scale) == len(list(m.parameters())) == sum(len(g["params"]) for g in groups)
+    for name in ["cls_token", "pos_embed", "time_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]:
+        assert scale[name] == 0.5 ** 3, name
+    for name, s in scale.items():
+        if name.startswith("blocks."):
+            assert s == 0.5 ** (2 - int(name.split(".")[1])), name
+        elif name.startswith(("norm.", "heads.")):
+            assert s == 1.0, name
+    plain_decay, _ = m.param_groups(0.05)
+    assert decayed == {n for n, p in m.named_parameters() if any(p is q for q in plain_decay["params"])}
+    assert [g["lr_scale"] for g in m.param_groups(0.05)] == [1.0, 1.0]
+
+
 def test_vit_base_parameter_and_flop_counts():
     with torch.device("meta"):
         m = M.TimeSformer(M.make_config("base"), heads={"k400": 400})

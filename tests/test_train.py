@@ -1,6 +1,7 @@
 """train.py end to end on the demo data: exact resume, a real two-process torchrun (gloo) run, head
 isolation under DDP, one host sync per step, argument errors."""
 
+import copy
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 import data
 import demo
+import model as M
 import recipes
 import train
 
@@ -26,10 +28,10 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("extra", [[], ["--num_sample", "2"]])
+@pytest.mark.parametrize("extra", [[], ["--num_sample", "2"], ["--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9"]])
 def test_resume_is_bit_identical(demo_dir, tmp_path, extra):
     """8 steps straight == 4 steps, stop, 4 more from the checkpoint (CPU, one process); also when each
-    video gives 2 clips (repeated sampling)."""
+    video gives 2 clips (repeated sampling), and with mixup, cutmix and a moving average of the weights."""
     common = FAST + extra + ["--data_dir", demo_dir, "--max_steps", "8", "--workers", "0", "--save_every", "100"]
     train.main(common + ["--out_dir", str(tmp_path / "a")])
     train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
@@ -41,6 +43,57 @@ def test_resume_is_bit_identical(demo_dir, tmp_path, extra):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
     assert b["sampler"] == {"micro": 8}
+    if "--ema" in extra:
+        assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+        assert not torch.equal(a["ema"]["blocks.0.attn.qkv.weight"], a["model"]["blocks.0.attn.qkv.weight"])
+
+
+def test_ema_is_the_moving_average_of_the_weights_after_each_step(demo_dir, tmp_path):
+    """--ema 0.7: after step k, ema = 0.7 ema + 0.3 weights, from ema = the initial weights; the weights of
+    each step from runs that stop there (resume is exact, so they are the steps of one run)."""
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "8", "--workers", "0",
+                     "--ema", "0.7"]
+    weights, emas = [], []
+    for k in range(4):
+        train.main(common + ["--stop_at", str(k)])
+        ckpt = load(tmp_path / "ckpt.pt")
+        weights.append(ckpt["model"])
+        emas.append(ckpt["ema"])
+    expect = dict(weights[0])
+    for k in range(1, 4):
+        expect = {n: 0.7 * expect[n] + 0.3 * weights[k][n] for n in expect}
+        for n in expect:
+            torch.testing.assert_close(emas[k][n], expect[n], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(emas[0][n], weights[0][n]) for n in expect)
+
+
+def test_a_copy_for_the_moving_average_runs_its_own_weights_after_compile_trunk(monkeypatch):
+    """compile_trunk wraps forward_features in a function holding the live model; a deepcopy of the model
+    would keep that function, and its copy would run the live weights."""
+    def fake_compile(fn, **kw):
+        return lambda *a: fn(*a)  # a closure over the bound method, as torch.compile's wrapper is
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = M.TimeSformer(M.make_config("demo", depth=1), heads={"a": 3})
+    model.compile_trunk()
+    ema, trap = train.ema_copy(model), copy.deepcopy(model)
+    x = torch.randn(2, 3, 4, 32, 32)
+    before = ema(x, head="a")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(ema(x, head="a"), before) and not torch.equal(model(x, head="a"), before)
+    assert torch.equal(trap.forward_features(x), model.forward_features(x))  # the deepcopy's trap
+
+
+def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
+    out = tmp_path / "o"
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "8", "--workers", "0",
+                       "--layer_decay", "0.5", "--stop_at", "2"])
+    ckpt, args = load(out / "ckpt.pt"), train.get_args(FAST + ["--max_steps", "8", "--layer_decay", "0.5"])
+    groups = ckpt["optimizer"]["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == [0.5 ** k for k in (5, 4, 3, 2, 1, 0)]  # demo: depth 4
+    for g in groups:  # the lr of the last step taken (step 1)
+        assert g["lr"] == train.get_lr(1, args) * g["lr_scale"]
 
 
 def torchrun(args, timeout=300, launcher=(), script="train.py"):

@@ -60,14 +60,14 @@ def setup(device="auto"):
     return Runtime(rank, world, device, dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT))
 
 
-def rank0_first(rt, fn, *args):
-    """fn(*args) on rank 0, then on the other ranks, which find what rank 0 wrote (listings, demo data)."""
+def rank0_first(rt, fn, *args, **kwargs):
+    """fn(...) on rank 0, then on the other ranks, which find what rank 0 wrote (listings, demo data)."""
     if rt.master:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
     if rt.world > 1:
         dist.barrier(group=rt.startup_group)
     if not rt.master:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
     return result
 
 
@@ -193,16 +193,38 @@ class Failures:
         return dict(zip(self.counts, t.long().tolist()))
 
 
-class JsonLog:
-    """log.jsonl, one JSON record a line, and messages between the progress bar's lines: rank 0 only."""
+class RunLog:
+    """log.jsonl in out_dir, one JSON record a line, and messages between the progress bar's lines: rank 0
+    only. With --tensorboard and --wandb PROJECT the records' numbers go there too, at the record's step,
+    so a resumed run continues the same curves (W&B: the run id is kept in out_dir)."""
 
-    def __init__(self, path, enabled):
-        self.file = open(path, "a") if enabled else None
+    def __init__(self, out_dir, enabled, args):
+        self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if enabled else None
+        self.tensorboard = self.wandb = None
+        if enabled and args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # an opt-in extra: pip install tensorboard
+            self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        if enabled and args.wandb:
+            import wandb  # an opt-in extra: pip install wandb
+
+            id_file = os.path.join(out_dir, "wandb_run_id")
+            run_id = open(id_file).read().strip() if os.path.exists(id_file) else os.urandom(6).hex()
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(project=args.wandb, id=run_id, resume="allow", dir=out_dir,
+                                    config=vars(args))
 
     def write(self, record):
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        values = scalars(record) if self.tensorboard or self.wandb else {}
+        if self.tensorboard:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(values, step=record["step"])
 
     def say(self, message):
         if self.file:
@@ -211,6 +233,22 @@ class JsonLog:
     def close(self):
         if self.file:
             self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def scalars(record, prefix=""):
+    """The numbers of a log record by path: {'loss': {'k400': 2.1}, 'test': {'k400': {'top1': .7, ...}}}
+    -> {'loss/k400': 2.1, 'test/k400/top1': 0.7, ...}; the step and per-class accuracies left out."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and key != "per_class_top1":
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[prefix + key] = value
+    return out
 
 
 def save_checkpoint(path, state):

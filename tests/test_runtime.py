@@ -1,6 +1,9 @@
-"""runtime.py: the published peaks MFU is counted against, and a real two-process torchrun start-up in
-which rank 0 lists the datasets alone for longer than the process group's timeout."""
+"""runtime.py: the published peaks MFU is counted against, a real two-process torchrun start-up in which
+rank 0 lists the datasets alone for longer than the process group's timeout, and the run's log going to
+TensorBoard and W&B too."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 import runtime
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,3 +75,70 @@ def test_rank0_lists_alone_and_the_others_wait_past_the_group_timeout(demo_dir, 
     if ok:
         assert out.count("listed by rank 0") == 2  # train and val, once each
         assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+FAST = ["--recipe", "demo", "--batch_size", "4", "--warmup_steps", "2", "--log_every", "1", "--eval_every", "3",
+        "--final_eval", "multiview", "--workers", "0", "--max_steps", "6"]
+
+
+def logged(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_tensorboard_holds_the_logged_numbers_and_a_resumed_run_continues_them(demo_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--tensorboard"]
+    train.main(args + ["--stop_at", "4"])
+    train.main(args)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    expect = {}  # (tag, step) -> value, from log.jsonl
+    for record in logged(tmp_path):
+        expect.update({(tag, record["step"]): v for tag, v in runtime.scalars(record).items()})
+    tags = events.Tags()["scalars"]
+    assert {"lr", "clips_per_s", "data_wait", "mfu", "loss/demo_ssv2", "val/demo_ssv2/top1",
+            "test/demo_kinetics/top1"} <= set(tags)
+    got = {(tag, e.step): e.value for tag in tags for e in events.Scalars(tag)}
+    assert got.keys() == expect.keys()  # each step once, the resumed part continuing the curves
+    assert all(abs(got[k] - expect[k]) <= 1e-6 * max(1.0, abs(expect[k])) for k in got)  # stored as float32
+    assert sorted(step for tag, step in got if tag == "lr") == [1, 2, 3, 4, 5, 6]
+
+
+class FakeWandb:
+    """Stands in for the wandb package: records what train.py gives it."""
+
+    def __init__(self):
+        self.inits, self.logs = [], []
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, values, step):
+        self.logs.append((step, values))
+
+    def finish(self):
+        pass
+
+
+def test_wandb_gets_the_logged_numbers_in_one_run_across_a_resume(demo_dir, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    args = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--wandb", "cover-demo"]
+    train.main(args + ["--stop_at", "3"])
+    train.main(args)
+    assert [i["project"] for i in fake.inits] == ["cover-demo"] * 2 and fake.inits[0]["id"] == fake.inits[1]["id"]
+    assert fake.inits[1]["resume"] == "allow" and fake.inits[0]["config"]["wandb"] == "cover-demo"
+    assert fake.logs == [(r["step"], runtime.scalars(r)) for r in logged(tmp_path)]
+
+
+@pytest.mark.parametrize("flag", [["--tensorboard"], ["--wandb", "p"]])
+def test_a_missing_extra_is_one_line_naming_the_pip_command(tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SystemExit) as e:
+        train.main(flag + ["--out_dir", str(tmp_path)])
+    package = flag[0][2:]
+    assert f"pip install {package}" in str(e.value) and "\n" not in str(e.value)

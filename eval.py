@@ -1,12 +1,14 @@
 """
-Multi-view testing of a trained checkpoint: temporal clips x spatial crops per video, softmax averaged.
-A clip that cannot be decoded is counted as failed, never replaced: top-1/top-5 are over the clips that
-decoded, and "clips" is the whole validation set.
+Multi-view testing of a trained checkpoint (its moving average of the weights when train.py kept one):
+temporal clips x spatial crops per video, softmax averaged. A clip that cannot be decoded is counted as
+failed, never replaced: top-1/top-5 are over the clips that decoded, "clips" is the whole validation set.
 
     python eval.py --ckpt out/ckpt.pt                        # the checkpoint's datasets and data folder
     python eval.py --ckpt out/ckpt.pt --datasets k400 --views 1x3
     torchrun --nproc_per_node=8 eval.py --ckpt out/ckpt.pt   # every clip counted once over all ranks
     python eval.py --ckpt out/ckpt.pt --video clip.mp4 --head k400   # top-5 class names for one file
+
+Features for linear probes or retrieval: features.py, with the same flags.
 """
 
 import argparse
@@ -72,10 +74,11 @@ def test_all(model, datasets, *, batch_sizes, out=None, rank=0, **kw):
     return results
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description):
+    """The flags eval.py and features.py share."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="a ckpt.pt written by train.py")
-    p.add_argument("--datasets", help="comma-separated datasets to test (default: the checkpoint's)")
+    p.add_argument("--datasets", help="comma-separated datasets (default: the checkpoint's)")
     p.add_argument("--data_dir", help="data folder (default: the checkpoint's)")
     p.add_argument("--views", type=lambda v: tuple(int(n) for n in v.lower().split("x")),
                    help="CLIPSxCROPS, e.g. 1x3 (default: the dataset's; 1x3 for K400 and SSv2)")
@@ -83,10 +86,15 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     p.add_argument("--dtype", choices=list(runtime.DTYPES), help="autocast precision (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--out", help="where to write the JSON (default: <ckpt folder>/eval.json)")
-    p.add_argument("--video", help="predict one video or image file instead of testing datasets")
+    p.add_argument("--video", help="one video or image file instead of the datasets")
     p.add_argument("--head", help="with --video: which dataset's classes (default: the first head)")
-    args = p.parse_args(argv)
+    p.add_argument("--live", action="store_true", help="the live weights, not their moving average (--ema)")
+    return p
+
+
+def load(args):
+    """-> (runtime, model on its device, the run's config, its label maps, the dataset names to use), with
+    one line and exit status 1 for a file that is not a checkpoint of train.py or lacks a head asked for."""
     try:
         ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
         run, label_maps = ckpt["config"], ckpt["label_maps"]
@@ -96,33 +104,58 @@ def main(argv=None):
     names = [args.head or names[0]] if args.video else names
     if set(names) - set(label_maps):
         sys.exit(f"error: the checkpoint has heads {list(label_maps)}, not {set(names) - set(label_maps)}")
+    if args.live:
+        ckpt.pop("ema", None)
     rt = runtime.setup(args.device)
-    model = M.TimeSformer.from_pretrained(ckpt, verbose=False).to(rt.device).eval()
+    # the load report says which weights: the moving average or the live ones
+    model = M.TimeSformer.from_pretrained(ckpt, verbose=rt.master and not args.video).to(rt.device).eval()
+    return rt, model, run, label_maps, names
+
+
+def open_datasets(args, rt, run, label_maps, names, split="val"):
+    """{name: dataset in eval mode} of one split, from the run's listings."""
+    listings = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "listings")  # made by train.py
+    try:
+        datasets = {n: runtime.rank0_first(rt, data.build_dataset, n, args.data_dir or run["data_dir"],
+                                           split, train=False, cache_dir=listings, **sizes(args, run))
+                    for n in names}
+    except data.DatasetError as e:
+        sys.exit(f"error: {e}")
+    if any(ds.classes != label_maps[n] for n, ds in datasets.items()):
+        sys.exit("error: the classes on disk differ from the ones the checkpoint was trained with")
+    return datasets
+
+
+def sizes(args, run):
+    return dict(frames=run["frames"], img_size=run["img_size"], views=args.views)
+
+
+def file_views(args, run, name):
+    """uint8 (V, C, T, H, W): the test views of the file --video, as dataset `name` samples them."""
+    try:
+        return data.load_test_views(args.video, name, **sizes(args, run))
+    except (*data.READ_ERRORS, data.DatasetError) as e:
+        sys.exit(f"error: cannot read {args.video}: {e}")
+
+
+def main(argv=None):
+    p = arguments(__doc__)
+    p.add_argument("--out", help="where to write the JSON (default: <ckpt folder>/eval.json)")
+    args = p.parse_args(argv)
+    rt, model, run, label_maps, names = load(args)
     normalize = data.Normalize(run["mean"], run["std"], rt.device)
     dtype = runtime.DTYPES[args.dtype or run["dtype"]]
-    sizes = dict(frames=run["frames"], img_size=run["img_size"], views=args.views)
     if args.video:  # top-5 classes of one file, its test views' softmax averaged
-        try:
-            x = data.load_test_views(args.video, names[0], **sizes)  # (V, C, T, H, W) uint8
-        except (*data.READ_ERRORS, data.DatasetError) as e:
-            sys.exit(f"error: cannot read {args.video}: {e}")
+        x = file_views(args, run, names[0])  # (V, C, T, H, W) uint8
         with torch.inference_mode(), runtime.autocast(rt.device, dtype):
             prob = model(normalize(x.to(rt.device)), head=names[0]).float().softmax(-1).mean(0)
         for p, i in zip(*prob.topk(min(5, len(prob)))):
             print(f"{p.item():7.2%}  {label_maps[names[0]][i]}")
         return
-    ckpt_dir, data_dir = os.path.dirname(os.path.abspath(args.ckpt)), args.data_dir or run["data_dir"]
-    listings = os.path.join(ckpt_dir, "listings")  # the run's, made by train.py
-    try:
-        datasets = {n: runtime.rank0_first(rt, lambda: data.build_dataset(
-            n, data_dir, "val", train=False, cache_dir=listings, **sizes)) for n in names}
-    except data.DatasetError as e:
-        sys.exit(f"error: {e}")
-    if any(ds.classes != label_maps[n] for n, ds in datasets.items()):
-        sys.exit("error: the classes on disk differ from the ones the checkpoint was trained with")
+    datasets = open_datasets(args, rt, run, label_maps, names)
     test_all(model, datasets, batch_sizes=dict.fromkeys(names, args.batch_size), rank=rt.rank, world=rt.world,
-             out=args.out or os.path.join(ckpt_dir, "eval.json"), normalize=normalize, device=rt.device,
-             dtype=dtype, workers=args.workers)
+             out=args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"),
+             normalize=normalize, device=rt.device, dtype=dtype, workers=args.workers)
     runtime.teardown(rt)
 
 

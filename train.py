@@ -162,7 +162,7 @@ def train(args, rt):
     smoothing = {n: 0.0 if any(mixing[n]) else args.label_smoothing for n in names}  # mixed targets have it
     tested, which = (ema, "ema") if ema else (model, "live")  # the weights validated and tested
     ema_params = list(ema.parameters()) if ema else None
-    model_params = [p.detach() for p in model.parameters()]  # the EMA's update is not part of a graph
+    model_params = [p.detach() for p in model.parameters()] if ema else None  # detached: no graph to build
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
@@ -189,7 +189,7 @@ def train(args, rt):
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # lr_scale < 1 for lower layers under --layer_decay
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             with meter.waiting():

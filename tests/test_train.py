@@ -85,6 +85,18 @@ def test_a_copy_for_the_moving_average_runs_its_own_weights_after_compile_trunk(
     assert torch.equal(trap.forward_features(x), model.forward_features(x))  # the deepcopy's trap
 
 
+def test_a_checkpoint_without_lr_scales_resumes(demo_dir, tmp_path):
+    """Checkpoints written before --layer_decay existed have no lr_scale in their optimizer's groups."""
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "4", "--workers", "0"]
+    train.main(common + ["--stop_at", "2"])
+    ckpt = load(tmp_path / "ckpt.pt")
+    for group in ckpt["optimizer"]["param_groups"]:
+        del group["lr_scale"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    train.main(common)
+    assert load(tmp_path / "ckpt.pt")["step"] == 4
+
+
 def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
     out = tmp_path / "o"
     train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "8", "--workers", "0",
@@ -224,15 +236,16 @@ def test_a_recipe_sets_any_flag_and_the_command_line_wins(monkeypatch):
 
 def test_start_up_report_gives_the_recipe_and_each_datasets_steps_and_epochs(demo_dir, tmp_path, capsys):
     train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"), "--max_steps", "8", "--stop_at", "0",
-                       "--workers", "0", "--weights", "demo_ssv2=2"])
+                       "--workers", "0", "--weights", "demo_ssv2=2", "--num_sample", "2"])
     out = capsys.readouterr().out
     assert "recipe demo (recipes.py): " in out and "batch_size=4 (recipe: 32)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  demo_")}
     sizes = {n: len(data.build_dataset(n, demo_dir, "train")) for n in demo.NAMES}
-    # 8 steps of weights 1, 2, 1: 2, 4 and 2 steps; batch 4 clips (8 images); epochs = steps x batch / size
-    for n, steps, batch in [("demo_kinetics", 2, 4), ("demo_ssv2", 4, 4), ("demo_imagenet", 2, 8)]:
-        assert rows[n][1] == str(sizes[n]) and rows[n][4] == str(batch) and rows[n][7] == str(steps)
-        assert rows[n][8] == f"{steps * batch / sizes[n]:.1f}"
+    # 8 steps of weights 1, 2, 1: 2, 4 and 2 steps; batch 4 clips (8 images) from R = 2 clips a video (images
+    # 1): epochs = steps x batch / R / size
+    for n, steps, batch, R in [("demo_kinetics", 2, 4, 2), ("demo_ssv2", 4, 4, 2), ("demo_imagenet", 2, 8, 1)]:
+        assert rows[n][1] == str(sizes[n]) and rows[n][4] == str(batch) and rows[n][5] == str(R)
+        assert rows[n][7] == str(steps) and rows[n][8] == f"{steps * batch / R / sizes[n]:.1f}"
 
 
 def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):

@@ -6,6 +6,14 @@ real layouts so the real parsers read them, and registered in data.SPECS on impo
   demo_ssv2       SSv2 layout, VP9 webm: the label is the motion, left/right included (no flip)
   demo_imagenet   ImageNet folders, JPEG stills of the same shapes
 
+The data-limited sets of `tools/study.py --regime data-limited` share structure without sharing labels,
+as the real datasets do, and have fixed validation sets of 216 clips; their training clips per class are
+the study's variable (the first N of a fixed sequence, so a smaller set is part of a larger one):
+
+  demo_few_kinetics   Kinetics layout: a shape, still or moving (appearance and some motion)
+  demo_few_ssv2       SSv2 layout: the direction any shape moves in (motion only)
+  demo_few_images     ImageNet folders: stills of shapes demo_few_kinetics does not have, 128 a class
+
 prepare(data_dir, names) writes the sets among `names` that are missing or out of date; train.py calls
 it once, before any dataset is opened.
 """
@@ -28,8 +36,18 @@ SHAPES = ('circle', 'L-shape', 'triangle', 'cross', 'ring', 'bar')  # tellable a
 MOTIONS = ('Moving [something] from left to right', 'Moving [something] from right to left',
            'Moving [something] up', 'Moving [something] down',
            'Moving [something] towards the camera', 'Moving [something] away from the camera')
-TRAIN_PER_CLASS = {'demo_kinetics': 60, 'demo_ssv2': 32, 'demo_imagenet': 96}
+TRAIN_PER_CLASS = {'demo_kinetics': 60, 'demo_ssv2': 32, 'demo_imagenet': 96,
+                   'demo_few_kinetics': 8, 'demo_few_ssv2': 8, 'demo_few_images': 128}
 VAL_PER_CLASS = 16
+FEW_VAL = 216  # validation clips of each data-limited set: one clip is less than half a point
+# (label, shape, motion) of the Kinetics-layout sets: motion None wanders, 'still' stays put
+KINETICS_CLASSES = {'demo_kinetics': [(s, s, None) for s in SHAPES],
+                    'demo_few_kinetics': [(f'{s} {m}', s, None if m == 'moving' else 'still')
+                                          for s in ('circle', 'triangle', 'cross')
+                                          for m in ('still', 'moving')]}
+IMAGE_CLASSES = {'demo_imagenet': SHAPES, 'demo_few_images': ('L-shape', 'ring', 'bar')}
+STREAMS = {'demo_kinetics': 0, 'demo_ssv2': 1, 'demo_imagenet': 2,  # each set its own random stream
+           'demo_few_kinetics': 3, 'demo_few_ssv2': 4, 'demo_few_images': 5}
 HW = (48, 64)     # video frame height, width
 LENGTH = (16, 24)  # frames per clip (inclusive)
 FPS = 12
@@ -40,8 +58,12 @@ data.register(
     data.DatasetSpec('demo_kinetics', 'video', 'kinetics', 'kinetics', rate=6),  # 12 fps: 8 frames span ~19
     data.DatasetSpec('demo_ssv2', 'video', 'segment', 'ssv2', flip=False),
     # one big object, which an 8% crop would miss; 32 px stills cost little, but 2x the video batch suffices
-    data.image_spec('demo_imagenet', 'imagenet', min_area=0.35, batch_scale=2))
+    data.image_spec('demo_imagenet', 'imagenet', min_area=0.35, batch_scale=2),
+    data.DatasetSpec('demo_few_kinetics', 'video', 'kinetics', 'kinetics', rate=6),
+    data.DatasetSpec('demo_few_ssv2', 'video', 'segment', 'ssv2', flip=False),
+    data.image_spec('demo_few_images', 'imagenet', min_area=0.35, batch_scale=2))
 NAMES = ['demo_kinetics', 'demo_ssv2', 'demo_imagenet']
+FEW_NAMES = ['demo_few_kinetics', 'demo_few_ssv2', 'demo_few_images']
 
 
 @contextlib.contextmanager
@@ -107,10 +129,10 @@ def render(rng, shape, h, w, xs, ys, rs, angles):
 
 def clip(rng, shape, motion=None):
     """(n, H, W, 3) BGR. motion None: the shape wanders, bouncing inside a central box (demo_kinetics);
-    otherwise an index into MOTIONS."""
+    'still': it stays where it is, but for hand-held jitter; otherwise an index into MOTIONS."""
     (h, w), n = HW, int(rng.integers(LENGTH[0], LENGTH[1] + 1))
     t = np.linspace(0, 1, n)
-    rs = np.full(n, rng.uniform(13, 16) if motion is None else rng.uniform(11, 14))  # motion needs room
+    rs = np.full(n, rng.uniform(13, 16) if motion in (None, 'still') else rng.uniform(11, 14))  # room to move
     # mostly upright, turning a little: at 32 px a freely turned square is hard to tell from a disc
     angles = rng.uniform(-0.4, 0.4) + t * rng.uniform(-0.5, 0.5)
     if motion is None:
@@ -123,6 +145,9 @@ def clip(rng, shape, motion=None):
             vel = np.where((pos + vel < lo) | (pos + vel > hi), -vel, vel)
             pos = np.clip(pos + vel, lo, hi)
         xs, ys = np.array(path).T
+    elif motion == 'still':
+        x, y = rng.uniform(w / 2 - 10, w / 2 + 10), rng.uniform(h / 2 - 6, h / 2 + 6)
+        xs, ys = x + rng.normal(0, 0.5, n), y + rng.normal(0, 0.5, n)
     else:
         a, b, c = rng.uniform(0.15, 0.3), rng.uniform(0.7, 0.85), rng.uniform(0.35, 0.65)
         along = a + (b - a) * (t if motion in (0, 3) else t[::-1])  # travel fraction: rising or falling
@@ -153,37 +178,39 @@ def write_video(path, frames, fourcc):
     vw.release()
 
 
-def splits(name):
-    return [('train', TRAIN_PER_CLASS[name]), ('val', VAL_PER_CLASS)]
+def splits(name, classes, train_per_class=None, val_per_class=None):
+    val = val_per_class or (FEW_VAL // classes if name in FEW_NAMES else VAL_PER_CLASS)
+    return [('train', train_per_class or TRAIN_PER_CLASS[name]), ('val', val)]
 
 
-def make_kinetics(out):
+def make_kinetics(out, name='demo_kinetics', train_per_class=None, val_per_class=None):
     os.makedirs(os.path.join(out, 'annotations'))
-    for split, per_class in splits('demo_kinetics'):
+    classes = KINETICS_CLASSES[name]
+    for split, per_class in splits(name, len(classes), train_per_class, val_per_class):
         os.makedirs(os.path.join(out, split))
         rows = [['label', 'youtube_id', 'time_start', 'time_end', 'split']]
-        for i in range(per_class * len(SHAPES)):
-            rng = np.random.default_rng([SEED, 0, split == 'val', i])
-            label = SHAPES[i % len(SHAPES)]
+        for i in range(per_class * len(classes)):
+            rng = np.random.default_rng([SEED, STREAMS[name], split == 'val', i])
+            label, shape, motion = classes[i % len(classes)]
             yid = ''.join(rng.choice(list(string.ascii_letters + string.digits + '-_'), 11))
             t0 = int(rng.integers(0, 290))
-            name = f'{yid}_{t0:06d}_{t0 + 10:06d}.mp4'
-            write_video(os.path.join(out, split, name), clip(rng, label), 'mp4v')
+            file = f'{yid}_{t0:06d}_{t0 + 10:06d}.mp4'
+            write_video(os.path.join(out, split, file), clip(rng, shape, motion), 'mp4v')
             rows.append([label, yid, t0, t0 + 10, 'train' if split == 'train' else 'validate'])
         with open(os.path.join(out, 'annotations', f'{split}.csv'), 'w', newline='') as f:
             csv.writer(f).writerows(rows)
 
 
-def make_ssv2(out):
+def make_ssv2(out, name='demo_ssv2', train_per_class=None, val_per_class=None):
     os.makedirs(os.path.join(out, '20bn-something-something-v2'))
     labels = {t.replace('[', '').replace(']', ''): str(k) for k, t in enumerate(MOTIONS)}
     with open(os.path.join(out, 'something-something-v2-labels.json'), 'w') as f:
         json.dump(labels, f, indent=1)
     next_id = 1
-    for split, per_class in splits('demo_ssv2'):
+    for split, per_class in splits(name, len(MOTIONS), train_per_class, val_per_class):
         items = []
         for i in range(per_class * len(MOTIONS)):
-            rng = np.random.default_rng([SEED, 1, split == 'val', i])
+            rng = np.random.default_rng([SEED, STREAMS[name], split == 'val', i])
             motion, shape = i % len(MOTIONS), SHAPES[int(rng.integers(len(SHAPES)))]
             write_video(os.path.join(out, '20bn-something-something-v2', f'{next_id}.webm'),
                         clip(rng, shape, motion), 'VP90')
@@ -191,37 +218,40 @@ def make_ssv2(out):
             items.append({'id': str(next_id), 'label': label[0].lower() + label[1:],
                           'template': MOTIONS[motion], 'placeholders': [shape]})
             next_id += 1
-        name = f"something-something-v2-{'train' if split == 'train' else 'validation'}.json"
-        with open(os.path.join(out, name), 'w') as f:
+        file = f"something-something-v2-{'train' if split == 'train' else 'validation'}.json"
+        with open(os.path.join(out, file), 'w') as f:
             json.dump(items, f, indent=1)
 
 
-def make_imagenet(out):
-    wnids = [f'n{90000000 + k}' for k in range(len(SHAPES))]  # wnid-like names; class k is SHAPES[k]
-    for split, per_class in splits('demo_imagenet'):
+def make_imagenet(out, name='demo_imagenet', train_per_class=None, val_per_class=None):
+    shapes = IMAGE_CLASSES[name]
+    wnids = [f'n{90000000 + k}' for k in range(len(shapes))]  # wnid-like names; class k is shapes[k]
+    for split, per_class in splits(name, len(shapes), train_per_class, val_per_class):
         for k, wnid in enumerate(wnids):
             os.makedirs(os.path.join(out, split, wnid))
             for i in range(per_class):
-                rng = np.random.default_rng([SEED, 2, split == 'val', k, i])
+                rng = np.random.default_rng([SEED, STREAMS[name], split == 'val', k, i])
                 serial = k * per_class + i
-                name = f'{wnid}_{i}.JPEG' if split == 'train' else f'ILSVRC2012_val_{serial:08d}.JPEG'
-                path = os.path.join(out, split, wnid, name)
-                cv2.imwrite(path, still(rng, SHAPES[k]), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                file = f'{wnid}_{i}.JPEG' if split == 'train' else f'ILSVRC2012_val_{serial:08d}.JPEG'
+                path = os.path.join(out, split, wnid, file)
+                cv2.imwrite(path, still(rng, shapes[k]), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
-MAKERS = {'demo_kinetics': make_kinetics, 'demo_ssv2': make_ssv2, 'demo_imagenet': make_imagenet}
+MAKERS = {'demo_kinetics': make_kinetics, 'demo_ssv2': make_ssv2, 'demo_imagenet': make_imagenet,
+          'demo_few_kinetics': make_kinetics, 'demo_few_ssv2': make_ssv2, 'demo_few_images': make_imagenet}
 
 
-def prepare(data_dir, names=NAMES):
-    """Write <data_dir>/<name> for each demo set among `names` unless it is there at VERSION."""
+def prepare(data_dir, names=NAMES, train_per_class=None, val_per_class=None):
+    """Write <data_dir>/<name> for each demo set among `names` unless it is there at VERSION, with
+    train_per_class training clips a class (else TRAIN_PER_CLASS's), val_per_class validation clips."""
     for name in names:
         if name.startswith('demo_') and name not in MAKERS:
-            raise data.DatasetError(f"unknown demo dataset '{name}': the demo sets are {NAMES}")
+            raise data.DatasetError(f"unknown demo dataset '{name}': the demo sets are {NAMES + FEW_NAMES}")
         if name in MAKERS:
-            write_once(name, data_dir)
+            write_once(name, data_dir, train_per_class, val_per_class)
 
 
-def write_once(name, data_dir):
+def write_once(name, data_dir, train_per_class=None, val_per_class=None):
     """Written to a private temporary folder and renamed into place: a half-written set is never read,
     and processes racing to write it do not collide."""
     target = os.path.join(data_dir, name)
@@ -242,7 +272,7 @@ def write_once(name, data_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     t0 = time.time()
-    MAKERS[name](tmp)
+    MAKERS[name](tmp, name, train_per_class, val_per_class)
     with open(os.path.join(tmp, 'DEMO_VERSION'), 'w') as f:
         f.write(f'{VERSION}\n')
     try:

@@ -88,6 +88,7 @@ def arguments(description):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--video", help="one video or image file instead of the datasets")
     p.add_argument("--head", help="with --video: which dataset's classes (default: the first head)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="the datasets' split")
     p.add_argument("--live", action="store_true", help="the live weights, not their moving average (--ema)")
     return p
 
@@ -152,7 +153,7 @@ def main(argv=None):
         for p, i in zip(*prob.topk(min(5, len(prob)))):
             print(f"{p.item():7.2%}  {label_maps[names[0]][i]}")
         return
-    datasets = open_datasets(args, rt, run, label_maps, names)
+    datasets = open_datasets(args, rt, run, label_maps, names, args.split)
     test_all(model, datasets, batch_sizes=dict.fromkeys(names, args.batch_size), rank=rt.rank, world=rt.world,
              out=args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"),
              normalize=normalize, device=rt.device, dtype=dtype, workers=args.workers)

@@ -53,7 +53,6 @@ def extract(model, dataset, out, *, normalize, device, dtype=torch.float32, rank
 
 def main(argv=None):
     p = arguments(__doc__)
-    p.add_argument("--split", default="val", choices=["train", "val"], help="the datasets' split")
     p.add_argument("--out", help="the folder to write to (default: <ckpt folder>/features)")
     args = p.parse_args(argv)
     rt, model, run, label_maps, names = load(args)

@@ -19,7 +19,9 @@ RECIPES = {
                  std="0.225,0.225,0.225"),
     # CoVeR on real data, with the official TimeSformer K400 recipe where the paper gives one: SGD with
     # nesterov momentum, lr 0.005, weight decay 1e-4, global batch 64, 8x224 clips; round robin, long
-    # enough that K400 gets the official 15 epochs (56,250 steps of 64 clips each dataset).
+    # enough that K400 gets the official 15 epochs (56,250 steps of 64 clips each dataset). In both
+    # recipes one clip per decoded video (more cost accuracy per step on the demo: docs/performance.md),
+    # and no mixup, cutmix, EMA or layer decay (the official recipe has none).
     "cover": dict(datasets="k400,ssv2,in21k", weights="", model="base", img_size=224, frames=8, batch_size=64,
                   optimizer="sgd", lr=0.005, min_lr=0.0, weight_decay=1e-4, warmup_steps=1000,
                   max_steps=168_750, eval_every=5000, save_every=1000, dtype="bf16", workers=8, num_sample=1,

@@ -250,10 +250,9 @@ class TimeSformer(nn.Module):
         self.forward_features = torch.compile(self.forward_features, **kwargs)
 
     def param_groups(self, weight_decay, layer_decay=1.0):
-        """Every parameter once; weight decay on matrices only, not on biases, norms and embeddings.
-        Layer-wise lr decay (layer_decay < 1, for fine-tuning): each group's lr_scale is layer_decay **
-        (depth - i) for block i (counted from 0 at the input), ** (depth + 1) for the embeddings, and 1 for
-        the final norm and the heads."""
+        """Every parameter once; weight decay on matrices only, not on biases, norms and embeddings. Each
+        group's lr_scale (layer_decay < 1 when fine-tuning): layer_decay ** (depth - i) for block i counted
+        from 0 at the input, ** (depth + 1) for the embeddings, 1 for the final norm and the heads."""
         no_decay_names = {"cls_token", "pos_embed", "time_embed"}
         groups = {}  # (lr_scale, decayed) -> group
         for name, prm in self.named_parameters():

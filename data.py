@@ -118,7 +118,8 @@ def integer_ratio(weights):
     """Small integers in the ratio of the weights: [2, 1, 1] for 0.5, 0.25, 0.25. Awkward ratios are
     rounded to 1/10,000 rather than make a period of more than 100,000 steps."""
     fracs = [Fraction(w).limit_denominator(1000) for w in weights]
-    ints = [int(f * math.lcm(*(f.denominator for f in fracs))) for f in fracs]
+    lcm = math.lcm(*(f.denominator for f in fracs))
+    ints = [int(f * lcm) for f in fracs]
     ints = [i // math.gcd(*ints) for i in ints]
     if sum(ints) > 100_000:
         ints = [max(1, round(10_000 * w / sum(weights))) for w in weights]

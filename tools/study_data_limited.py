@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)  # the project's modules live in the parent folder
 import demo  # noqa: E402
 import eval as eval_py  # noqa: E402
 import train as train_py  # noqa: E402
+from study import cell  # noqa: E402  (mean ± std over seeds, as the step-limited study prints it)
 
 KIN, SSV2, IMG = "demo_few_kinetics", "demo_few_ssv2", "demo_few_images"
 VIDEO = (KIN, SSV2)
@@ -105,12 +106,6 @@ def runs_of(n, seed, args):
         out[("images, then alone", v)] = train(os.path.join(folder, f"images_then_{v}"), [v], S, seed,
                                               data_dir, args, init)[v]
     return out
-
-
-def cell(values):
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def table(results, ns, seeds):

@@ -84,6 +84,35 @@ def test_image_crop_scale_comes_from_the_spec(tmp_path, small_demo, monkeypatch)
     assert seen == [(0.35, 1.0)] and data.SPECS['in1k'].min_area == 0.08
 
 
+def test_data_limited_sets_nest_keep_their_validation_and_still_means_still(tmp_path):
+    """The study's sets: N = 1 training clips a class are the first of N = 2, the validation clips are the
+    same for both, and demo_few_kinetics' 'still' shapes move less than its 'moving' ones."""
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), 'rb').read()
+                for d, _, fs in os.walk(root) for f in fs if f.endswith(('.mp4', '.JPEG', '.csv'))}
+    sets = {}
+    for n in (1, 2):
+        demo.prepare(str(tmp_path / f'n{n}'), ['demo_few_kinetics', 'demo_few_images'], train_per_class=n,
+                     val_per_class=2)
+        sets[n] = {name: files(tmp_path / f'n{n}' / name) for name in ('demo_few_kinetics', 'demo_few_images')}
+    for name in sets[1]:
+        val = {k: v for k, v in sets[1][name].items() if 'val' in k and not k.endswith('.csv')}
+        assert val and all(sets[2][name][k] == v for k, v in val.items())
+        train1 = [v for k, v in sets[1][name].items() if 'train' in k and not k.endswith('.csv')]
+        assert train1 and set(train1) <= set(sets[2][name].values())
+    ds = data.build_dataset('demo_few_kinetics', tmp_path / 'n2', 'train', img_size=32)
+    assert ds.classes == sorted(f'{s} {m}' for s in ('circle', 'triangle', 'cross') for m in ('still', 'moving'))
+    travel = {}  # how far the bright shape's centre goes over the clip, in pixels
+    for i in range(len(ds)):
+        frames = video.read_video(ds.samples.path(i), range(demo.LENGTH[0])).max(axis=-1)
+        centres = np.array([np.argwhere(f > 200).mean(axis=0) for f in frames])
+        state = ds.classes[ds.samples.labels[i]].split()[1]
+        travel.setdefault(state, []).append(np.linalg.norm(np.diff(centres, axis=0), axis=1).sum())
+    assert max(travel['still']) < min(travel['moving']), travel
+    assert data.build_dataset('demo_few_images', tmp_path / 'n2', 'val').classes == ['n90000000', 'n90000001',
+                                                                                       'n90000002']
+
+
 def test_unknown_demo_name_is_refused():
     with pytest.raises(data.DatasetError, match='demo sets are'):
         demo.prepare('unused', ['demo_nope'])

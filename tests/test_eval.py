@@ -36,6 +36,14 @@ def test_eval_cli_counts_and_single_video(demo_dir, trained, capsys):
     assert len(lines) == min(5, len(classes)) and all(line.split()[-1] in classes for line in lines)
 
 
+def test_eval_on_the_training_split_counts_every_training_clip(demo_dir, trained):
+    out = trained / "train_split.json"
+    evaluate_mod.main(["--ckpt", str(trained / "ckpt.pt"), "--split", "train", "--views", "1x1", "--workers", "0",
+                       "--datasets", "demo_imagenet", "--out", str(out)])
+    result = json.load(open(out))["demo_imagenet"]
+    assert result["clips"] == len(data.build_dataset("demo_imagenet", demo_dir, "train")) and result["views"] == 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--video", "missing.mp4"], "cannot read missing.mp4"),
     (["--video", "README.md", "--head", "demo_imagenet"], "cannot read README.md"),

@@ -6,8 +6,8 @@ real layouts so the real parsers read them, and registered in data.SPECS on impo
   demo_ssv2       SSv2 layout, VP9 webm: the label is the motion, left/right included (no flip)
   demo_imagenet   ImageNet folders, JPEG stills of the same shapes
 
-The data-limited sets of `tools/study.py --regime data-limited` share structure without sharing labels,
-as the real datasets do, and have fixed validation sets of 216 clips; their training clips per class are
+The data-limited sets of `tools/study_data_limited.py` share structure without sharing labels, as
+the real datasets do, and have fixed validation sets of 216 clips; their training clips per class are
 the study's variable (the first N of a fixed sequence, so a smaller set is part of a larger one):
 
   demo_few_kinetics   Kinetics layout: a shape, still or moving (appearance and some motion)

@@ -108,6 +108,11 @@ def runs_of(n, seed, args):
     return out
 
 
+def gain(results, n, seeds, row, v):
+    """Per seed, video set v's best validation top-1 in a row minus alone (points)."""
+    return [results[(n, s)][(row, v)]["best_val"] - results[(n, s)][("alone", v)]["best_val"] for s in seeds]
+
+
 def table(results, ns, seeds):
     """Markdown: per N and row, each video set's best validation top-1 (and training top-1, final test)."""
     lines = ["| N a class | training | " + " | ".join(f"{short(v)}: best val / train / test" for v in VIDEO)
@@ -118,9 +123,7 @@ def table(results, ns, seeds):
             for v in VIDEO:
                 runs = [results[(n, s)][(row, v)] for s in seeds]
                 cells.append(" / ".join(cell([r[k] for r in runs]) for k in ("best_val", "train", "test")))
-                alone = [results[(n, s)][("alone", v)]["best_val"] for s in seeds]
-                gain = [r["best_val"] - a for r, a in zip(runs, alone)]
-                gains.append("-" if row == "alone" else cell(gain))
+                gains.append("-" if row == "alone" else cell(gain(results, n, seeds, row, v)))
             lines.append(f"| {n} | {row} | " + " | ".join(cells) + " | " + " | ".join(gains) + " |")
     return lines
 
@@ -138,8 +141,7 @@ def plot(results, ns, seeds, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, v in zip(axes, VIDEO):
         for k, row in enumerate(r for r in MIXES if r != "alone"):
-            gains = [[results[(n, s)][(row, v)]["best_val"] - results[(n, s)][("alone", v)]["best_val"]
-                      for s in seeds] for n in ns]
+            gains = [gain(results, n, seeds, row, v) for n in ns]
             x = [n * (1.06 ** (k - 1)) for n in ns]  # side by side on the log axis
             mean = [statistics.mean(g) for g in gains]
             spread = [statistics.stdev(g) if len(g) > 1 else 0 for g in gains]

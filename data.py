@@ -24,7 +24,8 @@ from PIL import Image
 
 from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, listing
 from video import (READ_ERRORS, VideoError, crop_resize, eval_image_box, eval_video_boxes, hflip, image_crops,
-                   image_size, random_resized_box, read_video, train_video_box, video_info)
+                   image_size, open_video, random_resized_box, train_video_box)
+from video import read_video  # noqa: F401  (`from data import read_video` is public)
 
 log = logging.getLogger(__name__)
 MAX_TRIES = 10  # substitutes tried for an unreadable training sample before giving up
@@ -282,24 +283,25 @@ class ClipDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack(views)).permute(0, 4, 1, 2, 3).contiguous()  # (V, C, T, H, W)
 
     def read_clips(self, path, t_seeds=None):
-        """(T, H, W, 3) clips of one video, all from one decode: one per seed in t_seeds (training), else
-        the spec's test clips. A header that claims more frames than the file has is found out by the read
-        that runs off the end, which tells the true length; the same seeds then draw again."""
-        if path not in self.lengths:
-            self.lengths[path] = video_info(path)
-        for attempt in range(2):
-            n, fps = self.lengths[path]
-            if t_seeds is None:
-                k = self.spec.test_clips
-                clips = [self.indices(n, fps, clip_idx=c, num_clips=k) for c in range(k)]
-            else:
-                clips = [self.indices(n, fps, rng=np.random.default_rng(int(s))) for s in t_seeds]
-            try:
-                return np.split(read_video(path, np.concatenate(clips)), len(clips))
-            except VideoError as e:
-                if attempt or not e.num_frames:
-                    raise
-                self.lengths[path] = (e.num_frames, fps)
+        """(T, H, W, 3) clips of one video, from one open and one decode: one per seed in t_seeds (training),
+        else the spec's test clips. A length that claims more frames than the file has is found out by the
+        read that runs off the end, which tells the true length; the same seeds then draw again."""
+        with open_video(path) as video:
+            if path not in self.lengths:
+                self.lengths[path] = video.length, video.fps
+            for attempt in range(2):
+                n, fps = self.lengths[path]
+                if t_seeds is None:
+                    k = self.spec.test_clips
+                    clips = [self.indices(n, fps, clip_idx=c, num_clips=k) for c in range(k)]
+                else:
+                    clips = [self.indices(n, fps, rng=np.random.default_rng(int(s))) for s in t_seeds]
+                try:
+                    return np.split(video.read(np.concatenate(clips)), len(clips))
+                except VideoError as e:
+                    if attempt or not e.num_frames:
+                        raise
+                    self.lengths[path] = (e.num_frames, fps)
 
     def indices(self, n, fps, rng=None, clip_idx=0, num_clips=1):
         if self.spec.sampling == 'segment':

@@ -39,70 +39,233 @@ READ_ERRORS = (SampleError, OSError, ValueError, SyntaxError, EOFError, struct.e
                Image.DecompressionBombError)
 
 # -----------------------------------------------------------------------------
-# videos
+# videos. Frame i is the i-th frame that a decode from the start shows. Two readers, the same frames: PyAV's
+# (an optional install, used when importable) decodes from the keyframe before each wanted frame; OpenCV's
+# decodes from the start. Each opens the file once per sample: its length and fps, then the frames.
+
+try:
+    import av
+    BACKEND = 'pyav'
+except ImportError:
+    BACKEND = 'opencv'
 
 
 def open_video(path):
+    """An open video: .length (frames), .fps, .read(indices), and close() (or use it in a with block)."""
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
-    # one decoder thread: the parallelism comes from DataLoader workers
-    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
-    if not cap.isOpened():
-        raise VideoError(f"{path}: FFmpeg cannot open it (corrupt, truncated or not a video)")
-    return cap
+    return PyAVVideo(path) if BACKEND == 'pyav' else OpenCVVideo(path)
+
+
+def read_video(path, indices):
+    """uint8 (len(indices), H, W, 3) RGB: exactly the frames at those 0-based indices, in any order."""
+    with open_video(path) as v:
+        return v.read(indices)
+
+
+def video_info(path):
+    """(frames, fps). A length too large (a truncated file) can look plausible: a read past the true end
+    finds it out (VideoError.num_frames)."""
+    with open_video(path) as v:
+        return v.length, v.fps
+
+
+class Video:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_fps(self, fps):
+        if math.isfinite(fps) and 0 < fps < 1000:  # broken webm headers say 1000
+            return fps
+        log.warning(f"{self.path}: unusable fps {fps} in the header, assuming 30")
+        return 30.0
+
+    def read(self, indices):
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size == 0 or indices.min() < 0:
+            raise ValueError(f"need non-negative frame indices, got {indices}")
+        kept = self.frames(sorted(set(indices.tolist())))
+        return np.stack([kept[i] for i in indices.tolist()])  # (T, H, W, 3)
+
+    def ends(self, last, n):
+        return VideoError(f"{self.path}: frame {last} requested but the video ends after {n} frames", num_frames=n)
+
+
+class OpenCVVideo(Video):
+    """Never seeks (OpenCV's seeks are exact only at keyframes on some codecs, and number frames by the
+    frame rate): decodes from the start, grab() for the frames it skips (no colour conversion), retrieve()
+    for the ones it keeps. The length is the header's when plausible, else counted by decoding."""
+
+    def __init__(self, path):
+        self.path, self.used = path, False
+        self.cap = self.open()
+        n, fps = header(self.cap)
+        self.fps = self.check_fps(fps)
+        self.counted = n if 0 < n <= 1_000_000 and fps == self.fps else None
+
+    def open(self):
+        # one decoder thread: the parallelism comes from DataLoader workers
+        cap = cv2.VideoCapture(self.path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+        if not cap.isOpened():
+            raise VideoError(f"{self.path}: FFmpeg cannot open it (corrupt, truncated or not a video)")
+        return cap
+
+    def rewind(self):
+        if self.used:
+            self.cap.release()
+            self.cap = self.open()
+        self.used = True
+
+    @property
+    def length(self):
+        if self.counted is None:  # no usable header: count, once
+            self.rewind()
+            self.counted = 0
+            while self.cap.grab():
+                self.counted += 1
+            if self.counted == 0:
+                raise VideoError(f"{self.path}: no decodable frames")
+        return self.counted
+
+    def frames(self, wanted):
+        self.rewind()
+        kept, want = {}, set(wanted)
+        for i in range(wanted[-1] + 1):
+            if not self.cap.grab():
+                raise self.ends(wanted[-1], i)
+            if i in want:
+                ok, frame = self.cap.retrieve()
+                if not ok or frame is None:
+                    raise VideoError(f"{self.path}: frame {i} could not be converted")
+                kept[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        return kept
+
+    def close(self):
+        self.cap.release()
 
 
 def header(cap):  # (frame count, fps), as the file states them
     return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS))
 
 
-def video_info(path):
-    """(true number of frames, fps): the header when plausible, else counted by decoding. A count too large
-    (a truncated file) looks plausible: read_video finds it out (VideoError.num_frames)."""
-    cap = open_video(path)
-    try:
-        n, fps = header(cap)
-        fps_ok = math.isfinite(fps) and 0 < fps < 1000  # broken webm headers say 1000
-        if n <= 0 or n > 1_000_000 or not fps_ok:
-            n = 0
-            while cap.grab():
-                n += 1
-    finally:
-        cap.release()
-    if n == 0:
-        raise VideoError(f"{path}: no decodable frames")
-    if not fps_ok:  # datasets ask once per file (they keep the answer)
-        log.warning(f"{path}: unusable fps {fps} in the header, assuming 30")
-        fps = 30.0
-    return n, fps
+# Pixel formats whose RGB conversion by PyAV's libswscale equals OpenCV's to the bit; others (10-bit,
+# semi-planar) may round differently, so OpenCV decodes those files.
+SAME_RGB = {'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p', 'gray', 'pal8', 'rgb24', 'bgr24',
+            'bgr0', 'rgb0'}
 
 
-def read_video(path, indices):
-    """uint8 (len(indices), H, W, 3) RGB: exactly the frames at those 0-based decode-order indices.
+class PyAVVideo(Video):
+    """Lists the packets once (timestamps and keyframe flags, no decoding) and numbers the frames by their
+    sorted timestamps; each wanted frame is decoded from the last keyframe at or before it, unless the
+    decoder is already on its way there. Every frame decoded must carry the timestamp its number expects;
+    where timestamps are missing or repeat, or a frame breaks the numbering, it decodes from the start, as
+    OpenCVVideo does. Only the kept frames are converted to RGB (by libswscale, as OpenCV converts)."""
 
-    Never seeks (frame seeks are exact only at keyframes on some codecs): decodes from the start,
-    grab() for frames we skip (no colour conversion), retrieve() for the ones we keep.
-    """
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if indices.size == 0 or indices.min() < 0:
-        raise ValueError(f"need non-negative frame indices, got {indices}")
-    wanted, last, kept = set(indices.tolist()), int(indices.max()), {}
-    cap = open_video(path)
-    try:
-        for i in range(last + 1):
-            if not cap.grab():
-                raise VideoError(f"{path}: frame {last} requested but the video ends after {i} frames",
-                                 num_frames=i)
-            if i in wanted:
-                ok, frame = cap.retrieve()
-                if not ok or frame is None:
-                    raise VideoError(f"{path}: frame {i} could not be converted")
-                kept[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-    finally:
-        cap.release()
-    return np.stack([kept[i] for i in indices.tolist()])  # (T, H, W, 3)
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.container = av.open(path)
+        except (av.FFmpegError, UnicodeDecodeError):
+            raise VideoError(f"{path}: FFmpeg cannot open it (corrupt, truncated or not a video)") from None
+        try:
+            self.stream = next((s for s in self.container.streams.video
+                                if not s.disposition & av.stream.Disposition.attached_pic), None)  # not cover art
+            if self.stream is None:
+                raise VideoError(f"{path}: no video stream")
+            self.decoder = self.stream.codec_context
+            self.decoder.thread_count = 1  # the parallelism comes from DataLoader workers
+            self.opencv = None if self.decoder.format and self.decoder.format.name in SAME_RGB else OpenCVVideo(path)
+            self.list_packets()
+            fps = self.stream.average_rate or self.stream.guessed_rate
+            self.fps = self.check_fps(float(fps) if fps else 0.0)
+        except BaseException:
+            self.container.close()
+            raise
+
+    def list_packets(self):
+        self.packets = []  # in decoding order
+        try:
+            self.packets += [p for p in self.container.demux(self.stream) if p.size]
+        except av.FFmpegError:
+            pass  # a truncated file: what could be read is what there is
+        shown = [p.pts for p in self.packets if not p.is_discard]  # discarded: before an edit list's start
+        self.length = len(shown)
+        if not self.length:
+            raise VideoError(f"{self.path}: no decodable frames")
+        self.exact = None not in shown and len(set(shown)) == len(shown)
+        if self.exact:
+            self.pts = sorted(shown)  # frame i is shown at self.pts[i]
+            self.number = {t: i for i, t in enumerate(self.pts)}
+            self.position = {self.number[p.pts]: q for q, p in enumerate(self.packets) if not p.is_discard}
+            self.keyframes = [q for q, p in enumerate(self.packets)
+                              if q == 0 or (p.is_keyframe and not p.is_discard)]
+
+    def frames(self, wanted):
+        if self.opencv:
+            return self.opencv.frames(wanted)
+        if self.exact and wanted[-1] < self.length:
+            kept = self.seek_and_decode(wanted)
+            if kept is not None:
+                return kept
+            self.exact = False  # the timestamps lied: no more seeking in this file
+        return self.decode_from_start(wanted)
+
+    def seek_and_decode(self, wanted):
+        """{i: RGB frame i} for the wanted frames (ascending), or None where the numbering proves wrong."""
+        kept, want, fed = {}, set(wanted), None  # fed: the last packet given to the decoder since its reset
+        for i in wanted:
+            # the last keyframe before frame i both in decoding and in showing order
+            start = next(q for q in reversed(self.keyframes)
+                         if q <= self.position[i] and (q == 0 or self.packets[q].pts <= self.pts[i]))
+            if fed is None or start > fed:  # not on its way to frame i: start decoding at that keyframe
+                self.decoder.flush_buffers()
+                fed, first = start - 1, self.packets[start].pts if start else None
+                expect = self.number[first] if start else 0
+            while i not in kept:
+                fed += 1
+                if fed > len(self.packets):
+                    return None  # frame i never came out
+                for frame in self.decode(self.packets[fed] if fed < len(self.packets) else None):
+                    if first is not None and frame.pts is not None and frame.pts < first:
+                        continue  # shown before the keyframe but decoded after it: not ours to check
+                    if expect >= self.length or frame.pts != self.pts[expect]:
+                        return None
+                    if expect in want:
+                        kept[expect] = self.rgb(frame)
+                    expect += 1
+        return kept
+
+    def decode_from_start(self, wanted):
+        kept, want, i = {}, set(wanted), 0
+        self.decoder.flush_buffers()
+        for packet in self.packets + [None]:  # None: drain the decoder
+            for frame in self.decode(packet):
+                if i in want:
+                    kept[i] = self.rgb(frame)
+                i += 1
+                if i > wanted[-1]:
+                    return kept
+        raise self.ends(wanted[-1], i)
+
+    def decode(self, packet):
+        try:
+            return self.decoder.decode(packet)
+        except av.FFmpegError:  # a broken packet gives no frame and decoding goes on, as in OpenCV
+            return []
+
+    def rgb(self, frame):
+        rgb = frame.to_ndarray(format='rgb24')
+        return np.rot90(rgb, frame.rotation // 90) if frame.rotation else rgb  # as shown, as OpenCV turns it
+
+    def close(self):
+        self.container.close()
+        if self.opencv:
+            self.opencv.close()
 
 # -----------------------------------------------------------------------------
 # images

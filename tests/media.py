@@ -86,3 +86,17 @@ def make_ssv2(root, train, val, frames=None, labels=None):
             write_video(root / '20bn-something-something-v2' / f'{i}.webm',
                         noise_frames(6, 24, 32) if frames is None else frames)
     return labels
+
+
+def ffmpeg_video(path, *args, source="testsrc2=s=64x48:r=25:d=6,noise=alls=30:allf=t+u", inputs=None):
+    """A video written by FFmpeg (imageio-ffmpeg's binary) from a moving test pattern with grain, or from
+    `inputs`: the encoder options and containers that fast readers get wrong."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y",
+           *(inputs or ["-f", "lavfi", "-i", source]), *args, str(path)]
+    subprocess.run(cmd, check=True)
+    return str(path)

@@ -1,5 +1,6 @@
 """video.py on real encoded files that each test writes into tmp_path (never ../shared): frame-exact decoding
-checked against PyAV, lying and missing headers, image modes and EXIF, crop boxes."""
+on both readers (PyAV's seeking one and OpenCV's), checked against a decode from the start, on the files fast
+readers get wrong; lying and missing headers, image modes and EXIF, crop boxes."""
 
 import subprocess
 import sys
@@ -11,11 +12,18 @@ import pytest
 from PIL import Image
 
 import video  # conftest.py puts the project root on sys.path
-from media import decode_all, noise_frames, write_image, write_video
+from media import decode_all, ffmpeg_video, noise_frames, write_image, write_video
+
+
+@pytest.fixture(params=['pyav', 'opencv'])
+def backend(request, monkeypatch):
+    """Each test that takes it runs once per reader."""
+    monkeypatch.setattr(video, 'BACKEND', request.param)
+    return request.param
 
 
 @pytest.mark.parametrize('ext', ['.mp4', '.webm', '.avi'])
-def test_read_video_is_frame_exact(tmp_path, ext):
+def test_read_video_is_frame_exact(tmp_path, ext, backend):
     path = write_video(tmp_path / f'v{ext}', noise_frames(30))
     full = decode_all(path)
     assert len(full) == 30 and all((full[i] != full[i + 1]).any() for i in range(29))
@@ -36,7 +44,107 @@ def test_read_video_matches_pyav(tmp_path, ext):
     np.testing.assert_array_equal(video.read_video(path, idx), ref[idx])
 
 
-def test_read_video_past_end_and_bad_files(tmp_path):
+X264 = ['-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-preset', 'veryfast']
+OPEN_GOP = X264 + ['-g', '12', '-bf', '3', '-x264-params', 'open-gop=1:scenecut=0']
+VFR = "testsrc2=s=64x48:r=50:d=5,noise=alls=30:allf=t+u,select='not(eq(mod(n\\,5)\\,3))*not(eq(mod(n\\,7)\\,2))'"  # drops
+# name -> (FFmpeg arguments, lavfi source or input file): what makes frame numbering or seeking go wrong
+HARD_FILES = {
+    'long_gop_bframes.mp4': (X264 + ['-g', '250', '-bf', '3'], None),  # B-frames shown out of decoding order
+    'open_gop.mp4': (OPEN_GOP, None),  # frames after a keyframe that refer to the GOP before it
+    'open_gop.mkv': (OPEN_GOP, None),
+    'vfr.mp4': (X264 + ['-g', '12', '-bf', '2', '-fps_mode', 'passthrough'], VFR),  # pts x fps is no frame number
+    'vfr.mkv': (X264 + ['-g', '12', '-bf', '2', '-fps_mode', 'passthrough'], VFR),
+    'repeated_pts.mp4': (X264 + ['-g', '12', '-bf', '2', '-fps_mode', 'passthrough'],
+                         'testsrc2=s=64x48:r=25:d=6,noise=alls=30:allf=t+u,setpts=(N+2*floor(N/5)+floor(N/11))/25/TB'),  # some pts twice
+    'start_offset.mkv': (X264 + ['-g', '12', '-bf', '2', '-output_ts_offset', '3.7'], None),
+    'start_offset.ts': (X264 + ['-g', '12', '-bf', '2'], None),  # MPEG-TS starts at 1.4 s
+    'altref.webm': (['-c:v', 'libvpx-vp9', '-auto-alt-ref', '1', '-lag-in-frames', '16', '-g', '40', '-b:v', '300k',
+                     '-deadline', 'good', '-cpu-used', '8'], None),  # hidden frames
+    'edit_list.mp4': (['-c', 'copy'], ['-ss', '1.3', '-i', 'long_gop_bframes.mp4']),  # decoded, never shown
+    'rotated.mp4': (['-c', 'copy'], ['-display_rotation', '90', '-i', 'open_gop.mp4']),  # shown turned
+    'dts_as_pts.avi': (X264 + ['-g', '12', '-bf', '2'], None),  # AVI stamps frames in decoding order
+    'ten_bit.mkv': (X264[:2] + ['-pix_fmt', 'yuv420p10le', '-g', '12'], None),
+    'prepared_gop8.mp4': (X264 + ['-g', '8', '-bf', '0', '-tune', 'fastdecode', '-movflags', '+faststart'], None),
+}
+
+
+@pytest.fixture(scope='module')
+def hard_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('hard')
+    for name, (args, source) in HARD_FILES.items():
+        inputs = [str(folder / a) if a.endswith('.mp4') else a for a in source] if isinstance(source, list) else None
+        ffmpeg_video(folder / name, *args, inputs=inputs, **({'source': source} if isinstance(source, str) else {}))
+    return folder
+
+
+@pytest.mark.parametrize('name', HARD_FILES)
+def test_frames_equal_a_decode_from_the_start(hard_files, name, backend):
+    """Any indices, in any order, with repeats: the frames a decode from the start shows (OpenCV's, which
+    turns rotated video upright and converts 10-bit its own way), on both readers."""
+    path = str(hard_files / name)
+    full = decode_all(path)
+    assert len(full) > 100 and all((full[i] != full[i + 1]).any() for i in range(len(full) - 1))
+    n = len(full)
+    rng = np.random.default_rng(0)
+    with video.open_video(path) as v:
+        if not name.startswith('start_offset.mkv'):  # that header counts the offset as frames (OpenCV)
+            assert v.length == n or backend == 'opencv'
+        for idx in [rng.integers(0, n, 8), [n - 1, 3, 3, 0, n // 2, n - 1], [n - 1], np.arange(0, n, 7)[::-1],
+                    rng.permutation(n)]:
+            np.testing.assert_array_equal(v.read(idx), full[np.asarray(idx)], err_msg=f'{name} {idx}')
+        if backend == 'pyav':  # it kept seeking (not decoding from the start after a broken numbering)
+            assert v.exact == (name not in ('dts_as_pts.avi', 'repeated_pts.mp4'))
+            assert (v.opencv is None) == (name != 'ten_bit.mkv')
+
+
+@pytest.mark.parametrize('name', ['long_gop_bframes.mp4', 'open_gop.mkv', 'vfr.mp4', 'altref.webm', 'edit_list.mp4',
+                                  'prepared_gop8.mp4'])
+def test_pyav_agrees_with_itself_from_the_start(hard_files, name):
+    """PyAV's own decode from the start, as PySlowFast reads, is the same truth as OpenCV's."""
+    with av.open(str(hard_files / name)) as c:
+        ref = np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
+    np.testing.assert_array_equal(ref, decode_all(hard_files / name))
+
+
+def test_pyav_decodes_from_the_keyframe_before_each_frame(hard_files, monkeypatch):
+    """Frame 100 of a file with a keyframe every 8 frames: at most 8 packets decoded (plus the one that drains
+    the decoder), not 101; where the timestamps lie (AVI gives B-frames their decoding times) the first
+    frame that breaks the numbering is caught, and the file is decoded from the start, still exact."""
+    monkeypatch.setattr(video, 'BACKEND', 'pyav')
+    fed = []
+    real = video.PyAVVideo.decode
+    monkeypatch.setattr(video.PyAVVideo, 'decode', lambda self, p: fed.append(p) or real(self, p))
+    with video.open_video(str(hard_files / 'prepared_gop8.mp4')) as v:
+        assert v.exact and len(v.keyframes) == (v.length + 7) // 8
+        v.read([100])
+        assert len(fed) <= 9, len(fed)
+        fed.clear()
+        v.read([100, 101, 102, 40])  # 40, then 100-102 without starting over
+        assert len(fed) <= 8 + 8 + 2, len(fed)
+    with video.open_video(str(hard_files / 'dts_as_pts.avi')) as v:
+        np.testing.assert_array_equal(v.read([100]), decode_all(hard_files / 'dts_as_pts.avi')[[100]])
+        assert not v.exact
+        fed.clear()
+        v.read([100])
+        assert len(fed) >= 101
+
+
+def test_truncated_file_ends_where_its_reader_stops(hard_files, tmp_path, backend):
+    """Cut short: a read past the end tells how many frames the reader could decode from the start, and
+    those are the frames a decode from the start gives (the readers may disagree by a frame or two at the
+    cut: OpenCV stops at the broken packet, PyAV drains the frames the decoder held back)."""
+    blob = (hard_files / 'open_gop.mkv').read_bytes()
+    path = tmp_path / 'cut.mkv'
+    path.write_bytes(blob[:len(blob) * 6 // 10])
+    full = decode_all(hard_files / 'open_gop.mkv')
+    with pytest.raises(video.VideoError, match='ends after') as e:
+        video.read_video(str(path), [len(full) - 1])
+    n = e.value.num_frames
+    assert len(full) * 0.4 < n < len(full)
+    np.testing.assert_array_equal(video.read_video(str(path), np.arange(n)[::-1]), full[:n][::-1])
+
+
+def test_read_video_past_end_and_bad_files(tmp_path, backend):
     path = write_video(tmp_path / 'v.mp4', noise_frames(10))
     with pytest.raises(video.VideoError, match='ends after 10 frames') as e:
         video.read_video(path, [3, 10])
@@ -53,7 +161,7 @@ def test_read_video_past_end_and_bad_files(tmp_path):
             video.video_info(str(tmp_path / bad))
 
 
-def test_video_info_counts_when_header_has_no_count(tmp_path):
+def test_video_info_counts_when_header_has_no_count(tmp_path, backend):
     """A recorder killed before closing the file: the AVI header says 0 frames (real case, made here)."""
     path = str(tmp_path / 'crash.avi')
     script = (f"import cv2, numpy as np, os\nvw = cv2.VideoWriter({path!r}, cv2.VideoWriter_fourcc(*'MJPG'), 12, (64, 48))\n"
@@ -70,7 +178,11 @@ def test_video_info_distrusts_fps_1000(tmp_path, monkeypatch):
     # broken webm headers report fps 1000; we cannot write such a file with cv2, so patch the header read
     path = write_video(tmp_path / 'v.webm', noise_frames(7))
     monkeypatch.setattr(video, 'header', lambda cap: (-5, 1000.0))
+    monkeypatch.setattr(video, 'BACKEND', 'opencv')
     assert video.video_info(path) == (7, 30.0)
+    monkeypatch.setattr(video, 'BACKEND', 'pyav')  # the same rule for the stream's average rate
+    with video.open_video(path) as v:
+        assert (v.check_fps(1000.0), v.check_fps(float('nan')), v.check_fps(0.0), v.check_fps(12.0)) == (30, 30, 30, 12)
 
 
 def test_load_image_modes(tmp_path):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import video
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
@@ -118,6 +119,7 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
         return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
           f"| {args.dtype} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {source}")
+    print(f"video reader: {video.reader()}")
     print(f"recipe {args.recipe} (recipes.py): " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
     changed = [f"{k}={getattr(args, k)} (recipe: {v})" for k, v in recipe.items()
                if str(getattr(args, k)) != str(v)]

@@ -50,6 +50,13 @@ except ImportError:
     BACKEND = 'opencv'
 
 
+def reader():
+    """Which reader decodes videos, in words, for the start-up report."""
+    if BACKEND == 'pyav':
+        return f"PyAV {av.__version__}: decodes from the keyframe before each frame"
+    return f"OpenCV {cv2.__version__}: decodes from the start (pip install av: decodes from keyframes)"
+
+
 def open_video(path):
     """An open video: .length (frames), .fps, .read(indices), and close() (or use it in a with block)."""
     if not os.path.isfile(path):
@@ -73,6 +80,8 @@ def video_info(path):
 
 
 class Video:
+    """What both readers share: read(indices) asks the reader's frames(sorted unique indices) for {i: RGB}."""
+
     def __enter__(self):
         return self
 
@@ -82,7 +91,9 @@ class Video:
     def check_fps(self, fps):
         if math.isfinite(fps) and 0 < fps < 1000:  # broken webm headers say 1000
             return fps
-        log.warning(f"{self.path}: unusable fps {fps} in the header, assuming 30")
+        if self.path not in _FPS_WARNED:  # once per file and process, not at every sample
+            _FPS_WARNED.add(self.path)
+            log.warning(f"{self.path}: unusable fps {fps} in the header, assuming 30")
         return 30.0
 
     def read(self, indices):
@@ -93,7 +104,11 @@ class Video:
         return np.stack([kept[i] for i in indices.tolist()])  # (T, H, W, 3)
 
     def ends(self, last, n):
-        return VideoError(f"{self.path}: frame {last} requested but the video ends after {n} frames", num_frames=n)
+        return VideoError(f"{self.path}: frame {last} requested but the video ends after {n} frames",
+                          num_frames=n)
+
+
+_FPS_WARNED = set()
 
 
 class OpenCVVideo(Video):
@@ -155,8 +170,8 @@ def header(cap):  # (frame count, fps), as the file states them
 
 # Pixel formats whose RGB conversion by PyAV's libswscale equals OpenCV's to the bit; others (10-bit,
 # semi-planar) may round differently, so OpenCV decodes those files.
-SAME_RGB = {'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p', 'gray', 'pal8', 'rgb24', 'bgr24',
-            'bgr0', 'rgb0'}
+SAME_RGB = {'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p', 'gray', 'pal8', 'rgb24',
+            'bgr24', 'bgr0', 'rgb0'}
 
 
 class PyAVVideo(Video):
@@ -173,13 +188,14 @@ class PyAVVideo(Video):
         except (av.FFmpegError, UnicodeDecodeError):
             raise VideoError(f"{path}: FFmpeg cannot open it (corrupt, truncated or not a video)") from None
         try:
-            self.stream = next((s for s in self.container.streams.video
-                                if not s.disposition & av.stream.Disposition.attached_pic), None)  # not cover art
+            cover_art = av.stream.Disposition.attached_pic
+            self.stream = next((s for s in self.container.streams.video if not s.disposition & cover_art), None)
             if self.stream is None:
                 raise VideoError(f"{path}: no video stream")
             self.decoder = self.stream.codec_context
             self.decoder.thread_count = 1  # the parallelism comes from DataLoader workers
-            self.opencv = None if self.decoder.format and self.decoder.format.name in SAME_RGB else OpenCVVideo(path)
+            same_rgb = self.decoder.format and self.decoder.format.name in SAME_RGB
+            self.opencv = None if same_rgb else OpenCVVideo(path)  # reads the frames; PyAV counts them
             self.list_packets()
             fps = self.stream.average_rate or self.stream.guessed_rate
             self.fps = self.check_fps(float(fps) if fps else 0.0)

@@ -137,9 +137,12 @@ def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
     assert np.abs(view - ref).mean() < 4, np.abs(view - ref).mean()
 
 
-def test_repeated_sampling_takes_several_clips_from_one_decode(tmp_path, monkeypatch):
-    """R training clips of one video: one decoder open for all R, R different windows (each frames 32 apart),
-    crops and flips of their own, and clip 0 is the clip R = 1 gives for the same key."""
+@pytest.mark.parametrize('backend', ['pyav', 'opencv'])
+def test_repeated_sampling_takes_several_clips_from_one_decode(tmp_path, monkeypatch, backend):
+    """R training clips of one video: one open of the file (its length, then one decode) for all R, R
+    different windows (each frames 32 apart), crops and flips of their own, and clip 0 is the clip R = 1
+    gives for the same key."""
+    monkeypatch.setattr(video, 'BACKEND', backend)
     write_video(tmp_path / 'k400' / 'train' / 'a' / 'v.mp4', noise_frames(300, 48, 64), fps=30)
     opens, reads = [], []
     real_open, real_read = data.open_video, video.Video.read

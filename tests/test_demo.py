@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import demo
@@ -52,6 +53,20 @@ def test_demo_generation_is_deterministic_and_parses(tmp_path, small_demo, capsy
     assert not [p for p in os.listdir(tmp_path / 'a') if '.tmp-' in p]  # temp folders renamed away
     n, fps = video.video_info(data.build_dataset('demo_ssv2', tmp_path / 'a', 'train').samples.path(0))
     assert fps == demo.FPS and demo.LENGTH[0] <= n <= demo.LENGTH[1]
+
+
+def test_both_readers_give_the_demo_the_same_bytes(tmp_path, small_demo, monkeypatch):
+    """The demo's clips, training and test views, are the same with or without PyAV: same lengths, same
+    frames (so the demo's numbers do not depend on which reader is installed)."""
+    demo.prepare(str(tmp_path))
+    for name in ['demo_kinetics', 'demo_ssv2']:
+        items = {}
+        for backend in ['pyav', 'opencv']:
+            monkeypatch.setattr(video, 'BACKEND', backend)
+            tr = data.build_dataset(name, tmp_path, 'train', img_size=32)
+            va = data.build_dataset(name, tmp_path, 'val', img_size=32)
+            items[backend] = [tr[(i, 7 * i, 2)]['x'] for i in range(len(tr))] + [va[i]['x'] for i in range(len(va))]
+        assert all(torch.equal(a, b) for a, b in zip(items['pyav'], items['opencv']))
 
 
 def test_demo_is_not_regenerated_when_present(tmp_path, small_demo, monkeypatch):

@@ -168,6 +168,25 @@ train.main(sys.argv[1:])
 """
 
 
+def test_without_pyav_the_same_run_reads_with_opencv(demo_dir, tmp_path):
+    """PyAV is optional: hidden from every process (loader workers too), a run names OpenCV's reader and
+    trains to the same weights, bit for bit, as with PyAV's seeking reader (the same pixels)."""
+    (tmp_path / "noav").mkdir()
+    (tmp_path / "noav" / "av.py").write_text("raise ImportError('PyAV hidden by the test')\n")
+    weights, logs = [], []
+    for hide in (False, True):
+        out = tmp_path / f"run{hide}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "noav") if hide else ""}
+        cmd = [sys.executable, "train.py", *FAST, "--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "3",
+               "--workers", "1"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        logs.append(r.stdout)
+        weights.append(load(out / "ckpt.pt")["model"])
+    assert "video reader: PyAV" in logs[0] and "video reader: OpenCV" in logs[1] and "pip install av" in logs[1]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir, tmp_path):
     """2 processes, --num_sample 2, batch 4 clips: 2 videos a step over the ranks. One epoch of demo_ssv2 in
     steps reads every video exactly once, on one rank, and takes 2 clips from it."""

@@ -29,6 +29,7 @@ Results: a table per section, and one JSON line per section (also appended to --
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -454,6 +455,20 @@ def make_clip(path, width, height, seed, quick):
                 os.remove(f)
 
 
+def make_ssv2_clip(source, path):
+    """A Something-Something-v2 clip as downloaded, from a generated clip: VP9 webm, 240 px high, 12 fps,
+    4 seconds, libvpx's own keyframe placement and hidden alt-ref frames."""
+    tmp = f"{path}.part.webm"
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", source, "-t", "4", "-an",
+           "-vf", "scale=-2:240,fps=12", "-c:v", "libvpx-vp9", "-crf", "32", "-b:v", "0", "-deadline", "good",
+           "-cpu-used", "4", tmp]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"could not write {path}: {e.stderr.strip()[-500:]}") from None
+
+
 def prepared(videos, folder, options=()):
     """Each video as tools/prepare_videos.py writes it with its defaults (and `options`), in `folder`."""
     import prepare_videos
@@ -470,34 +485,52 @@ def prepared(videos, folder, options=()):
     return out
 
 
+def default_gop():
+    import prepare_videos
+
+    return prepare_videos.parse_args(["-", "-"]).gop
+
+
 def video_sets(args, tmp):
-    """{name: [paths]}: Kinetics-like clips as downloaded (generated, cached across runs) and the --videos
-    given, each also as tools/prepare_videos.py writes them (in tmp)."""
-    sets = sources(args)
-    for name, videos in list(sets.items()):
-        ready = prepared(videos, os.path.join(tmp, str(len(sets))))  # each run: the options may have changed
-        sets[f"{name.split(',')[0]}, prepared (short side {min(data_info(ready[0])[2:])}, GOP 16)"] = ready
+    """[(dataset, files, name, paths)], files: 'as downloaded', 'GOP 16' or 'prepared' (the defaults): Kinetics-like clips as downloaded (generated, cached across runs) and the
+    --videos given, each also prepared with a keyframe every 16 frames and with tools/prepare_videos.py's
+    defaults; Something-Something-like webm clips as downloaded and prepared."""
+    k400, ssv2 = sources(args)
+    sets, gop = [], default_gop()
+    for name, videos in k400.items():
+        sets.append(("k400", "as downloaded", f"{name}, as downloaded", videos))
+        for options in [("--gop", "16")] + ([] if gop == 16 else [()]):
+            ready = prepared(videos, os.path.join(tmp, str(len(sets))), options)  # each run: options may change
+            short = min(data_info(ready[0])[2:])
+            files = "prepared" if options[1:] in ((), (str(gop),)) else "GOP 16"
+            sets.append(("k400", files, f"{name}, prepared (short side {short}, GOP {options[1] if options else gop})",
+                         ready))
+    sets.append(("ssv2", "as downloaded", "ssv2-like VP9 webm 427x240 12 fps, as downloaded", ssv2))
+    sets.append(("ssv2", "prepared", f"ssv2-like, prepared (GOP {gop})", prepared(ssv2, os.path.join(tmp, "ssv2"))))
     return sets
 
 
 def sources(args):
-    """{name: [paths]}: the generated clips as downloaded, and the --videos given."""
+    """({name: [paths]} of Kinetics-like clips: generated as downloaded, and the --videos given; [paths] of
+    Something-Something-like clips made from the generated ones)."""
     missing = [v for v in args.videos or [] if not os.path.isfile(v)]
     if missing:
         raise SystemExit(f"no such video: {missing[0]}")
     width, height, count = (640, 360, 1) if args.quick else (1280, 720, 2)
     cache = os.path.join(tempfile.gettempdir(), "cover_bench_videos")
-    names = [f"k400like_v{GEN_VERSION}_{width}x{height}_{'quick' if args.quick else 'full'}_{s}.mp4"
-             for s in range(count)]
-    downloaded = [os.path.join(cache, n) for n in names]
+    stem = f"k400like_v{GEN_VERSION}_{width}x{height}_{'quick' if args.quick else 'full'}"
+    downloaded = [os.path.join(cache, f"{stem}_{s}.mp4") for s in range(count)]
+    ssv2 = [os.path.join(cache, f"{stem}_{s}_ssv2like.webm") for s in range(count)]
     for s, path in enumerate(downloaded):
         if not os.path.exists(path):
             print(f"writing {path}", flush=True)
             make_clip(path, width, height, s, args.quick)
-    sets = {f"generated {width}x{height}, as downloaded (GOP 250)": downloaded}
+        if not os.path.exists(ssv2[s]):
+            make_ssv2_clip(path, ssv2[s])
+    k400 = {f"generated {width}x{height} (GOP 250)": downloaded}
     if args.videos:
-        sets["given, as they are"] = args.videos
-    return sets
+        k400["given"] = args.videos
+    return k400, ssv2
 
 
 def data_info(path):
@@ -510,7 +543,7 @@ def data_info(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# data: the readers. Each returns uint8 (len(indices), H, W, 3) RGB and decodes on one thread.
+# data: the peers' readers. Each returns uint8 (len(indices), H, W, 3) RGB and decodes on one thread.
 
 
 def pyav_slowfast(path, indices):
@@ -538,9 +571,9 @@ def pyav_slowfast(path, indices):
 
 
 def pyav_keyframe_seek(path, indices):
-    """Seeks to the keyframe before each wanted frame when that keyframe lies past the decoder's
-    position, else decodes on. Frame numbers come from a demuxed table of every packet's pts (no frame
-    rate arithmetic), so it is frame-exact on any file whose packets each hold one frame."""
+    """Seeks (container.seek) to the keyframe before each wanted frame when that keyframe lies past the
+    decoder's position, else decodes on. Frame numbers come from a demuxed table of every packet's pts
+    (no frame rate arithmetic), so it is frame-exact on any file whose packets each hold one frame."""
     import av
 
     out = {}
@@ -566,27 +599,8 @@ def pyav_keyframe_seek(path, indices):
     return np.stack([out[i] for i in indices.tolist()])
 
 
-def opencv_seek(path, indices):
-    """OpenCV with cap.set(CAP_PROP_POS_FRAMES, k) before every wanted frame that is not the next one."""
-    import cv2
-    import video
-
-    cap, out, position = video.open_video(path), {}, 0
-    try:
-        for k in sorted(set(indices.tolist())):
-            if k != position:
-                cap.set(cv2.CAP_PROP_POS_FRAMES, k)
-            ok, frame = cap.read()
-            if not ok:
-                raise RuntimeError(f"{path}: frame {k} could not be read after a seek")
-            out[k], position = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), k + 1
-    finally:
-        cap.release()
-    return np.stack([out[i] for i in indices.tolist()])
-
-
 def pyav_sequential(path, first, last):
-    """Frames first..last, decoded from the start and numbered in decode order: the ground truth."""
+    """Frames first..last, decoded from the start and numbered in the order they come out: the truth."""
     import av
 
     out = []
@@ -599,6 +613,16 @@ def pyav_sequential(path, first, last):
             if i >= last:
                 break
     return np.stack(out)
+
+
+def ours(backend):
+    """video.read_video on one reader."""
+    import video
+
+    def read(path, indices):
+        video.BACKEND = backend
+        return video.read_video(path, indices)
+    return read
 
 
 def exactness(readers, jobs):
@@ -628,7 +652,7 @@ def nearest_frames(frames, window, first):
 
 
 def augment(frames, seed, size):
-    """The spatial part of ClipDataset.load_train, with data.py's helpers."""
+    """The spatial part of ClipDataset.train_clips, with video.py's helpers."""
     import video
 
     rng = np.random.default_rng(seed)
@@ -638,6 +662,8 @@ def augment(frames, seed, size):
 
 
 R_VALUES = (1, 2, 4)  # clips per decoded video (repeated sampling, --num_sample)
+OURS = [f"ours R={R}" for R in R_VALUES] + ["ours R=1, OpenCV"]  # PyAV's reader unless named
+PEERS = {"pyav slowfast": pyav_slowfast, "pyav keyframe seek": pyav_keyframe_seek}  # one decode per clip
 
 
 def first_window(ds, path, seed):
@@ -648,66 +674,103 @@ def first_window(ds, path, seed):
     return ds.indices(*video.video_info(path), rng=np.random.default_rng(int(t_seed)))
 
 
-READERS = {"pyav slowfast": pyav_slowfast, "pyav keyframe seek": pyav_keyframe_seek,
-           "opencv POS_FRAMES seek": opencv_seek}  # one decode per clip each
+def train_items(ds, keys, R, backend):
+    import video
+
+    video.BACKEND = backend
+    return [ds[(i, seed, R)] for i, seed in keys]
 
 
-def clip_rates(args, videos, sides):
-    """{side: clips/s per worker} of Kinetics 8x32 training clips, sides among 'ours R=<R>' (our train item:
-    one decode, R windows, crops and flips) and READERS (+ the same crop); all read the same first clips.
-    -> (rates, seconds per round, jobs)."""
+def clip_jobs(args, dataset, videos, sides):
+    """Timed functions for training clips of `dataset` (its sampling, 8 frames) from `videos`, one per side:
+    sides among OURS (our train item: one decode, R windows, crops and flips) and PEERS (+ the same crop);
+    all read the same first clips. -> ({side: function}, {side: clips per call}, jobs)."""
     import data
     import layouts
 
-    spec, T, S = data.SPECS["k400"], args.frames, args.img_size
+    spec, S = data.SPECS[dataset], args.img_size
     listing = layouts.Listing.from_pairs(os.path.dirname(videos[0]), ["x"], [(v, 0) for v in videos])
-    ds = data.ClipDataset(spec, listing, frames=T, img_size=S, train=True)
+    ds = data.ClipDataset(spec, listing, frames=args.frames, img_size=S, train=True)
     keys = [(i % len(videos), i) for i in range(len(videos) * args.clips)]  # (sample, sample seed)
     jobs = [(videos[i], first_window(ds, videos[i], seed), seed) for i, seed in keys]
-    fns = {}
+    fns, clips = {}, {}
     for side in sides:
-        if side.startswith("ours R="):
-            fns[side] = lambda R=int(side[7:]): [ds[(i, seed, R)] for i, seed in keys]
+        if side in OURS:
+            R, backend = int(side[7]), "opencv" if "OpenCV" in side else "pyav"
+            fns[side], clips[side] = functools.partial(train_items, ds, keys, R, backend), R * len(keys)
         else:
-            fns[side] = lambda r=READERS[side]: [augment(r(v, idx), s, S) for v, idx, s in jobs]
-    med, rounds = alternate(fns, args.rounds, 1, torch.device("cpu"))
-    cps = {k: len(jobs) * (int(k[7:]) if k.startswith("ours R=") else 1) / t for k, t in med.items()}
-    return cps, rounds, jobs
+            fns[side], clips[side] = functools.partial(peer_items, PEERS[side], jobs, S), len(jobs)
+    return fns, clips, jobs
 
 
-def bench_videos(args, name, videos):
-    """Table rows and JSON results for one set of videos."""
+def clip_rates(args, sets):
+    """{name: {side: clips/s per worker}} for sets {name: (dataset, videos, sides)}, every set and side
+    timed in one alternation (a load that drifts during the run shifts them all alike). -> (rates,
+    {name: {side: seconds per round}}, {name: jobs})."""
     import video
 
-    cps, rounds, jobs = clip_rates(args, videos, [f"ours R={R}" for R in R_VALUES] + list(READERS))
-    readers = {"ours": video.read_video, **READERS}
+    fns, clips, jobs = {}, {}, {}
+    for name, (dataset, videos, sides) in sets.items():
+        set_fns, set_clips, jobs[name] = clip_jobs(args, dataset, videos, sides)
+        fns.update({(name, k): f for k, f in set_fns.items()})
+        clips.update({(name, k): c for k, c in set_clips.items()})
+    default = video.BACKEND
+    med, rounds = alternate(fns, args.rounds, 1, torch.device("cpu"))
+    video.BACKEND = default
+    rates, times = {name: {} for name in sets}, {name: {} for name in sets}
+    for (name, side), t in med.items():
+        rates[name][side], times[name][side] = clips[(name, side)] / t, rounds[(name, side)]
+    return rates, times, jobs
+
+
+def peer_items(read, jobs, size):
+    return [augment(read(v, idx), s, size) for v, idx, s in jobs]
+
+
+def bench_videos(dataset, files, name, videos, cps, rounds, jobs):
+    """Table rows and JSON results for one set of videos, from its rates."""
+    readers = {"ours": ours("pyav"), "ours, OpenCV": ours("opencv"), **(PEERS if dataset == "k400" else {})}
     exact = exactness(readers, jobs)
     n, fps, h, w = data_info(videos[0])
-    tag, seek = f"[{name}]", cps["pyav keyframe seek"]
-    rows = [(f"{tag} clips/s per worker, Kinetics {args.frames}x32 train, R=1: ours / PySlowFast-style PyAV",
-             cps["ours R=1"], cps["pyav slowfast"], ratio(cps["ours R=1"], cps["pyav slowfast"]), ">= 2")]
-    rows += [(f"{tag} clips/s: ours at R={R} / ours at R=1", cps[f"ours R={R}"], cps["ours R=1"],
-              ratio(cps[f"ours R={R}"], cps["ours R=1"]), ">= 3" if R == 4 else "") for R in R_VALUES[1:]]
-    rows += [(f"{tag} clips/s: ours at R={R} / PyAV seeking to the keyframe before each frame",
-              cps[f"ours R={R}"], seek, ratio(cps[f"ours R={R}"], seek), "") for R in R_VALUES]
-    rows += [(f"{tag} clips/s: OpenCV CAP_PROP_POS_FRAMES seeks / ours at R=1", cps["opencv POS_FRAMES seek"],
-              cps["ours R=1"], ratio(cps["opencv POS_FRAMES seek"], cps["ours R=1"]), ""),
-             (f"{tag} same frames as sequential PyAV: ours / PySlowFast / keyframe seek / POS_FRAMES seek",
+    tag, one = f"[{name}]", cps["ours R=1"]
+    rows = [(f"{tag} {dataset} clips/s per worker, R=1: ours / ours with OpenCV's reader", one,
+             cps["ours R=1, OpenCV"], ratio(one, cps["ours R=1, OpenCV"]), "")]
+    rows += [(f"{tag} clips/s: ours R=1 / {peer}", one, cps[peer], ratio(one, cps[peer]), "")
+             for peer in PEERS if peer in cps]
+    rows += [(f"{tag} clips/s: ours at R={R} / ours at R=1", cps[f"ours R={R}"], one,
+              ratio(cps[f"ours R={R}"], one), "") for R in R_VALUES[1:]]
+    rows += [(f"{tag} same frames as sequential PyAV: " + " / ".join(readers),
               " / ".join(str(exact[k][0]) for k in readers), "", "", "True / ..."),
-             (f"{tag} max |pixel diff| vs PyAV rgb24: ours / PySlowFast / keyframe seek / POS_FRAMES seek",
+             (f"{tag} max |pixel diff| vs PyAV rgb24: " + " / ".join(readers),
               " / ".join(str(exact[k][1]) for k in readers), "", "", "0 / ...")]
-    results = {"videos": [os.path.basename(v) for v in videos], "size": f"{w}x{h}", "frames": n, "fps": fps,
+    results = {"dataset": dataset, "files": files, "videos": [os.path.basename(v) for v in videos],
+               "size": f"{w}x{h}", "frames": n, "fps": fps,
                "mbit_per_s": statistics.mean(megabits_per_s(v) for v in videos),
                "clips_per_s": cps, "frame_exact": {k: e[0] for k, e in exact.items()},
                "max_pixel_diff": {k: e[1] for k, e in exact.items()}, "seconds_per_round": rounds}
     return rows, results
 
 
+def goal_rows(results):
+    """Per source of Kinetics-like clips: ours on files prepared with the defaults against PyAV keyframe seek
+    on GOP-16 files, and against our OpenCV reader on GOP-16 files (this project's loader before PyAV)."""
+    rows, gop16 = [], None
+    for name, r in results.items():  # each source: as downloaded, GOP 16, then (unless 16) the defaults
+        gop16 = r if r["files"] == "GOP 16" else gop16
+        if r["dataset"] != "k400" or r["files"] != "prepared":
+            continue
+        ours_now = r["clips_per_s"]["ours R=1"]
+        for side, target in (("pyav keyframe seek", ">= 1.5"), ("ours R=1, OpenCV", ">= 2")):
+            rows.append((f"[{name}] ours R=1 / {side} on the GOP-16 files", ours_now, gop16["clips_per_s"][side],
+                         ratio(ours_now, gop16["clips_per_s"][side]), target))
+    return rows
+
+
 def per_worker_table(results, sides):
     """A markdown table: one row a set of videos, its size and bit rate, clips/s per worker of each side."""
     lines = ["| videos | size | Mbit/s | " + " | ".join(sides) + " |", "|---|---|---|" + "---|" * len(sides)]
     for name, r in results.items():
-        cells = [fmt(r["clips_per_s"][k]) for k in sides]
+        cells = [fmt(r["clips_per_s"][k]) if k in r["clips_per_s"] else "" for k in sides]
         lines.append(f"| {name} | {r['size']} | {r['mbit_per_s']:.2f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -753,6 +816,32 @@ def make_jpegs(videos, n, folder, size=(500, 375)):
     return paths
 
 
+def workers_table(results, images_per_s):
+    """Loader workers (one core each) an H100 needs to train ViT-B 8x224 at 40% MFU, R = 1: K400 alone, and the
+    cover recipe's round robin (K400, SSv2, IN-21K-P; batch 64 / 64 / 256 a step), per reader, prepared and as
+    downloaded. Worker-seconds of loading per period of the mix over the GPU-seconds of that period."""
+    import data
+    import recipes
+
+    with torch.device("meta"):
+        base = M.TimeSformer(M.make_config("base"))
+    speed = runtime.ASSUMED_MFU * runtime.GPU_BF16_PEAKS["H100"]  # FLOP/s; a training step is 3 passes
+    clip_s, image_s = 6 * base.flops(8, 224) / speed, 6 * base.flops(1, 224) / speed  # GPU-seconds each
+    batch = recipes.RECIPES["cover"]["batch_size"]
+    images = batch * data.SPECS["in21k"].batch_scale
+    ssv2 = {r["files"]: r["clips_per_s"] for r in results.values() if r["dataset"] == "ssv2"}
+    lines = ["| Kinetics clips | reader | K400 alone | cover mix |", "|---|---|---|---|"]
+    for name, r in results.items():
+        if r["dataset"] != "k400" or r["files"] not in ssv2:
+            continue
+        for side, reader in (("ours R=1", "PyAV"), ("ours R=1, OpenCV", "OpenCV only")):
+            k400, ss = r["clips_per_s"][side], ssv2[r["files"]][side]
+            alone = 1 / (clip_s * k400)
+            mix = (batch / k400 + batch / ss + images / images_per_s) / (2 * batch * clip_s + images * image_s)
+            lines.append(f"| {name} | {reader} | {alone:.0f} | {mix:.0f} |")
+    return "\n".join(lines)
+
+
 def single_threaded():
     """What one DataLoader worker gets: one thread (and PyAV, the peer decoder)."""
     import cv2
@@ -770,43 +859,51 @@ def section_data(args):
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         sets = video_sets(args, tmp)
-        for name, videos in sets.items():
-            set_rows, results[name] = bench_videos(args, name, videos)
+        cps, rounds, jobs = clip_rates(args, {name: (dataset, videos, OURS + (list(PEERS) if dataset == "k400"
+                                                                              else []))
+                                               for dataset, _, name, videos in sets})
+        for dataset, files, name, videos in sets:
+            set_rows, results[name] = bench_videos(dataset, files, name, videos, cps[name], rounds[name], jobs[name])
             rows += set_rows
-        image_row, results["images"] = bench_images(args, next(iter(sets.values())), tmp)
+        image_row, results["images"] = bench_images(args, sets[0][3], tmp)
     torch.set_num_threads(args.threads or os.cpu_count())
     config = {"clips_per_video": args.clips, "frames": args.frames, "img_size": args.img_size, "rate": 32,
               "rounds": args.rounds, "threads": 1}
-    report(args, "data", config, rows + [image_row], results)
-    print(f"\nclips/s per worker (one core), Kinetics {args.frames}x32 training clips, {args.img_size} px:\n"
-          + per_worker_table({k: v for k, v in results.items() if k != "images"},
-                             [f"ours R={R}" for R in R_VALUES] + ["pyav slowfast", "pyav keyframe seek"]))
+    videos = {k: v for k, v in results.items() if k != "images"}
+    report(args, "data", config, rows + goal_rows(videos) + [image_row], results)
+    print(f"\nclips/s per worker (one core), {args.frames}-frame training clips, {args.img_size} px:\n"
+          + per_worker_table(videos, OURS + list(PEERS)))
+    print(f"\nworkers per H100 at {runtime.ASSUMED_MFU:.0%} MFU, R = 1 (images: "
+          f"{results['images']['images_per_s']['ours']:.0f}/s per worker):\n"
+          + workers_table(videos, results["images"]["images_per_s"]["ours"]))
 
 
-PREPARE_VARIANTS = [(), ("--gop", "64"), ("--gop", "250"), ("--short_side", "256"), ("--crf", "28")]
+PREPARE_VARIANTS = [("--gop", "4"), ("--gop", "8"), ("--gop", "16"), ("--short_side", "256"), ("--crf", "28")]
 
 
 def section_prepare(args):
     """What tools/prepare_videos.py should default to: per option variant, the clips/s per worker of our
-    train item (a reader that never seeks) at R = 1 and 2, of PyAV seeking to keyframes, and the bit rate."""
+    train item (PyAV's seeking reader, and OpenCV's that never seeks) and of PyAV keyframe seek, with the
+    bit rate."""
     single_threaded()
-    results, sides = {}, ["ours R=1", "ours R=2", "pyav keyframe seek"]
+    results, sides, sets = {}, ["ours R=1", "ours R=1, OpenCV", "pyav keyframe seek"], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, videos in sources(args).items():
-            for k, options in enumerate(PREPARE_VARIANTS):
-                ready = prepared(videos, os.path.join(tmp, f"{len(results)}"), options)
-                cps, rounds, _ = clip_rates(args, ready, sides)
-                h, w = data_info(ready[0])[2:]
-                label = f"{name.split(',')[0]}, prepared {' '.join(options) or 'with the defaults'}"
-                results[label] = {"options": list(options), "size": f"{w}x{h}", "clips_per_s": cps,
-                                  "mbit_per_s": statistics.mean(megabits_per_s(v) for v in ready),
-                                  "seconds_per_round": rounds}
+        for name, videos in sources(args)[0].items():
+            for options in PREPARE_VARIANTS:
+                label = f"{name.split(' (')[0]}, prepared {' '.join(options)}"
+                sets[label] = ("k400", prepared(videos, os.path.join(tmp, str(len(sets))), options), sides)
+        cps, rounds, _ = clip_rates(args, sets)
+        for label, (_, ready, _) in sets.items():
+            h, w = data_info(ready[0])[2:]
+            results[label] = {"options": label.split("prepared ")[1].split(), "size": f"{w}x{h}",
+                              "clips_per_s": cps[label], "seconds_per_round": rounds[label],
+                              "mbit_per_s": statistics.mean(megabits_per_s(v) for v in ready)}
     torch.set_num_threads(args.threads or os.cpu_count())
     config = {"clips_per_video": args.clips, "frames": args.frames, "img_size": args.img_size,
-              "rounds": args.rounds, "threads": 1}
+              "rounds": args.rounds, "threads": 1, "default_gop": default_gop()}
     report(args, "prepare", config, [], results)
-    print(f"\ntools/prepare_videos.py options, clips/s per worker (one core), Kinetics {args.frames}x32:\n"
-          + per_worker_table(results, sides))
+    print(f"\ntools/prepare_videos.py options (each on its defaults), clips/s per worker (one core), Kinetics "
+          f"{args.frames}x32:\n" + per_worker_table(results, sides))
 
 
 SECTIONS = {"train": section_train, "infer": section_infer, "mfu": section_mfu, "data": section_data,

@@ -5,8 +5,9 @@ Every video under SRC is written to the same relative path under DST, with:
   - the short side scaled to --short_side (default 320; never upscaled), aspect ratio kept;
   - a constant frame rate, the source's (unless that would duplicate or drop more than a tenth of the
     frames, as with broken timestamps or long pauses: then the source's timestamps are kept);
-  - a keyframe exactly every --gop frames (default 16; no scene-cut keyframes) and no B-frames, so a
-    reader can start decoding close to any frame;
+  - a keyframe exactly every --gop frames (default 4; no scene-cut keyframes) and no B-frames: video.py's
+    PyAV reader decodes from the keyframe before each sampled frame, so a short interval buys clips/s per
+    worker for a larger file (the trade measured in docs/performance.md);
   - H.264 tuned for decoding speed (x264 --tune fastdecode: CAVLC instead of CABAC, no deblocking
     filter), which matters more than a slightly larger file for data read every epoch; --no-fastdecode
     for the smallest files;
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("src", help="dataset folder to read (e.g. data/k400)")
     p.add_argument("dst", help="mirror folder to write (e.g. data320/k400)")
     p.add_argument("--short_side", type=int, default=320, help="target short side in pixels (never upscaled)")
-    p.add_argument("--gop", type=int, default=16, help="frames from one keyframe to the next")
+    p.add_argument("--gop", type=int, default=4, help="frames from one keyframe to the next")
     p.add_argument("--crf", type=int, default=23, help="H.264 quality (lower: better, larger files)")
     p.add_argument("--vp9_crf", type=int, default=32, help="VP9 quality for .webm files (its own scale)")
     p.add_argument("--preset", default="fast", help="x264 preset: slower ones make smaller files")

@@ -9,6 +9,9 @@ import json
 import math
 import os
 import pickle
+import re
+import warnings
+import zipfile
 
 import torch
 
@@ -33,18 +36,56 @@ VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H: hea
 
 
 def read_file(path):
-    """A state dict from a .safetensors or a torch file; neither can run code."""
+    """A state dict from a .safetensors or a torch file; neither can run code. A file that does not read is
+    a ValueError of one line saying what the file is, never torch's advice to unpickle it."""
     if str(path).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise ImportError(f"{path}: reading .safetensors files needs the safetensors package "
                               "(pip install safetensors)") from None
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # the package's own error type, and OSError
+            raise ValueError(f"{path} is not a whole safetensors file ({e})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # also a pickle that would run code
-        raise ValueError(f"{path} is not a checkpoint that loads safely ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():  # torch's note on a pickle's protocol: the error below says more
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} {what_it_is(path, e)}") from None
+
+
+def what_it_is(path, error):
+    """Why torch.load could not read `path`, from the file itself: missing, empty, cut short, another kind
+    of file, or a pickle holding more than tensors."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isdir(path):
+        return "is a folder, not a checkpoint file"
+    if isinstance(error, OSError):
+        return f"cannot be read ({error.strerror or error})"
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if unsafe:  # a torch file or a pickle
+        return (f"is not a checkpoint that loads safely: it holds Python objects ({unsafe[1]}) besides "
+                "tensors, and unpickling them could run code")
+    if head.startswith(b"PK\x03\x04"):  # a zip archive, as torch.save writes
+        if not zipfile.is_zipfile(path):  # the archive's index is at its end
+            return (f"is cut short ({size} bytes, the end of its zip archive missing): a save or copy that "
+                    "did not finish")
+        if not any(name.endswith("/data.pkl") for name in zipfile.ZipFile(path).namelist()):
+            return "is a zip archive, not a PyTorch checkpoint"
+        return "is a damaged PyTorch checkpoint (a record in it does not read)"
+    if head.startswith(b"\x80"):  # a pickle: torch's legacy format, or Python's own
+        if isinstance(error, EOFError):
+            return f"is cut short ({size} bytes, its pickle ends early): a save or copy that did not finish"
+        return "is a pickle, not a PyTorch checkpoint"
+    return f"is not a PyTorch checkpoint (it begins {head!r})"
 
 
 def hf_key(key):

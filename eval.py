@@ -19,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import data
 import demo  # noqa: F401  (registers the demo sets)
 import model as M
@@ -97,10 +98,13 @@ def load(args):
     """-> (runtime, model on its device, the run's config, its label maps, the dataset names to use), with
     one line and exit status 1 for a file that is not a checkpoint of train.py or lacks a head asked for."""
     try:
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        run, label_maps = ckpt["config"], ckpt["label_maps"]
-    except Exception as e:  # missing, truncated, foreign or not a checkpoint at all
-        sys.exit(f"error: {args.ckpt} is not a checkpoint of train.py ({type(e).__name__}: {e})")
+        ckpt = checkpoints.read_file(args.ckpt)  # missing, empty, cut short or not a checkpoint: one line
+    except ValueError as e:
+        sys.exit(f"error: --ckpt {e}")
+    if not isinstance(ckpt, dict) or not {"config", "label_maps", "model", "model_config"} <= set(ckpt):
+        sys.exit(f"error: --ckpt {args.ckpt} is a PyTorch file but not a checkpoint of train.py (it lacks the "
+                 "run's config, label maps or model)")
+    run, label_maps = ckpt["config"], ckpt["label_maps"]
     names = (args.datasets or run["datasets"]).split(",")
     names = [args.head or names[0]] if args.video else names
     if set(names) - set(label_maps):

@@ -74,7 +74,7 @@ def check(args):
     if not 0 <= args.ema < 1 or not 0 < args.layer_decay <= 1:
         errors.append(f"--ema {args.ema} must lie in [0, 1) (0: off), --layer_decay {args.layer_decay} "
                       "in (0, 1] (1: off)")
-    if args.resume and not os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
+    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     if args.init and not os.path.exists(args.init):
         errors.append(f"--init: no file or folder at {args.init}")

@@ -1,15 +1,19 @@
 """
 What train.py and eval.py share, none of it the method: the device, the process group under torchrun,
-precision, and a run's bookkeeping (checkpoint files, failed-read counts, meters, log.jsonl, the
-start-up report).
+precision, and a run's bookkeeping (the checkpoint and the one before it, failed-read counts, meters,
+log.jsonl, the start-up report).
 """
 
 import contextlib
 import datetime
+import errno
 import gc
+import glob
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -17,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoints
 import data
 import video
 
@@ -253,12 +258,155 @@ def scalars(record, prefix=""):
     return out
 
 
-def save_checkpoint(path, state):
-    """Write a temporary file, flush it to disk, rename it over the old one: a crash at any moment leaves
-    the old or the new checkpoint, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# what train.py writes into a checkpoint; resuming needs every one
+RUN_KEYS = ("model", "model_config", "optimizer", "scaler", "step", "sampler", "config", "label_maps", "failed")
+
+
+class CheckpointError(Exception):
+    """A run's checkpoint that cannot be read or written, said in one line."""
+
+
+class CheckpointFiles:
+    """A run's checkpoint and the one before it: <out_dir>/ckpt.pt and ckpt.prev.pt. A save writes a
+    temporary file, then renames ckpt.pt to ckpt.prev.pt and the new file to ckpt.pt: no second write, one
+    more file on disk, and a ckpt.pt spoilt later (cut short by a copy, a broken disk) still leaves the
+    previous one to resume from."""
+
+    def __init__(self, path):
+        root, ext = os.path.splitext(path)
+        self.path, self.previous = path, f"{root}.prev{ext}"
+        self.step = None  # the step of ckpt.pt when it is known to be whole (read or written here)
+        self.previous_step = None
+
+    def load(self, verbose=True):
+        """-> (checkpoint, its path): the newest that reads and holds what train.py writes, with a line on
+        each newer file skipped; (None, None) for a run with no checkpoint. CheckpointError when there are
+        checkpoint files and none of them reads."""
+        if not any(os.path.exists(p) for p in (self.path, self.previous)):
+            return None, None
+        skipped = []
+        for path in (self.path, self.previous):
+            try:
+                ckpt = checkpoints.read_file(path)
+                check_run_checkpoint(ckpt, path)
+            except ValueError as e:
+                skipped.append(str(e))
+                continue
+            if path == self.path:
+                self.step = ckpt["step"]
+            else:
+                self.previous_step = ckpt["step"]
+            for line in skipped if verbose else ():
+                print(f"warning: {line}; resuming from {path} (step {ckpt['step']})")
+            return ckpt, path
+        raise CheckpointError("no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt "
+                              "in its place, or use a new --out_dir to start again")
+
+    def save(self, state):
+        """Write the temporary file and flush it to disk, rename (keeping the previous one), sync the
+        folder so the renames last. When the disk or the folder refuses: CheckpointError, one line, with
+        the temporary file removed and what is intact named."""
+        folder, tmp = os.path.dirname(self.path) or ".", f"{self.path}.tmp-{os.getpid()}"
+        need = state_bytes(state) * 1.05 + 2**20  # the tensors, and room for the archive's own bytes
+        try:
+            for stale in glob.glob(glob.escape(self.path) + ".tmp-*"):  # a killed save's: it only takes space
+                os.remove(stale)
+                tqdm.write(f"removed {stale}, left by a save that did not finish")
+            free = shutil.disk_usage(folder).free
+            if self.step is not None and free < need <= free + size_of(self.previous):
+                # short of space: go on with a whole ckpt.pt alone rather than stop
+                os.remove(self.previous)
+                self.previous_step = None
+                tqdm.write(f"low on disk space: removed {self.previous} to make room for step {state['step']}")
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.step is not None and os.path.exists(self.path):  # a whole ckpt.pt becomes the previous
+                os.replace(self.path, self.previous)                # one; a spoilt one is replaced
+                self.step, self.previous_step = None, self.step
+            os.replace(tmp, self.path)
+            self.step = state["step"]
+            sync_folder(folder)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise CheckpointError(self.failure(folder, state["step"], need, e)) from None
+
+    def failure(self, folder, step, need, error):
+        """One line: the folder, the step, why, the size needed, and the checkpoints still whole."""
+        cause = error  # the operating system's error, which torch.save keeps as the context of its own
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        why = (cause.strerror or str(cause)) if cause is not None else str(error).splitlines()[0]
+        if os.path.isdir(folder):
+            why += f" (it needs about {need / 1e6:.1f} MB; {shutil.disk_usage(folder).free / 1e6:.1f} MB are free)"
+        else:
+            why = f"the folder is gone (it needed about {need / 1e6:.1f} MB)"
+        intact = [f"{p} (step {s})" for p, s in ((self.path, self.step), (self.previous, self.previous_step))
+                  if s is not None and os.path.exists(p)]
+        return (f"cannot save the checkpoint of step {step} in {folder}: {why}. No temporary file is left; "
+                + (f"intact: {', '.join(intact)}" if intact else "no earlier checkpoint of this run is on disk"))
+
+
+def save_on_rank0(rt, files, state):
+    """Rank 0 writes `state` and tells the other ranks whether it could: a save that fails ends every rank
+    with one line, and no rank waits for a rank 0 that has stopped."""
+    step = state["step"]
+    error = None
+    if rt.master:
+        try:
+            files.save(state)
+        except CheckpointError as e:
+            error = f"error: {e}"
+    if rt.world > 1:  # in place of a barrier: a save step's one extra wait
+        ok = torch.tensor(float(error is None), device=rt.device)
+        dist.broadcast(ok, src=0)
+        if not rt.master and not ok.item():
+            error = f"error: rank {rt.rank} stops: rank 0 could not save the checkpoint of step {step}"
+    if error:
+        sys.exit(error)
+    files.step = step
+
+
+def check_run_checkpoint(ckpt, path):
+    """The cheap checks that a file read whole is a checkpoint of train.py: its keys, its step, its model
+    config against its weights. ValueError otherwise."""
+    missing = [k for k in RUN_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(RUN_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
+    step, config, weights = ckpt["step"], ckpt["model_config"], ckpt["model"]
+    if not isinstance(step, int) or step < 0 or \
+            ckpt["sampler"] != {"micro": step * ckpt["config"].get("grad_accum", 1)}:
+        raise ValueError(f"{path} holds step {step!r}, which its sampler's position does not match")
+    cls_token, last = weights.get("cls_token"), f"blocks.{config.get('depth', 0) - 1}.norm2.weight"
+    if cls_token is None or cls_token.shape[-1] != config.get("width") or last not in weights:
+        raise ValueError(f"{path} holds a model config that does not match its weights")
+
+
+def size_of(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def state_bytes(state):
+    """The bytes of the tensors in a nested checkpoint: about the size of its file."""
+    if isinstance(state, torch.Tensor):
+        return state.untyped_storage().nbytes()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def sync_folder(folder):
+    """Make the renames in `folder` durable (some file systems cannot sync a folder: theirs are as durable
+    as they get)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)

@@ -117,7 +117,7 @@ def train(args, rt):
     names, device, dtype = args.datasets.split(","), rt.device, runtime.DTYPES[args.dtype]
     weights = recipes.dataset_weights(args, names)
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    files = runtime.CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt"))  # and the one before, ckpt.prev.pt
 
     # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
     train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
@@ -127,8 +127,11 @@ def train(args, rt):
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
-    model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, rt)
+    try:  # the newest of the run's checkpoints that reads, a line on each one skipped
+        ckpt, ckpt_path = files.load(verbose=rt.master)
+    except runtime.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -180,8 +183,8 @@ def train(args, rt):
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
-            save_checkpoint(ckpt_path, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
-            log.say(f"\n--stop_at {step}: saved {ckpt_path}; rerun without --stop_at to continue.")
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
+            log.say(f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
         name = names[d]
@@ -244,9 +247,9 @@ def train(args, rt):
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
         if step % args.save_every == 0 or step == args.max_steps or stop:
-            save_checkpoint(ckpt_path, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
         if stop:
-            log.say(f"\nSIGTERM: saved {ckpt_path} at step {step}; rerun the same command to continue.")
+            log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
             break
     bar.close()
 
@@ -270,7 +273,7 @@ def open_datasets(args, names, split, views=None):
         sys.exit(f"error: {e}")
 
 
-def build_model(args, heads, ckpt, rt):
+def build_model(args, heads, ckpt, ckpt_path, rt):
     """-> (model on the device, its source): the run's checkpoint, else --init, else from scratch."""
     overrides = dict(frames=args.frames, img_size=args.img_size, drop_path=args.drop_path)
     torch.manual_seed(args.seed)
@@ -284,7 +287,7 @@ def build_model(args, heads, ckpt, rt):
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
-        source = f"resuming from {os.path.join(args.out_dir, 'ckpt.pt')} (step {ckpt['step']})"
+        source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
         try:
             model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides)
@@ -306,17 +309,17 @@ def ema_copy(model):
     return ema.to(next(model.parameters()).device).requires_grad_(False)
 
 
-def save_checkpoint(path, step, model, ema, optimizer, scaler, failures, label_maps, args, rt):
-    """Rank 0 writes it (atomically); every rank counts failures with it and waits until it is written."""
+def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt):
+    """Rank 0 writes it, keeping the one before; every rank counts failures with it and learns whether it
+    was written (runtime.save_on_rank0). Once a step, though --stop_at, --save_every and SIGTERM may all ask."""
+    if files.step == step:  # ckpt.pt holds this step already
+        return
     failed = failures.totals(rt)
-    if rt.master:
-        runtime.save_checkpoint(path, {
-            "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-            "failed": failed, **({"ema": ema.state_dict()} if ema else {})})
-    if rt.world > 1:
-        dist.barrier()
+    runtime.save_on_rank0(rt, files, {
+        "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+        "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
+        "failed": failed, **({"ema": ema.state_dict()} if ema else {})})
 
 
 if __name__ == "__main__":

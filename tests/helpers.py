@@ -1,7 +1,8 @@
-"""Shared by the model and checkpoint tests: a small config, random weights, foreign key layouts, and a
-plain ViT written out with no code shared with model.py."""
+"""Shared by the model and checkpoint tests: a small config, random weights, foreign key layouts, a
+plain ViT written out with no code shared with model.py, and checkpoint files spoilt as disks leave them."""
 
 import math
+import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +72,17 @@ def randomize_(model, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+def spoil(path, kind):
+    """Replace a good checkpoint file by a spoilt one of `kind`, as disks, copies and users leave them."""
+    good = path.read_bytes() if path.is_file() else b""
+    if kind == "folder":
+        path.unlink(missing_ok=True)
+        path.mkdir()
+        return
+    path.write_bytes({"truncated": good[:len(good) // 2], "empty": b"", "garbage": b"\x13\x37 not a checkpoint" * 50,
+                      "text": b"# a README given by mistake\n"}.get(kind, b""))
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "a zip archive of something else")

@@ -11,7 +11,7 @@ import torch
 
 import checkpoints
 import model as M
-from helpers import conv_layout, randomize_, reference_vit, small_cfg, timm_state_dict
+from helpers import conv_layout, randomize_, reference_vit, small_cfg, spoil, timm_state_dict
 
 torch.set_num_threads(2)
 load = M.TimeSformer.from_pretrained
@@ -148,12 +148,49 @@ class _Payload:
         return (print, ("code ran",))
 
 
-def test_checkpoint_cannot_run_code(tmp_path, capsys):
+@pytest.mark.parametrize("write, says", [
+    (lambda obj, f: torch.save(obj, f), "is not a checkpoint that loads safely: it holds Python objects (print)"),
+    (lambda obj, f: pickle.dump(obj, f), "is a pickle, not a PyTorch checkpoint"),
+])
+def test_checkpoint_cannot_run_code(tmp_path, capsys, write, says):
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"cls_token": _Payload()}, f)
-    with pytest.raises(ValueError, match="not a checkpoint that loads safely"):
+        write({"cls_token": _Payload()}, f)
+    with pytest.raises(ValueError) as e:
         load(tmp_path / "evil.pth")
+    assert says in str(e.value) and "\n" not in str(e.value) and "weights_only" not in str(e.value)
     assert "code ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("truncated", "is cut short"), ("empty", "is empty (0 bytes)"), ("garbage", "is not a PyTorch checkpoint (it begins"),
+    ("text", "is not a PyTorch checkpoint (it begins b'# a README"), ("zip", "is a zip archive, not a PyTorch checkpoint"),
+    ("folder", "is a folder"), ("missing", "does not exist"),
+])
+def test_a_file_that_does_not_read_is_one_line_saying_what_it_is(tmp_path, kind, says):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.randn(1000)}, "step": 3}, path)
+    if kind == "missing":
+        path.unlink()
+    else:
+        spoil(path, kind)
+    with pytest.raises(ValueError) as e:
+        checkpoints.read_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} {says}") and "\n" not in msg and "weights_only" not in msg, msg
+
+
+def test_a_damaged_record_and_a_legacy_pickle_cut_short(tmp_path):
+    torch.save({"w": torch.randn(1000)}, tmp_path / "a.pt")
+    data = bytearray((tmp_path / "a.pt").read_bytes())
+    data[200:260] = b"\xff" * 60  # the archive's index still reads; a record in it does not
+    (tmp_path / "a.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is a damaged PyTorch checkpoint"):
+        checkpoints.read_file(tmp_path / "a.pt")
+    torch.save({"w": torch.randn(1000)}, tmp_path / "b.pt", _use_new_zipfile_serialization=False)
+    assert checkpoints.read_file(tmp_path / "b.pt")["w"].shape == (1000,)  # torch's older format reads
+    (tmp_path / "b.pt").write_bytes((tmp_path / "b.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match="is cut short .* its pickle ends early"):
+        checkpoints.read_file(tmp_path / "b.pt")
 
 
 def test_safetensors_without_the_package_says_what_to_install(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import data
 import demo
 import eval as evaluate_mod
 import train
+from helpers import spoil
 from test_train import FAST
 
 
@@ -56,9 +57,20 @@ def test_bad_input_is_one_line(trained, capsys, flags, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_not_a_checkpoint_is_one_line(tmp_path):
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
-        evaluate_mod.main(["--ckpt", str(tmp_path / "ckpt.pt")])
-    with pytest.raises(SystemExit, match="FileNotFoundError"):
-        evaluate_mod.main(["--ckpt", str(tmp_path / "nope.pt")])
+@pytest.mark.parametrize("kind, says", [
+    ("truncated", "is cut short"), ("empty", "is empty (0 bytes)"), ("garbage", "is not a PyTorch checkpoint"),
+    ("zip", "is a zip archive, not a PyTorch checkpoint"), ("folder", "is a folder"), ("missing", "does not exist"),
+    ("weights", "is a PyTorch file but not a checkpoint of train.py"),
+])
+def test_not_a_checkpoint_is_one_line(tmp_path, kind, says):
+    """What the file is, in one line; never torch's advice to unpickle it with weights_only=False."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.randn(1000)}, path)  # a state dict: not a checkpoint of train.py
+    if kind == "missing":
+        path.unlink()
+    elif kind != "weights":
+        spoil(path, kind)
+    with pytest.raises(SystemExit) as e:
+        evaluate_mod.main(["--ckpt", str(path)])
+    msg = str(e.value)
+    assert msg.startswith(f"error: --ckpt {path} {says}") and "\n" not in msg and "weights_only" not in msg, msg

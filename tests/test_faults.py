@@ -1,9 +1,13 @@
 """Faults injected for real: SIGTERM (preemption), SIGKILL during a checkpoint write, a rank killed under
-torchrun --max-restarts, a diverging run, and corrupt files in a training set."""
+torchrun --max-restarts, a diverging run, corrupt files in a training set, a spoilt ckpt.pt, and a disk or
+folder that refuses a save (full, read-only, gone, no permission), also under torchrun."""
 
+import errno
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+import runtime
 import train
+from helpers import spoil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--recipe", "demo", "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1", "--eval_every", "0",
@@ -82,10 +88,10 @@ def test_sigkill_leaves_no_worker_processes(demo_dir, tmp_path):
 
 _WRITER = """
 import sys, torch, runtime
-path = sys.argv[1]
-runtime.save_checkpoint(path, {"step": 1, "w": torch.ones(10)})
+files = runtime.CheckpointFiles(sys.argv[1])
+files.save({"step": 1, "w": torch.ones(10)})
 print("first", flush=True)
-runtime.save_checkpoint(path, {"step": 2, "w": torch.randn(100_000_000)})  # 400 MB: takes a while to write
+files.save({"step": 2, "w": torch.randn(100_000_000)})  # 400 MB: takes a while to write
 print("second", flush=True)
 """
 
@@ -99,6 +105,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
     p.kill()  # SIGKILL while the second checkpoint is being written
     p.wait()
     assert torch.load(path, weights_only=True)["step"] == 1  # the previous one, intact
+    assert not os.path.exists(tmp_path / "ckpt.prev.pt")  # renamed aside only once the new one is whole
 
 
 def test_rank_killed_under_torchrun_restarts_and_continues(demo_dir, tmp_path):
@@ -187,3 +194,198 @@ def test_dataset_with_no_readable_sample_stops_clearly(tmp_path):
     with pytest.raises(Exception, match="no readable sample"):
         train.main(FAST + ["--datasets", "broken", "--data_dir", str(tmp_path / "data"), "--out_dir",
                            str(tmp_path / "out"), "--model", "demo", "--img_size", "32", "--max_steps", "2"])
+
+
+# ---- the disk: a spoilt ckpt.pt falls back to ckpt.prev.pt; a save the disk refuses stops in one line
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_runs(demo_dir, tmp_path_factory):
+    """8 steps straight, and a run stopped at step 4 that saved every 2 (ckpt.pt: step 4, ckpt.prev.pt: 2)."""
+    root = tmp_path_factory.mktemp("runs")
+    common = FAST + ["--data_dir", demo_dir, "--max_steps", "8", "--drop_path", "0.1"]
+    train.main(common + ["--out_dir", str(root / "straight"), "--save_every", "100"])
+    train.main(common + ["--out_dir", str(root / "stopped"), "--save_every", "2", "--stop_at", "4"])
+    return root, common + ["--save_every", "2"]
+
+
+@pytest.mark.parametrize("kind, says", [("truncated", "is cut short"), ("empty", "is empty (0 bytes)"),
+                                        ("garbage", "is not a PyTorch checkpoint"), ("missing", "does not exist")])
+def test_a_spoilt_ckpt_resumes_from_the_previous_one_bit_exact(two_runs, tmp_path, capsys, kind, says):
+    """ckpt.pt cut short, empty, garbage, or gone (a crash between the two renames of a save): the run says
+    so in one line, continues from ckpt.prev.pt, and ends where the uninterrupted run ends, bit for bit."""
+    root, common = two_runs
+    out = tmp_path / "run"
+    shutil.copytree(root / "stopped", out)
+    if kind == "missing":
+        (out / "ckpt.pt").unlink()
+    else:
+        spoil(out / "ckpt.pt", kind)
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(out), "--stop_at", "4"])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {out}/ckpt.pt {says}"), warnings
+    assert warnings[0].endswith(f"; resuming from {out}/ckpt.prev.pt (step 2)")
+    # the spoilt file was replaced, not kept as the previous one
+    assert load(out / "ckpt.pt")["step"] == 4 and load(out / "ckpt.prev.pt")["step"] == 2
+    train.main(common + ["--out_dir", str(out)])
+    a, b = load(root / "straight" / "ckpt.pt"), load(out / "ckpt.pt")
+    assert a["step"] == b["step"] == 8 and load(out / "ckpt.prev.pt")["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("previous", ["garbage", "missing"])
+def test_no_checkpoint_that_reads_stops_in_one_line_naming_the_files(two_runs, tmp_path, previous):
+    root, common = two_runs
+    out = tmp_path / "run"
+    shutil.copytree(root / "stopped", out)
+    spoil(out / "ckpt.pt", "truncated")
+    if previous == "missing":
+        (out / "ckpt.prev.pt").unlink()
+    else:
+        spoil(out / "ckpt.prev.pt", previous)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if f.startswith("ckpt")}
+    r = subprocess.run([sys.executable, "train.py"] + common + ["--out_dir", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1
+    error = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(error) == 1 and error[0].startswith("error: no checkpoint to resume from: "), r.stderr
+    assert f"{out}/ckpt.pt is cut short" in error[0] and f"{out}/ckpt.prev.pt " in error[0]
+    assert "Traceback" not in r.stderr and "weights_only" not in r.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f.startswith("ckpt")} == before  # nothing touched
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with ROOM bytes left: writes past it fail as the kernel's would."""
+    ROOM = 1_000_000
+
+    def write(self, b):
+        if self.tell() + memoryview(b).nbytes > self.ROOM:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(b)
+
+
+def refusing_open(fault):
+    """open() for runtime.py, where the checkpoint's temporary file meets `fault`."""
+    def fake(path, mode="r", *args, **kwargs):
+        if ".tmp-" not in str(path):
+            return open(path, mode, *args, **kwargs)
+        if fault == "ENOSPC":
+            return FullDisk(path, "wb")
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)  # as for anyone but root
+    return fake
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(*args, where): a real mount (tmpfs, bind), where this machine allows it (root, not every
+    container); unmounted after the test."""
+    mounted = []
+
+    def run(*args, where):
+        r = subprocess.run(["mount", *args, str(where)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+        if not any(a.startswith("remount") for a in args):  # a remount changes a mount, makes none
+            mounted.append(where)
+
+    yield run
+    for where in reversed(mounted):
+        subprocess.run(["umount", str(where)])
+
+
+@pytest.mark.parametrize("fault, says", [
+    ("ENOSPC", "No space left on device"), ("EACCES", "Permission denied"), ("vanished", "the folder is gone"),
+    ("tmpfs full", "No space left on device"), ("read-only", "Read-only file system"),
+])
+def test_a_save_the_disk_refuses_stops_in_one_line_and_keeps_the_last(demo_dir, tmp_path, monkeypatch, mount, fault,
+                                                                       says):
+    """A full disk, no permission, the folder removed, injected; a real full tmpfs and a real read-only
+    mount where mounting works: one line with the folder, the step, the size needed and what is intact; the
+    temporary file removed and the last checkpoint byte-identical."""
+    out = tmp_path / "disk" / "run"
+    out.mkdir(parents=True)
+    if fault == "tmpfs full":  # room for one demo checkpoint, not two
+        mount("-t", "tmpfs", "-o", "size=12m", "tmpfs", where=out.parent)
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "4", "--save_every", "1"]
+    train.main(common + ["--stop_at", "1"])
+    before = (out / "ckpt.pt").read_bytes()
+    if fault in ("ENOSPC", "EACCES"):
+        monkeypatch.setattr(runtime, "open", refusing_open(fault), raising=False)
+    elif fault in ("vanished", "read-only"):
+        save = runtime.CheckpointFiles.save
+
+        def refused_save(self, state):  # the folder goes, or turns read-only, just before the save
+            if fault == "vanished":
+                shutil.rmtree(out)
+            else:  # over the folder, after the run opened log.jsonl (a mount with files open to write stays)
+                mount("--bind", str(out), where=out)
+                mount("-o", "remount,bind,ro", where=out)
+            save(self, state)
+        monkeypatch.setattr(runtime.CheckpointFiles, "save", refused_save)
+    with pytest.raises(SystemExit) as e:
+        train.main(common)
+    msg = str(e.value)
+    assert msg.startswith(f"error: cannot save the checkpoint of step 2 in {out}: {says}") and "\n" not in msg, msg
+    assert " MB" in msg and "[enforce fail" not in msg
+    if fault == "vanished":
+        assert msg.endswith("no earlier checkpoint of this run is on disk") and not out.exists()
+        return
+    assert msg.endswith(f"intact: {out}/ckpt.pt (step 1)")
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "listings", "log.jsonl"]  # no temporary file left
+
+
+def test_short_of_space_for_two_the_run_keeps_one_and_goes_on(demo_dir, tmp_path, mount, capsys):
+    """A real tmpfs with room for two demo checkpoints, not three: each save removes ckpt.prev.pt first,
+    says so, and the run finishes."""
+    out = tmp_path / "disk"
+    out.mkdir()
+    mount("-t", "tmpfs", "-o", "size=20m", "tmpfs", where=out)
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(out / "run"), "--max_steps", "4", "--save_every", "1"])
+    said = capsys.readouterr().out.replace("\r", "\n")
+    assert said.count(f"low on disk space: removed {out}/run/ckpt.prev.pt") == 2  # at steps 3 and 4
+    assert load(out / "run" / "ckpt.pt")["step"] == 4 and load(out / "run" / "ckpt.prev.pt")["step"] == 3
+
+
+RANK0_CANNOT_SAVE = """
+import os, resource, signal, sys
+sys.path.insert(0, {root!r})
+import train
+
+if os.environ["RANK"] == "0":  # files past 1 MB fail with EFBIG, as the kernel enforces it: the checkpoint does
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_rank0_cannot_save_and_every_rank_exits(demo_dir, tmp_path):
+    """2 processes: rank 0's save fails (a real write error); rank 1 learns it from rank 0 instead of waiting
+    at a barrier, and both stop with one line each and a non-zero exit."""
+    script = tmp_path / "launch.py"
+    script.write_text(RANK0_CANNOT_SAVE.format(root=ROOT))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)] + FAST + [
+        "--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "6", "--save_every", "2", "--workers", "0"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        text = p.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the agent and every worker: nothing may outlive the test
+        raise AssertionError("a rank did not exit:\n" + p.communicate()[0][-4000:]) from None
+    assert p.returncode != 0
+    errors = sorted(line for line in text.replace("\r", "\n").splitlines() if line.startswith("error: "))
+    assert len(errors) == 2, text[-4000:]
+    assert errors[0].startswith(f"error: cannot save the checkpoint of step 2 in {out}: File too large (it needs ")
+    assert errors[0].endswith("no earlier checkpoint of this run is on disk")
+    assert errors[1] == "error: rank 1 stops: rank 0 could not save the checkpoint of step 2"
+    assert not [f for f in os.listdir(out) if f.startswith("ckpt")]  # no temporary file left
+    assert logged_steps(str(out)) == [1, 2]  # no rank went on past the save that failed

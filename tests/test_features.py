@@ -1,6 +1,6 @@
 """features.py on a checkpoint trained here: each row is forward_features of the clip's test views averaged,
 in the dataset's order with its path and label; the moving average of the weights when the run kept one;
-every clip once over the ranks of a real two-process run; one file alone."""
+every clip once over the ranks of a real two-process run; one file alone; a spoilt --ckpt in one line."""
 
 import os
 import subprocess
@@ -14,6 +14,7 @@ import data
 import features
 import model as M
 import train
+from helpers import spoil
 from test_train import FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,3 +75,16 @@ def test_one_file(demo_dir, trained, tmp_path):
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     np.testing.assert_allclose(got["features"][0], expected(ckpt, ds, "ema")[2], atol=1e-5)
     assert got["paths"].tolist() == [ds.samples.path(2)]
+
+
+@pytest.mark.parametrize("kind, says", [("truncated", "is cut short"), ("empty", "is empty (0 bytes)"),
+                                        ("garbage", "is not a PyTorch checkpoint")])
+def test_not_a_checkpoint_is_one_line(trained, tmp_path, kind, says):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes((trained / "ckpt.pt").read_bytes())
+    spoil(path, kind)
+    with pytest.raises(SystemExit) as e:
+        features.main(["--ckpt", str(path), "--workers", "0"])
+    msg = str(e.value)
+    assert msg.startswith(f"error: --ckpt {path} {says}") and "\n" not in msg and "weights_only" not in msg, msg
+    assert not (tmp_path / "features").exists()

@@ -1,10 +1,11 @@
 """runtime.py: the published peaks MFU is counted against, a real two-process torchrun start-up in which
-rank 0 lists the datasets alone for longer than the process group's timeout, and the run's log going to
-TensorBoard and W&B too."""
+rank 0 lists the datasets alone for longer than the process group's timeout, the run's log going to
+TensorBoard and W&B too, and the checkpoint files' renames and folder sync."""
 
 import importlib.util
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -142,3 +143,27 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(tmp_path, monkeypatc
         train.main(flag + ["--out_dir", str(tmp_path)])
     package = flag[0][2:]
     assert f"pip install {package}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_save_keeps_the_one_before_and_syncs_the_folder_after_its_renames(tmp_path, monkeypatch):
+    """Each save: the temporary file flushed, ckpt.pt renamed to ckpt.prev.pt, the new one to ckpt.pt, then
+    the folder synced so the renames last; a temporary file of a killed save is removed first."""
+    path, fsync, synced = tmp_path / "ckpt.pt", os.fsync, []
+
+    def spy(fd):  # what the folder holds when it is synced
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append((sorted(os.listdir(tmp_path)), torch.load(path, weights_only=True)["step"]))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    (tmp_path / "ckpt.pt.tmp-1").write_bytes(b"\0" * 1000)  # left by a save that was killed
+    files = runtime.CheckpointFiles(str(path))
+    for step in (1, 2, 3):
+        files.save({"step": step, "w": torch.full((10,), float(step))})
+    assert synced == [(["ckpt.pt"], 1), (["ckpt.prev.pt", "ckpt.pt"], 2), (["ckpt.prev.pt", "ckpt.pt"], 3)]
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["w"][0] == 2
+    # a ckpt.pt this process has neither read nor written is replaced, never kept as the previous one
+    path.write_bytes(b"spoilt")
+    files = runtime.CheckpointFiles(str(path))
+    files.save({"step": 4, "w": torch.zeros(10)})
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["step"] == 2

@@ -1,5 +1,5 @@
-"""train.py end to end on the demo data: exact resume, a real two-process torchrun (gloo) run, head
-isolation under DDP, one host sync per step, argument errors."""
+"""train.py end to end on the demo data: exact resume, one write per step, a real two-process torchrun (gloo)
+run, head isolation under DDP, one host sync per step, argument errors."""
 
 import copy
 import json
@@ -15,7 +15,9 @@ import data
 import demo
 import model as M
 import recipes
+import runtime
 import train
+from helpers import spoil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -46,6 +48,26 @@ def test_resume_is_bit_identical(demo_dir, tmp_path, extra):
     if "--ema" in extra:
         assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
         assert not torch.equal(a["ema"]["blocks.0.attn.qkv.weight"], a["model"]["blocks.0.attn.qkv.weight"])
+
+
+def test_a_step_is_written_once(demo_dir, tmp_path, monkeypatch):
+    """--stop_at on a --save_every step writes that checkpoint once (twice, ckpt.prev.pt would hold it too), and
+    a run resumed at its --stop_at step writes nothing: ckpt.pt holds that step already."""
+    saves, save = [], runtime.CheckpointFiles.save
+
+    def counted(self, state):
+        saves.append(state["step"])
+        save(self, state)
+
+    monkeypatch.setattr(runtime.CheckpointFiles, "save", counted)
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "8", "--save_every", "2",
+                     "--workers", "0"]
+    train.main(common + ["--stop_at", "4"])
+    assert saves == [2, 4]
+    assert load(tmp_path / "ckpt.pt")["step"] == 4 and load(tmp_path / "ckpt.prev.pt")["step"] == 2
+    before = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "ckpt.prev.pt")}
+    train.main(common + ["--stop_at", "4"])
+    assert saves == [2, 4] and {f: (tmp_path / f).read_bytes() for f in before} == before
 
 
 def test_ema_is_the_moving_average_of_the_weights_after_each_step(demo_dir, tmp_path):
@@ -224,6 +246,19 @@ def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
         train.main(["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o")] + flags)
     assert message in str(e.value)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("kind, says", [("truncated", "is cut short"), ("empty", "is empty (0 bytes)"),
+                                        ("zip", "is a zip archive, not a PyTorch checkpoint")])
+def test_init_that_is_not_a_checkpoint_is_one_line(demo_dir, tmp_path, kind, says):
+    path = tmp_path / "vit.pth"
+    torch.save(M.TimeSformer(M.make_config("demo"), heads={"a": 3}).state_dict(), path)
+    spoil(path, kind)
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"), "--init", str(path)])
+    msg = str(e.value)
+    assert msg == f"error: --init {path}: {path} {says}" or msg.startswith(f"error: --init {path}: {path} {says} ")
+    assert "\n" not in msg and "weights_only" not in msg
 
 
 @pytest.mark.parametrize("datasets, recipe", [

@@ -83,12 +83,17 @@ def test_same_names_and_annotations_copied(prepared):
     assert (dst / "annotations/train.csv").read_bytes() == (src / "annotations/train.csv").read_bytes()
 
 
+@pytest.mark.parametrize("backend", ["pyav", "opencv"])
 @pytest.mark.parametrize("rel", ["train/abc_000001_000011.mp4", "20bn/1234.webm"])
-def test_read_video_matches_pyav(prepared, rel):
+def test_read_video_matches_pyav(prepared, rel, backend, monkeypatch):
+    """Both readers, every frame and windows in any order: a decode from the start, as PyAV gives it."""
+    monkeypatch.setattr(video, "BACKEND", backend)
     path = str(prepared[1] / rel)
     ref = pyav_frames(path)
     assert video.video_info(path)[0] == len(ref)
     np.testing.assert_array_equal(video.read_video(path, np.arange(len(ref))), ref)
+    idx = np.random.default_rng(0).integers(0, len(ref), 24)
+    np.testing.assert_array_equal(video.read_video(path, idx), ref[idx])
 
 
 def test_second_run_skips_existing(prepared):

@@ -1,12 +1,14 @@
 """
-Reading pixels: frame-exact video decoding with OpenCV, images with Pillow (EXIF, odd modes, JPEGs decoded
-only as large as needed), and the crop boxes of training and testing. Nothing here knows about datasets;
+Reading pixels: frame-exact video decoding (PyAV's seeking reader when PyAV is installed, else OpenCV's; the
+same frames), images with Pillow (EXIF, odd modes, JPEGs decoded only as large as needed), and the crop boxes
+of training and testing. Nothing here knows about datasets;
 data.py decides which frames and which boxes.
 
 A box is (y0, x0, h, w) in the original pixels; only that region is resized to the output, which equals
 resizing the whole frame and then cropping, up to rounding, for less work.
 """
 
+import itertools
 import logging
 import math
 import os
@@ -20,6 +22,11 @@ os.environ.setdefault('OPENCV_LOG_LEVEL', 'ERROR')
 import cv2  # noqa: E402  (after the variables above)
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
+
+try:  # optional (pip install av): decoding from keyframes instead of from the start
+    import av
+except ImportError:
+    av = None
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +43,14 @@ class VideoError(SampleError):
 
 # What a broken file can raise while we decode it; bugs of our own (TypeError, ...) surface instead.
 READ_ERRORS = (SampleError, OSError, ValueError, SyntaxError, EOFError, struct.error, cv2.error,
-               Image.DecompressionBombError)
+               Image.DecompressionBombError, *([av.FFmpegError] if av else []))
 
 # -----------------------------------------------------------------------------
 # videos. Frame i is the i-th frame that a decode from the start shows. Two readers, the same frames: PyAV's
 # (an optional install, used when importable) decodes from the keyframe before each wanted frame; OpenCV's
 # decodes from the start. Each opens the file once per sample: its length and fps, then the frames.
 
-try:
-    import av
-    BACKEND = 'pyav'
-except ImportError:
-    BACKEND = 'opencv'
+BACKEND = 'pyav' if av else 'opencv'
 
 
 def reader():
@@ -175,51 +178,60 @@ SAME_RGB = {'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p',
 
 
 class PyAVVideo(Video):
-    """Lists the packets once (timestamps and keyframe flags, no decoding) and numbers the frames by their
-    sorted timestamps; each wanted frame is decoded from the last keyframe at or before it, unless the
-    decoder is already on its way there. Every frame decoded must carry the timestamp its number expects;
-    where timestamps are missing or repeat, or a frame breaks the numbering, it decodes from the start, as
-    OpenCVVideo does. Only the kept frames are converted to RGB (by libswscale, as OpenCV converts)."""
+    """Lists the packets once (timestamps and keyframe flags only: no decoding, no packet kept, so a long
+    video costs no memory) and numbers the frames by their sorted timestamps. Each wanted frame is decoded
+    from the last keyframe at or before it (a seek), unless the decoder is already on its way there. Every
+    packet after a seek must be the one the list has there, and every frame decoded must carry the timestamp
+    its number expects; where timestamps are missing or repeat, or any of this fails, the file is decoded
+    from the start, as OpenCVVideo does. Only the kept frames are converted to RGB (libswscale, as OpenCV)."""
 
     def __init__(self, path):
-        self.path = path
+        self.path, self.container = path, None
         try:
-            self.container = av.open(path)
-        except (av.FFmpegError, UnicodeDecodeError):
-            raise VideoError(f"{path}: FFmpeg cannot open it (corrupt, truncated or not a video)") from None
-        try:
-            cover_art = av.stream.Disposition.attached_pic
-            self.stream = next((s for s in self.container.streams.video if not s.disposition & cover_art), None)
-            if self.stream is None:
-                raise VideoError(f"{path}: no video stream")
-            self.decoder = self.stream.codec_context
-            self.decoder.thread_count = 1  # the parallelism comes from DataLoader workers
+            self.open()
             same_rgb = self.decoder.format and self.decoder.format.name in SAME_RGB
             self.opencv = None if same_rgb else OpenCVVideo(path)  # reads the frames; PyAV counts them
             self.list_packets()
             fps = self.stream.average_rate or self.stream.guessed_rate
             self.fps = self.check_fps(float(fps) if fps else 0.0)
         except BaseException:
-            self.container.close()
+            self.close()
             raise
 
-    def list_packets(self):
-        self.packets = []  # in decoding order
+    def open(self):
+        self.close()
         try:
-            self.packets += [p for p in self.container.demux(self.stream) if p.size]
+            self.container = av.open(self.path)
+        except (av.FFmpegError, UnicodeDecodeError):
+            raise VideoError(f"{self.path}: FFmpeg cannot open it (corrupt, truncated or not a video)") \
+                from None
+        cover_art = av.stream.Disposition.attached_pic
+        self.stream = next((s for s in self.container.streams.video if not s.disposition & cover_art), None)
+        if self.stream is None:
+            raise VideoError(f"{self.path}: no video stream")
+        self.decoder = self.stream.codec_context
+        self.decoder.thread_count = 1  # the parallelism comes from DataLoader workers
+        self.to_rgb = av.video.reformatter.VideoReformatter()  # one conversion set-up for all frames
+
+    def demux(self):
+        return (p for p in self.container.demux(self.stream) if p.size)  # the end: an empty packet
+
+    def list_packets(self):
+        self.packets = []  # (pts, dts, keyframe, discarded) in decoding order
+        try:
+            self.packets += [(p.pts, p.dts, p.is_keyframe, p.is_discard) for p in self.demux()]
         except av.FFmpegError:
             pass  # a truncated file: what could be read is what there is
-        shown = [p.pts for p in self.packets if not p.is_discard]  # discarded: before an edit list's start
-        self.length = len(shown)
+        shown = [p[0] for p in self.packets if not p[3]]  # discarded: decoded, never shown (an edit list)
+        self.length, self.used = len(shown), True
         if not self.length:
             raise VideoError(f"{self.path}: no decodable frames")
         self.exact = None not in shown and len(set(shown)) == len(shown)
         if self.exact:
             self.pts = sorted(shown)  # frame i is shown at self.pts[i]
             self.number = {t: i for i, t in enumerate(self.pts)}
-            self.position = {self.number[p.pts]: q for q, p in enumerate(self.packets) if not p.is_discard}
-            self.keyframes = [q for q, p in enumerate(self.packets)
-                              if q == 0 or (p.is_keyframe and not p.is_discard)]
+            self.position = {self.number[p[0]]: q for q, p in enumerate(self.packets) if not p[3]}
+            self.keyframes = [q for q, p in enumerate(self.packets) if q == 0 or (p[2] and not p[3])]
 
     def frames(self, wanted):
         if self.opencv:
@@ -233,20 +245,25 @@ class PyAVVideo(Video):
 
     def seek_and_decode(self, wanted):
         """{i: RGB frame i} for the wanted frames (ascending), or None where the numbering proves wrong."""
-        kept, want, fed = {}, set(wanted), None  # fed: the last packet given to the decoder since its reset
+        kept, want, fed = {}, set(wanted), None  # fed: the position of the last packet the decoder got
         for i in wanted:
             # the last keyframe before frame i both in decoding and in showing order
             start = next(q for q in reversed(self.keyframes)
-                         if q <= self.position[i] and (q == 0 or self.packets[q].pts <= self.pts[i]))
-            if fed is None or start > fed:  # not on its way to frame i: start decoding at that keyframe
-                self.decoder.flush_buffers()
-                fed, first = start - 1, self.packets[start].pts if start else None
-                expect = self.number[first] if start else 0
+                         if q <= self.position[i] and (q == 0 or self.packets[q][0] <= self.pts[i]))
+            if fed is None or start > fed + 1:  # not on its way to frame i: go to that keyframe
+                packets, at = self.seek(start)
+                if packets is None:
+                    return None
+                fed, first = at - 1, self.packets[at][0] if at else None
+                expect = self.number[first] if at else 0
             while i not in kept:
+                packet = next(packets, None)
+                if packet is None:  # past the last packet: nothing to drain any more
+                    return None
                 fed += 1
-                if fed > len(self.packets):
-                    return None  # frame i never came out
-                for frame in self.decode(self.packets[fed] if fed < len(self.packets) else None):
+                if fed == len(self.packets) or packet.pts != self.packets[fed][0]:
+                    return None  # not the packet listed there (dts may be guessed anew after a seek)
+                for frame in self.decode(packet, last=fed == len(self.packets) - 1):
                     if first is not None and frame.pts is not None and frame.pts < first:
                         continue  # shown before the keyframe but decoded after it: not ours to check
                     if expect >= self.length or frame.pts != self.pts[expect]:
@@ -256,10 +273,29 @@ class PyAVVideo(Video):
                     expect += 1
         return kept
 
+    def seek(self, q):
+        """The demuxer and the decoder moved to the keyframe at decoding position q (or to one before it)
+        -> (its packets from there, the position of the first), or (None, None) where the seek went wrong."""
+        pts, dts = self.packets[q][:2]
+        try:  # to the last keyframe at or before that time
+            self.container.seek(min(t for t in (pts, dts) if t is not None), stream=self.stream)
+        except (av.FFmpegError, ValueError):
+            return None, None
+        self.decoder.flush_buffers()
+        packets = self.demux()
+        landed = next(packets, None)
+        if landed is None:
+            return None, None
+        # where it landed: that keyframe or one before it, never after
+        at = next((k for k in range(q, -1, -1) if landed.pts == self.packets[k][0]), None)
+        if at is None or at not in self.keyframes:
+            return None, None
+        return itertools.chain([landed], packets), at
+
     def decode_from_start(self, wanted):
         kept, want, i = {}, set(wanted), 0
-        self.decoder.flush_buffers()
-        for packet in self.packets + [None]:  # None: drain the decoder
+        self.open()  # the surest way back to the first packet
+        for packet in itertools.chain(self.demux(), [None]):  # None: drain the decoder
             for frame in self.decode(packet):
                 if i in want:
                     kept[i] = self.rgb(frame)
@@ -268,19 +304,22 @@ class PyAVVideo(Video):
                     return kept
         raise self.ends(wanted[-1], i)
 
-    def decode(self, packet):
+    def decode(self, packet, last=False):
+        """The frames one packet completes (the last packet also drains the decoder)."""
         try:
-            return self.decoder.decode(packet)
+            frames = self.decoder.decode(packet)
+            return frames + self.decoder.decode(None) if last else frames
         except av.FFmpegError:  # a broken packet gives no frame and decoding goes on, as in OpenCV
             return []
 
     def rgb(self, frame):
-        rgb = frame.to_ndarray(format='rgb24')
+        rgb = self.to_rgb.reformat(frame, format='rgb24').to_ndarray()
         return np.rot90(rgb, frame.rotation // 90) if frame.rotation else rgb  # as shown, as OpenCV turns it
 
     def close(self):
-        self.container.close()
-        if self.opencv:
+        if self.container:
+            self.container.close()
+        if getattr(self, 'opencv', None):
             self.opencv.close()
 
 # -----------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_pyav_decodes_from_the_keyframe_before_each_frame(hard_files, monkeypatc
     monkeypatch.setattr(video, 'BACKEND', 'pyav')
     fed = []
     real = video.PyAVVideo.decode
-    monkeypatch.setattr(video.PyAVVideo, 'decode', lambda self, p: fed.append(p) or real(self, p))
+    monkeypatch.setattr(video.PyAVVideo, 'decode', lambda self, p, **kw: fed.append(p) or real(self, p, **kw))
     with video.open_video(str(hard_files / 'prepared_gop8.mp4')) as v:
         assert v.exact and len(v.keyframes) == (v.length + 7) // 8
         v.read([100])

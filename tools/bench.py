@@ -1,19 +1,22 @@
 """
 Speed and memory of model.py and data.py against what users would pick instead. Every comparison
-alternates A and B in one run (the machine may be noisy), for several rounds, and reports medians and
-the ratio. Sections run on their own or all together; CUDA when present, else CPU.
+alternates A and B in one run (the machine may be noisy), for several rounds, and reports medians (the
+data sections: the fastest round, what one core does for one worker) and the ratio. Sections run on their
+own or all together; CUDA when present, else CPU.
 
   train   training step (forward + backward + AdamW): ours vs Hugging Face
           TimesformerForVideoClassification with the same weights; clips/s and peak memory
   infer   multi-view inference (3 crops per video), inference_mode: ours vs Hugging Face
   mfu     model FLOP/s of our training step over the peak: the published one on known GPUs, on CPU
           one plain GEMM measured in the same run
-  data    clips/s per worker of data.py's Kinetics 8x32 train item at R = 1, 2, 4 clips per decode
-          (--num_sample) vs a PySlowFast-style PyAV decode and two seeking readers, one decode per
-          clip, on videos as downloaded and as tools/prepare_videos.py writes them; frame-exactness;
-          images/s of the ImageNet path vs bare Pillow
+  data    clips/s per worker of data.py's train item at R = 1, 2, 4 clips per decode (--num_sample),
+          with PyAV's reader and with OpenCV's, vs a PySlowFast-style PyAV decode and PyAV keyframe
+          seek (one decode per clip): Kinetics 8x32 clips as downloaded, prepared with a keyframe every
+          16 frames and with tools/prepare_videos.py's defaults; SSv2-like webm as downloaded and
+          prepared; frame-exactness; images/s of the ImageNet path vs bare Pillow; the workers an
+          H100 needs at 40% MFU, for K400 alone and for the cover recipe's mix
   prepare the same per-worker rates (and bit rates) on tools/prepare_videos.py's output under
-          other options: keyframe interval, short side, CRF
+          other options: keyframe interval 4 / 8 / 16, short side, CRF
   memory  activation and peak memory of a training step, with and without grad_checkpointing
 
   python tools/bench.py --section train infer           # ViT-B, 8x224, batch 2 (the paper's model)
@@ -459,9 +462,9 @@ def make_ssv2_clip(source, path):
     """A Something-Something-v2 clip as downloaded, from a generated clip: VP9 webm, 240 px high, 12 fps,
     4 seconds, libvpx's own keyframe placement and hidden alt-ref frames."""
     tmp = f"{path}.part.webm"
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", source, "-t", "4", "-an",
-           "-vf", "scale=-2:240,fps=12", "-c:v", "libvpx-vp9", "-crf", "32", "-b:v", "0", "-deadline", "good",
-           "-cpu-used", "4", tmp]
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", source, "-t", "4",
+           "-an", "-vf", "scale=-2:240,fps=12", "-c:v", "libvpx-vp9", "-crf", "32", "-b:v", "0",
+           "-deadline", "good", "-cpu-used", "4", tmp]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, path)
@@ -492,21 +495,21 @@ def default_gop():
 
 
 def video_sets(args, tmp):
-    """[(dataset, files, name, paths)], files: 'as downloaded', 'GOP 16' or 'prepared' (the defaults): Kinetics-like clips as downloaded (generated, cached across runs) and the
-    --videos given, each also prepared with a keyframe every 16 frames and with tools/prepare_videos.py's
-    defaults; Something-Something-like webm clips as downloaded and prepared."""
+    """[(dataset, files, name, paths)], files 'as downloaded', 'GOP 16' or 'prepared' (the defaults):
+    Kinetics-like clips as downloaded (generated, cached across runs) and the --videos given, each also
+    prepared with a keyframe every 16 frames and with tools/prepare_videos.py's defaults; Something-
+    Something-like webm clips as downloaded and prepared."""
     k400, ssv2 = sources(args)
     sets, gop = [], default_gop()
     for name, videos in k400.items():
         sets.append(("k400", "as downloaded", f"{name}, as downloaded", videos))
-        for options in [("--gop", "16")] + ([] if gop == 16 else [()]):
-            ready = prepared(videos, os.path.join(tmp, str(len(sets))), options)  # each run: options may change
-            short = min(data_info(ready[0])[2:])
-            files = "prepared" if options[1:] in ((), (str(gop),)) else "GOP 16"
-            sets.append(("k400", files, f"{name}, prepared (short side {short}, GOP {options[1] if options else gop})",
-                         ready))
+        for files, options in (("GOP 16", ["--gop", "16"]), ("prepared", [])):  # anew: the defaults change
+            ready = prepared(videos, os.path.join(tmp, str(len(sets))), options)
+            short, interval = min(data_info(ready[0])[2:]), 16 if options else gop
+            sets.append(("k400", files, f"{name}, prepared (short side {short}, GOP {interval})", ready))
     sets.append(("ssv2", "as downloaded", "ssv2-like VP9 webm 427x240 12 fps, as downloaded", ssv2))
-    sets.append(("ssv2", "prepared", f"ssv2-like, prepared (GOP {gop})", prepared(ssv2, os.path.join(tmp, "ssv2"))))
+    ready = prepared(ssv2, os.path.join(tmp, "ssv2"))
+    sets.append(("ssv2", "prepared", f"ssv2-like, prepared (GOP {gop})", ready))
     return sets
 
 
@@ -762,8 +765,9 @@ def goal_rows(results):
             continue
         ours_now = r["clips_per_s"]["ours R=1"]
         for side, target in (("pyav keyframe seek", ">= 1.5"), ("ours R=1, OpenCV", ">= 2")):
-            rows.append((f"[{name}] ours R=1 / {side} on the GOP-16 files", ours_now, gop16["clips_per_s"][side],
-                         ratio(ours_now, gop16["clips_per_s"][side]), target))
+            then = gop16["clips_per_s"][side]
+            rows.append((f"[{name}] ours R=1 / {side} on the GOP-16 files", ours_now, then,
+                         ratio(ours_now, then), target))
     return rows
 
 
@@ -818,9 +822,9 @@ def make_jpegs(videos, n, folder, size=(500, 375)):
 
 
 def workers_table(results, images_per_s):
-    """Loader workers (one core each) an H100 needs to train ViT-B 8x224 at 40% MFU, R = 1: K400 alone, and the
-    cover recipe's round robin (K400, SSv2, IN-21K-P; batch 64 / 64 / 256 a step), per reader, prepared and as
-    downloaded. Worker-seconds of loading per period of the mix over the GPU-seconds of that period."""
+    """Loader workers (one core each) an H100 needs to train ViT-B 8x224 at 40% MFU, R = 1: K400 alone, and
+    the cover recipe's round robin (K400, SSv2, IN-21K-P; batch 64 / 64 / 256 a step), per reader, prepared
+    and as downloaded. Worker-seconds of loading per period of the mix over the GPU-seconds of that period."""
     import data
     import recipes
 
@@ -838,7 +842,8 @@ def workers_table(results, images_per_s):
         for side, reader in (("ours R=1", "PyAV"), ("ours R=1, OpenCV", "OpenCV only")):
             k400, ss = r["clips_per_s"][side], ssv2[r["files"]][side]
             alone = 1 / (clip_s * k400)
-            mix = (batch / k400 + batch / ss + images / images_per_s) / (2 * batch * clip_s + images * image_s)
+            loading = batch / k400 + batch / ss + images / images_per_s  # worker-seconds a period
+            mix = loading / (2 * batch * clip_s + images * image_s)
             lines.append(f"| {name} | {reader} | {alone:.0f} | {mix:.0f} |")
     return "\n".join(lines)
 
@@ -864,7 +869,8 @@ def section_data(args):
                                                                               else []))
                                                for dataset, _, name, videos in sets})
         for dataset, files, name, videos in sets:
-            set_rows, results[name] = bench_videos(dataset, files, name, videos, cps[name], rounds[name], jobs[name])
+            set_rows, results[name] = bench_videos(dataset, files, name, videos, cps[name], rounds[name],
+                                                   jobs[name])
             rows += set_rows
         image_row, results["images"] = bench_images(args, sets[0][3], tmp)
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -903,8 +909,8 @@ def section_prepare(args):
     config = {"clips_per_video": args.clips, "frames": args.frames, "img_size": args.img_size,
               "rounds": args.rounds, "threads": 1, "default_gop": default_gop()}
     report(args, "prepare", config, [], results)
-    print(f"\ntools/prepare_videos.py options (each on its defaults), clips/s per worker (one core), Kinetics "
-          f"{args.frames}x32:\n" + per_worker_table(results, sides))
+    print(f"\ntools/prepare_videos.py options (each on its defaults), clips/s per worker (one core), "
+          f"Kinetics {args.frames}x32:\n" + per_worker_table(results, sides))
 
 
 SECTIONS = {"train": section_train, "infer": section_infer, "mfu": section_mfu, "data": section_data,

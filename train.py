@@ -196,7 +196,9 @@ def train(args, rt):
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             with meter.waiting():
-                batch = next(batches)  # the loader follows the same schedule: every clip is from dataset d
+                batch = next(batches)
+            if batch["dataset"] != d:  # one schedule: the sampler's must be the loop's (an int: no GPU sync)
+                sys.exit(f"error: step {step}: the loop trains {name}, the batch is {names[batch['dataset']]}")
             failures.add(name, batch["failed"])
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)

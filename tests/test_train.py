@@ -275,6 +275,34 @@ def test_every_per_dataset_flag_reads_one_value_one_per_dataset_or_some_by_name(
     assert recipes.per_dataset(args, "mixup", float) == expected
 
 
+@pytest.mark.parametrize("fork", ["loop", "loader"])
+def test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step(demo_dir, tmp_path, monkeypatch,
+                                                                              fork):
+    """The loop decides which dataset a step trains (data.schedule); the loader's sampler computes the same
+    schedule for the batch. A fork that changes one and not the other stops at step 0 with one line."""
+    if fork == "loop":  # the loop's schedule shifted by one dataset, the sampler's left as it is
+        class ForkedData:
+            def __getattr__(self, name):
+                return getattr(data, name)
+
+            def schedule(self, step, weights):
+                return (data.schedule(step, weights) + 1) % len(weights)
+
+        monkeypatch.setattr(train, "data", ForkedData())
+    else:  # the loader handed other weights than the loop's
+        build = data.build_train_loader
+        monkeypatch.setattr(data, "build_train_loader", lambda sets, sizes, weights, **kw: build(
+            sets, sizes, weights=weights[::-1], **kw))
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"), "--max_steps", "4",
+                           "--workers", "0", "--weights", "2,1,1"])
+    message = str(e.value)
+    assert message.startswith("error: step 0: the loop trains ") and "\n" not in message
+    loop, batch = message.split("trains ")[1].split(", the batch is ")
+    assert {loop, batch} <= set(demo.NAMES) and loop != batch
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
 def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):
     out = str(tmp_path / "o")
     train.main(FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "1", "--workers", "0"])

@@ -70,7 +70,7 @@ register(DatasetSpec('k400', 'video', 'kinetics', 'kinetics'),
 
 
 def custom_spec(name, paths):
-    """Video or image, by the extensions of the listed files. Videos of any length: segment sampling."""
+    """Video or image, by the extensions of the listed files; videos take segment sampling unless told."""
     exts = [os.path.splitext(os.fsdecode(p))[1].lower() for p in paths[:1000]]
     n_video, n_image = sum(e in VIDEO_EXTS for e in exts), sum(e in IMAGE_EXTS for e in exts)
     if n_video == n_image == 0:
@@ -180,18 +180,26 @@ class MultiDatasetBatchSampler:
 # the dataset
 
 
-def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, views=None, cache_dir=None):
+def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, views=None, sampling=None,
+                  cache_dir=None):
     """The dataset <data_dir>/<name>, its listing kept in cache_dir (layouts.listing). views: (clips, crops)
-    in eval mode instead of the spec's, e.g. (1, 1)."""
+    in eval mode instead of the spec's, e.g. (1, 1); sampling: spec fields instead, {'sampling': 'kinetics'}."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name.startswith('demo_') and name not in SPECS:
         raise DatasetError(f"unknown demo dataset '{name}': import demo to register the demo sets")
     samples = listing(name, data_dir, split, SPECS[name].layout if name in SPECS else 'custom', cache_dir)
-    spec = SPECS.get(name) or custom_spec(name, samples.paths)
-    spec = replace(spec, test_clips=views[0], test_crops=views[1]) if views else spec
+    spec = changed(SPECS.get(name) or custom_spec(name, samples.paths), views, sampling)
     train = split == 'train' if train is None else train
     return ClipDataset(spec, samples, frames=frames, img_size=img_size, train=train)
+
+
+def changed(spec, views=None, sampling=None):
+    """The spec with the test views (clips, crops) and the sampling fields ({'sampling': 'kinetics'}) given."""
+    if sampling and spec.kind != 'video':
+        raise DatasetError(f"dataset '{spec.name}' holds images: --sampling is for video datasets")
+    views = dict(test_clips=views[0], test_crops=views[1]) if views else {}
+    return replace(spec, **views, **(sampling or {}))
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -334,11 +342,10 @@ def segment_indices(num_video_frames, frames, rng=None, clip_idx=0, num_clips=1)
     return np.clip(idx, 0, n - 1)
 
 
-def load_test_views(path, spec_name, *, frames=8, img_size=224, views=None):
+def load_test_views(path, spec_name, *, frames=8, img_size=224, views=None, sampling=None):
     """uint8 (V, C, T, H, W): the test views of one file, sampled as dataset `spec_name` samples (a
     custom name: video or image by the file's extension)."""
-    spec = SPECS.get(spec_name) or custom_spec(spec_name, [path])
-    spec = replace(spec, test_clips=views[0], test_crops=views[1]) if views else spec
+    spec = changed(SPECS.get(spec_name) or custom_spec(spec_name, [path]), views, sampling)
     empty = Listing.from_pairs('', [], [])
     return ClipDataset(spec, empty, frames=frames, img_size=img_size, train=False).views(str(path))
 

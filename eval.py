@@ -23,6 +23,7 @@ import checkpoints
 import data
 import demo  # noqa: F401  (registers the demo sets)
 import model as M
+import recipes
 import runtime
 
 
@@ -122,7 +123,7 @@ def open_datasets(args, rt, run, label_maps, names, split="val"):
     listings = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "listings")  # made by train.py
     try:
         datasets = {n: runtime.rank0_first(rt, data.build_dataset, n, args.data_dir or run["data_dir"],
-                                           split, train=False, cache_dir=listings, **sizes(args, run))
+                                           split, train=False, cache_dir=listings, **sizes(args, run, n))
                     for n in names}
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
@@ -131,14 +132,17 @@ def open_datasets(args, rt, run, label_maps, names, split="val"):
     return datasets
 
 
-def sizes(args, run):
-    return dict(frames=run["frames"], img_size=run["img_size"], views=args.views)
+def sizes(args, run, name):
+    """The run's clip shape and its sampling of dataset `name` (train.py --sampling), and --views."""
+    flags = argparse.Namespace(datasets=run["datasets"], recipe=run["recipe"], sampling=run.get("sampling", ""))
+    return dict(frames=run["frames"], img_size=run["img_size"], views=args.views,
+                sampling=recipes.sampling(flags, name))
 
 
 def file_views(args, run, name):
     """uint8 (V, C, T, H, W): the test views of the file --video, as dataset `name` samples them."""
     try:
-        return data.load_test_views(args.video, name, **sizes(args, run))
+        return data.load_test_views(args.video, name, **sizes(args, run, name))
     except (*data.READ_ERRORS, data.DatasetError) as e:
         sys.exit(f"error: cannot read {args.video}: {e}")
 

@@ -1,11 +1,12 @@
 """
 TimeSformer (Bertasius et al., 2021) with one classification head per dataset, as CoVeR (Zhang et al.,
 2021) co-trains it on videos and on images, which enter as single-frame videos: input is (B, C, T, H, W)
-and T, H, W are read from it. Read in order: TimeSformerConfig, Attention, Block (the divided space-time
-attention is Block.forward), TimeSformer, from_pretrained (foreign layouts are in checkpoints.py).
+and T, H, W are read from it. Read in order: TimeSformerConfig, Attention, Block, DividedSpaceTime (the
+paper's attention; the other types beside it), TimeSformer, from_pretrained (foreign layouts: checkpoints.py).
 """
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoints
 
-ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 SDPA_MAX_BATCH = 65_535  # CUDA flash attention fails on more sequences in one call (pytorch#146704)
 
 
@@ -40,7 +41,7 @@ class TimeSformerConfig:
 
     def __post_init__(self):
         if self.attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
+            raise ValueError(f"attention must be one of {list(ATTENTION_TYPES)}, got {self.attention!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.img_size % self.patch_size:
@@ -86,75 +87,100 @@ class Attention(nn.Module):
         return self.proj(rearrange(attention(q, k, v), "b h l d -> b l (h d)"))
 
 
-class Mlp(nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+def drop_path(r, keep):
+    """Stochastic depth: each sample's residual branch r (B, ...) times its keep factor (B,); None: off."""
+    return r if keep is None else r * keep.view(-1, *([1] * (r.ndim - 1)))
 
 
 class Block(nn.Module):
-    """A transformer block on a CLS token (B, 1, D) and patches (B, T, N, D); space_only has one CLS
-    token per frame, (B, T, D)."""
+    """A pre-norm transformer block on a CLS token (B, 1, D) and patches (B, T, N, D): the attention type's
+    residual branches (`attend(cls, x) -> (cls, x)`, one per type below), then an MLP on every token. norm1
+    and attn keep the image ViT's names, so image weights load by name; an attention type adds what it needs."""
 
-    def __init__(self, cfg: TimeSformerConfig, drop_path: float):
+    uses_time_embed = True  # does the model add a time embedding to the patches before the first block
+
+    def __init__(self, cfg: TimeSformerConfig, drop_rate: float):
         super().__init__()
-        D = cfg.width
-        self.attention_type = cfg.attention
-        self.drop_path = drop_path
+        D, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.drop_rate = drop_rate
         self.norm1 = nn.LayerNorm(D, eps=cfg.eps)
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(D, eps=cfg.eps)
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
-        if cfg.attention == "divided_space_time":
-            self.temporal_norm1 = nn.LayerNorm(D, eps=cfg.eps)
-            self.temporal_attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
-            self.temporal_fc = nn.Linear(D, D)  # zero at init, see TimeSformer.init_weights
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(D, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, D)))
 
     def keep(self, x):
-        """Stochastic depth: per-sample factors (B,) that drop a whole residual branch, or None."""
-        if not self.training or self.drop_path == 0.0:
+        """Per-sample factors (B,) that drop a whole residual branch in training, or None."""
+        if not self.training or self.drop_rate == 0.0:
             return None
-        return x.new_empty(x.shape[0]).bernoulli_(1 - self.drop_path) / (1 - self.drop_path)
+        return x.new_empty(x.shape[0]).bernoulli_(1 - self.drop_rate) / (1 - self.drop_rate)
 
     def forward(self, cls, x):
-        B, T, N, D = x.shape
-
-        def residual(r, keep):  # scale each sample's branch r (B, ...) by its keep factor
-            return r if keep is None else r * keep.view(B, *([1] * (r.ndim - 1)))
-
-        if self.attention_type == "divided_space_time":
-            # 1. Temporal attention: each patch position attends over its T time steps; the CLS token
-            #    takes no part, as in the official model.
-            xt = rearrange(x, "b t n d -> (b n) t d")
-            rt = self.temporal_fc(self.temporal_attn(self.temporal_norm1(xt)))  # (B*N, T, D)
-            x = x + residual(rearrange(rt, "(b n) t d -> b t n d", b=B), self.keep(x))
-            # 2. Spatial attention per frame, over its N patches and a copy of the CLS token; the T CLS
-            #    outputs are averaged into the one CLS residual.
-            xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), x], dim=2)  # (B, T, 1+N, D)
-            rs = self.attn(self.norm1(rearrange(xs, "b t n d -> (b t) n d")))  # (B*T, 1+N, D)
-            rs = rearrange(rs, "(b t) n d -> b t n d", b=B)
-            keep = self.keep(x)
-            cls = cls + residual(rs[:, :, 0].mean(dim=1, keepdim=True), keep)  # (B, 1, D)
-            x = x + residual(rs[:, :, 1:], keep)
-        elif self.attention_type == "joint_space_time":
-            # One attention over the CLS token and all T*N patches.
-            xj = torch.cat([cls, rearrange(x, "b t n d -> b (t n) d")], dim=1)  # (B, 1+T*N, D)
-            rj = residual(self.attn(self.norm1(xj)), self.keep(x))
-            cls, x = cls + rj[:, :1], x + rearrange(rj[:, 1:], "b (t n) d -> b t n d", t=T)
-        else:  # space_only: each frame is an image with its own CLS token
-            xs = torch.cat([cls.unsqueeze(2), x], dim=2)  # (B, T, 1+N, D)
-            rs = self.attn(self.norm1(rearrange(xs, "b t n d -> (b t) n d")))  # (B*T, 1+N, D)
-            xs = xs + residual(rearrange(rs, "(b t) n d -> b t n d", b=B), self.keep(x))
-            cls, x = xs[:, :, 0], xs[:, :, 1:]
-        # 3. MLP on every token.
+        cls, x = self.attend(cls, x)
+        # 3. MLP on every token; the CLS token and the patches share one drop-path draw
         keep = self.keep(x)
-        cls = cls + residual(self.mlp(self.norm2(cls)), keep)
-        x = x + residual(self.mlp(self.norm2(x)), keep)
+        cls = cls + drop_path(self.mlp(self.norm2(cls)), keep)
+        x = x + drop_path(self.mlp(self.norm2(x)), keep)
         return cls, x
+
+
+class DividedSpaceTime(Block):
+    """TimeSformer's divided space-time attention, the paper's best: temporal attention, then spatial.
+    Here self.attn is the spatial attention; the temporal one has its own norm, attention and output map."""
+
+    def __init__(self, cfg: TimeSformerConfig, drop_rate: float):
+        super().__init__(cfg, drop_rate)
+        self.temporal_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.temporal_attn = Attention(cfg.width, cfg.num_heads, cfg.qkv_bias)
+        self.temporal_fc = nn.Linear(cfg.width, cfg.width)  # zero at init, see TimeSformer.init_weights
+
+    def attend(self, cls, x):
+        B, T, N, D = x.shape
+        # 1. Temporal attention: each patch position attends over its T time steps; the CLS token takes no
+        #    part, as in the official model. At T = 1 the branch is temporal_fc(proj(v)), as there too.
+        xt = self.temporal_attn(self.temporal_norm1(rearrange(x, "b t n d -> (b n) t d")))  # (B*N, T, D)
+        xt = rearrange(self.temporal_fc(xt), "(b n) t d -> b t n d", b=B)
+        x = x + drop_path(xt, self.keep(x))
+        # 2. Spatial attention per frame, over its N patches and a copy of the CLS token; the T CLS outputs
+        #    are averaged into the one CLS residual.
+        xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), x], dim=2)  # (B, T, 1+N, D)
+        xs = self.attn(self.norm1(rearrange(xs, "b t n d -> (b t) n d")))  # (B*T, 1+N, D)
+        xs = rearrange(xs, "(b t) n d -> b t n d", b=B)
+        keep = self.keep(x)
+        cls = cls + drop_path(xs[:, :, 0].mean(dim=1, keepdim=True), keep)  # (B, 1, D)
+        x = x + drop_path(xs[:, :, 1:], keep)
+        return cls, x
+
+
+class JointSpaceTime(Block):
+    """One attention over the CLS token and all T*N patches."""
+
+    def attend(self, cls, x):
+        B, T, N, D = x.shape
+        xj = torch.cat([cls, rearrange(x, "b t n d -> b (t n) d")], dim=1)  # (B, 1+T*N, D)
+        xj = drop_path(self.attn(self.norm1(xj)), self.keep(x))
+        cls = cls + xj[:, :1]
+        x = x + rearrange(xj[:, 1:], "b (t n) d -> b t n d", t=T)
+        return cls, x
+
+
+class SpaceOnly(Block):
+    """Each frame an image with its own CLS token: the model's one CLS token (B, 1, D) becomes T of them
+    (B, T, D) at the first block; the model averages them at the end. No time embedding (official)."""
+
+    uses_time_embed = False
+
+    def attend(self, cls, x):
+        B, T, N, D = x.shape
+        xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), x], dim=2)  # (B, T, 1+N, D)
+        rs = self.attn(self.norm1(rearrange(xs, "b t n d -> (b t) n d")))  # (B*T, 1+N, D)
+        xs = xs + drop_path(rearrange(rs, "(b t) n d -> b t n d", b=B), self.keep(x))
+        return xs[:, :, 0], xs[:, :, 1:]
+
+
+# The attention types by name (TimeSformerConfig.attention, train.py --attention). A new type is a subclass
+# of Block with its own attend(cls, x) -> (cls, x), and one entry here.
+ATTENTION_TYPES = {"divided_space_time": DividedSpaceTime, "joint_space_time": JointSpaceTime,
+                   "space_only": SpaceOnly}
 
 
 class PatchEmbed(nn.Module):
@@ -180,10 +206,11 @@ class TimeSformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.in_chans, D, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # shared by all frames
-        if cfg.attention != "space_only":
+        block = ATTENTION_TYPES[cfg.attention]
+        if block.uses_time_embed:
             self.time_embed = nn.Parameter(torch.zeros(1, cfg.frames, D))
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.blocks = nn.ModuleList(block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
         self.heads = nn.ModuleDict({name: nn.Linear(D, n) for name, n in (heads or {}).items()})
         self.grad_checkpointing = False
@@ -218,9 +245,8 @@ class TimeSformer(nn.Module):
         pos = resize_pos_embed(self.pos_embed, (H // p, W // p))  # (1, 1+N, D)
         cls = self.cls_token + pos[:, :1]
         x = x + pos[:, 1:].unsqueeze(1)
-        if self.cfg.attention == "space_only":
-            return cls.expand(B, T, -1), x  # one CLS per frame, no time embedding (official)
-        x = x + resize_time_embed(self.time_embed, T).unsqueeze(2)  # (1, T, 1, D)
+        if hasattr(self, "time_embed"):
+            x = x + resize_time_embed(self.time_embed, T).unsqueeze(2)  # (1, T, 1, D)
         return cls.expand(B, -1, -1), x
 
     def forward_features(self, x):
@@ -231,9 +257,7 @@ class TimeSformer(nn.Module):
                 cls, x = checkpoint(blk, cls, x, use_reentrant=False)
             else:
                 cls, x = blk(cls, x)
-        if self.cfg.attention == "space_only":
-            return self.norm(cls.mean(dim=1))  # the official space-only model averages over frames
-        return self.norm(cls[:, 0])
+        return self.norm(cls.mean(dim=1))  # (B, D); a type with a CLS token per frame averages them
 
     def forward(self, x, head=None):
         """(B, C, T, H, W) -> logits (B, classes) of `head` (optional when there is one head)."""
@@ -267,33 +291,19 @@ class TimeSformer(nn.Module):
         return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # decayed first
 
     def flops(self, frames=None, img_size=None, head=None):
-        """Multiply-adds of one forward pass on one clip, the paper's convention (0.196 T for ViT-B
-        at 8x224). Matmuls and attention only; img_size is an int or (H, W)."""
-        c = self.cfg
-        T, S = frames or c.frames, img_size or c.img_size
+        """Multiply-adds of one forward pass on one clip, the paper's convention (0.196 T for ViT-B at 8x224),
+        as PyTorch's FLOP counter sees a copy of the model on the meta device (no memory, no compute), so the
+        count follows the code of any attention type. Matmuls and attention; img_size: an int or (H, W)."""
+        c, S = self.cfg, img_size or self.cfg.img_size
         H, W = (S, S) if isinstance(S, int) else S
-        N, D = (H // c.patch_size) * (W // c.patch_size), c.width
-        Dm = int(D * c.mlp_ratio)
-
-        def linear(tokens, d_in, d_out):
-            return tokens * d_in * d_out
-
-        def attn(sequences, L):  # QK^T and AV over all heads; one key needs no attention
-            return 2 * sequences * L * L * D if L > 1 else 0
-
-        total = linear(T * N, c.in_chans * c.patch_size**2, D)  # patch embedding
-        for _ in range(c.depth):
-            if c.attention == "divided_space_time":
-                total += linear(T * N, D, 3 * D) + attn(N, T) + 2 * linear(T * N, D, D)  # temporal
-                total += linear(T * (1 + N), D, 4 * D) + attn(T, 1 + N)  # spatial qkv, proj
-                total += linear(1 + T * N, D, 2 * Dm)  # MLP
-            elif c.attention == "joint_space_time":
-                total += linear(1 + T * N, D, 4 * D + 2 * Dm) + attn(1, 1 + T * N)
-            else:
-                total += linear(T * (1 + N), D, 4 * D + 2 * Dm) + attn(T, 1 + N)
-        if head is not None:
-            total += D * self.heads[head].out_features
-        return total
+        heads = {} if head is None else {head: self.heads[head].out_features}
+        with torch.device("meta"):
+            model, x = type(self)(c, heads=heads).eval(), torch.empty(1, c.in_chans, frames or c.frames, H, W)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            features = model.forward_features(x)
+            if head is not None:
+                model.heads[head](features)
+        return counter.get_total_flops() // 2  # the counter counts a multiply-add as 2
 
     @classmethod
     @torch.no_grad()

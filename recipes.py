@@ -4,6 +4,7 @@ train.py's flags; a flag given on the command line wins. Naming only demo sets (
 naming real datasets runs `cover`; a mix of both must say which with --recipe.
 """
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -27,6 +28,10 @@ RECIPES = {
                   max_steps=168_750, eval_every=5000, save_every=1000, dtype="bf16", workers=8, num_sample=1,
                   drop_path=0.1, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """train.py --help: the docstring's lines as written, and each flag's default, which is the recipe's."""
 
 
 def pick(datasets):
@@ -54,20 +59,20 @@ def check(args):
         errors.append(f"--frames must be >= 1 (got {args.frames})")
     if args.img_size < 1 or (args.init is None and args.img_size % patch):
         errors.append(f"--img_size {args.img_size} must be a positive multiple of the patch size {patch}")
+    for flag, kind, least in (("dataset_batch_size", int, 1), ("num_sample", int, 1), ("mixup", float, 0),
+                              ("cutmix", float, 0)):
+        try:
+            if any(v < least for v in per_dataset(args, flag, kind).values()):
+                wanted = "whole numbers >= 1" if least else "numbers >= 0"
+                errors.append(f"--{flag} {getattr(args, flag)}: {wanted}")
+        except ValueError as e:
+            errors.append(str(e))
     try:
         dataset_weights(args, names)
+        for n in names:
+            sampling(args, n)
     except ValueError as e:
-        errors.append(f"--weights: {e}")
-    for flag, least in (("dataset_batch_size", 1), ("num_sample", 1), ("mixup", 0), ("cutmix", 0)):
-        text = str(getattr(args, flag))
-        plain = flag != "dataset_batch_size" and "=" not in text  # one value for all datasets
-        pairs = [] if plain else [kv.split("=") for kv in text.split(",") if kv]
-        if any(len(kv) != 2 or kv[0] not in names for kv in pairs):
-            errors.append(f"--{flag} {text}: a name not in --datasets, or not name=value pairs")
-            continue
-        values = [text] if plain else [kv[1] for kv in pairs]
-        if not all(number(v, int if least else float) >= least for v in values):
-            errors.append(f"--{flag} {text}: {'whole numbers >= 1' if least else 'numbers >= 0'}")
+        errors.append(str(e))
     for package in ("tensorboard", "wandb"):  # opt-in extras, imported only when asked for
         if getattr(args, package) and importlib.util.find_spec(package) is None:
             errors.append(f"--{package} needs the {package} package: pip install {package}")
@@ -82,50 +87,80 @@ def check(args):
         sys.exit("error: " + "\nerror: ".join(errors))
 
 
-def local_batch_sizes(args, names, train_sets, world, num_sample):
-    """{dataset: clips per micro-batch of one process}: the global batch, --batch_size (4x for images)
-    unless --dataset_batch_size says, split over the processes and the --grad_accum micro-steps; each
-    a whole number of samples of --num_sample clips."""
-    given, parts = per_dataset(args.dataset_batch_size), world * args.grad_accum
-    sizes = {n: int(given.get(n, args.batch_size * ds.spec.batch_scale)) for n, ds in zip(names, train_sets)}
-    if any(b % (parts * num_sample[n]) for n, b in sizes.items()):
-        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum) x "
-                 f"--num_sample {num_sample}: a sample's clips stay in one micro-batch")
-    return {n: b // parts for n, b in sizes.items()}
+def per_dataset(args, flag, kind=str):
+    """{dataset: value} for the datasets that the per-dataset flag --<flag> gives, each flag parsed here: one
+    value for all ('0.8'), one per dataset in --datasets order ('2,1,1'), or some by name ('ssv2=2,in21k=4').
+    ValueError, one line naming the flag, for a name not in --datasets, a wrong count or a wrong value."""
+    names, text = args.datasets.split(","), str(getattr(args, flag) or "")
+    items = [s for s in text.split(",") if s]
+    if all("=" in s for s in items):
+        pairs = [s.split("=", 1) for s in items]
+    elif len(items) == 1 and "=" not in text:
+        pairs = [(n, text) for n in names]
+    elif len(items) == len(names) and "=" not in text:
+        pairs = list(zip(names, items))
+    else:
+        raise ValueError(f"--{flag} {text}: one value, one per dataset ({len(names)}), or name=value pairs")
+    if any(n not in names for n, _ in pairs) and text != str(RECIPES[args.recipe].get(flag)):
+        raise ValueError(f"--{flag} {text}: a name not in --datasets ({args.datasets})")
+    pairs = [(n, v) for n, v in pairs if n in names]  # the recipe's value may name sets this run leaves out
+    values = {n: number(v, kind) if kind in (int, float) else v for n, v in pairs}
+    if any(v is None for v in values.values()):
+        raise ValueError(f"--{flag} {text}: {'whole numbers' if kind is int else 'numbers'} expected")
+    return values
 
 
-def number(text, kind):  # -1 where `text` is not a number of that kind
+def number(text, kind):  # None where `text` is not a number of that kind
     try:
         return kind(text)
     except ValueError:
-        return -1
+        return None
+
+
+def dataset_weights(args, names):
+    """The schedule's weight of each dataset: --weights (2,1,1 or ssv2=2), else 1."""
+    given = per_dataset(args, "weights", float)
+    weights = [given.get(n, 1.0) for n in names]
+    if min(weights) <= 0:
+        raise ValueError(f"--weights {args.weights}: each dataset's weight must be positive")
+    return weights
 
 
 def num_sample(args, name, kind):
-    """Training clips taken from one decoded sample of dataset `name`: --num_sample as one number (for
-    videos; images take 1) or by name (ssv2=2,in21k=2; the others 1)."""
+    """Training clips taken from one decoded sample of dataset `name`: --num_sample as one number for the
+    videos (images take 1), one per dataset or by name (ssv2=2,in21k=2; the others 1)."""
     text = str(args.num_sample)
-    if "=" in text:
-        return int(per_dataset(text).get(name, 1))
-    return int(text) if kind == "video" else 1
+    if kind != "video" and "=" not in text and "," not in text:
+        return 1
+    return per_dataset(args, "num_sample", int).get(name, 1)
 
 
 def mixing(args, name):
     """(mixup alpha, cutmix alpha) of dataset `name`: each flag one number for all or by name (k400=0.8)."""
-    alphas = [per_dataset(str(a)).get(name, 0) if "=" in str(a) else a for a in (args.mixup, args.cutmix)]
-    return float(alphas[0]), float(alphas[1])
+    return per_dataset(args, "mixup", float).get(name, 0.0), per_dataset(args, "cutmix", float).get(name, 0.0)
 
 
-def per_dataset(text):  # 'in21k=256,ssv2=32' -> {'in21k': '256', 'ssv2': '32'}
-    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
+def sampling(args, name):
+    """How dataset `name` samples frames if --sampling says (mine=kinetics, mine=kinetics:8 for rate 8,
+    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}."""
+    value = per_dataset(args, "sampling").get(name)
+    if value is None:
+        return {}
+    if value in ("kinetics", "segment"):
+        return {"sampling": value}
+    rate = number(value.removeprefix("kinetics:"), int) if value.startswith("kinetics:") else None
+    if rate is None or rate < 1:
+        raise ValueError(f"--sampling {args.sampling}: {name}={value}: say kinetics, kinetics:RATE or segment")
+    return {"sampling": "kinetics", "rate": rate}
 
 
-def dataset_weights(args, names):
-    """The schedule's weight of each dataset: --weights as a list (2,1,1) or by name (ssv2=2), else 1."""
-    if "=" in (args.weights or ""):
-        weights = [float(per_dataset(args.weights).get(n, 1)) for n in names]
-    else:
-        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(names)
-    if len(weights) != len(names) or min(weights) <= 0:
-        raise ValueError(f"need one positive weight per dataset ({len(names)}), got {args.weights!r}")
-    return weights
+def local_batch_sizes(args, names, train_sets, world, num_sample):
+    """{dataset: clips per micro-batch of one process}: the global batch, --batch_size (x the spec's
+    batch_scale for images, 4 for ImageNet) unless --dataset_batch_size says, split over the processes and
+    the --grad_accum micro-steps; each a whole number of samples of --num_sample clips."""
+    given, parts = per_dataset(args, "dataset_batch_size", int), world * args.grad_accum
+    sizes = {n: given.get(n, args.batch_size * ds.spec.batch_scale) for n, ds in zip(names, train_sets)}
+    if any(b % (parts * num_sample[n]) for n, b in sizes.items()):
+        sys.exit(f"error: batch sizes {sizes} must be multiples of {parts} (processes x --grad_accum) x "
+                 f"--num_sample {num_sample}: a sample's clips stay in one micro-batch")
+    return {n: b // parts for n, b in sizes.items()}

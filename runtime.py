@@ -119,7 +119,7 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
 def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
            weights):
     """Rank 0's start-up report: the run, the recipe's values, and per dataset its size, batch, steps and
-    epochs in this run, and whether one process's loader workers keep up with the model."""
+    epochs in this run, how it samples frames, and whether one process's loader workers keep up."""
     if not rt.master:
         return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
@@ -131,16 +131,17 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
     if changed:
         print("  changed on the command line: " + ", ".join(changed))
     print("config: " + json.dumps(vars(args)))
-    print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'R':>3s} "
-          f"{'weight':>6s} {'steps':>7s} {'epochs':>6s} {'1 worker':>11s} {'model takes':>12s} "
+    print(f"  {'dataset':16s} {'train':>9s} {'val':>7s} {'classes':>7s} {'batch':>6s} {'R':>3s} {'weight':>6s} "
+          f"{'steps':>7s} {'epochs':>6s} {'sampling':>11s} {'1 worker':>11s} {'model takes':>12s} "
           f"{'workers needed':>14s}  (R: clips per decoded sample; model at {ASSUMED_MFU:.0%} MFU)")
     for d, (n, tr, va) in enumerate(zip(names, train_sets, val_sets)):
         batch = local_batch[n] * rt.world * args.grad_accum  # clips per optimizer step
         steps = data.steps_before(args.max_steps, d, weights)
         takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
         loads, R = loader_rate(tr, num_sample[n]), num_sample[n]
+        frames = f"kinetics/{tr.spec.rate}" if tr.spec.sampling == "kinetics" else tr.spec.sampling
         print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {R:3d} {weights[d]:6g} "
-              f"{steps:7d} {steps * batch / R / len(tr):6.1f} {loads:7.1f} /s {takes:9.0f} /s "
+              f"{steps:7d} {steps * batch / R / len(tr):6.1f} {frames:>11s} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
               + (f"  problems: {tr.problems}" if tr.problems else ""))
 

@@ -36,7 +36,7 @@ from eval import test_all
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter, add_help=False)
     a = p.add_argument
     a("--recipe", choices=list(recipes.RECIPES), help="defaults (recipes.py): demo for demo sets, else cover")
     a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo sets (demo.py), "
@@ -50,7 +50,9 @@ def get_args(argv=None):
     a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors), official TimeSformer .pyth, "
                      "a Hugging Face Timesformer folder, or a ckpt.pt of this project")
     a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
-    a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x)")
+    a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x, demo 2x)")
+    a("--sampling", default="", help="a video set's frames, by name: mine=kinetics (a window, 1/32 at 30 fps), "
+                                     "mine=kinetics:8 (1/8), mine=segment (your own sets' default)")
     a("--num_sample", help="training clips taken from each decoded video (repeated sampling), for the video "
                            "sets (images: 1) or by name (ssv2=2,in21k=2); --batch_size counts the clips")
     a("--weights", help="share of the steps per dataset: one each (2,1,1) or some by name (ssv2=2)")
@@ -85,9 +87,10 @@ def get_args(argv=None):
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
-    p.set_defaults(**recipes.RECIPES[known.recipe or recipes.pick(known.datasets)])
+    recipe = known.recipe or recipes.pick(known.datasets)
+    p.set_defaults(recipe=recipe, **recipes.RECIPES[recipe])
+    a("-h", "--help", action="help", help=f"show this help; the defaults shown are the {recipe} recipe's")
     args = p.parse_args(argv)
-    args.recipe = args.recipe or recipes.pick(args.datasets)
     recipes.check(args)
     return args
 
@@ -196,7 +199,9 @@ def train(args, rt):
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             with meter.waiting():
-                batch = next(batches)  # the loader follows the same schedule: every clip is from dataset d
+                batch = next(batches)
+            if batch["dataset"] != d:  # one schedule: the sampler's must be the loop's (an int: no GPU sync)
+                sys.exit(f"error: step {step}: the loop trains {name}, the batch is {names[batch['dataset']]}")
             failures.add(name, batch["failed"])
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
@@ -268,7 +273,8 @@ def open_datasets(args, names, split, views=None):
         demo.prepare(args.data_dir, names)
         listings = os.path.join(args.out_dir, "listings")
         return [data.build_dataset(n, args.data_dir, split, frames=args.frames, img_size=args.img_size,
-                                   views=views, cache_dir=listings) for n in names]
+                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings)
+                for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
 

@@ -18,3 +18,51 @@ def demo_dir(tmp_path_factory):
     demo.prepare(str(d))
     mp.undo()
     return str(d)
+
+
+# The fast lane, `python -m pytest -q -m fast tests`: an edit-run loop under two minutes on 2 cores that runs
+# code of every source file; the full suite is CI's. Listed here, by file and test name (every parameter),
+# so the lane is read in one place.
+FAST = {
+    "test_bench.py": ["test_data_section"],
+    "test_checkpoints.py": ["test_official_pyth", "test_load_errors", "test_own_checkpoint_roundtrip"],
+    "test_data.py": ["test_schedule_round_robin_and_weighted", "test_grad_accum_micro_batches_share_a_dataset",
+                     "test_kinetics_indices_hand_computed", "test_segment_indices_hand_computed",
+                     "test_views_override_and_single_file_views", "test_mixup_targets_sum_to_one_and_match_lambda"],
+    "test_demo.py": ["test_unknown_demo_name_is_refused"],
+    "test_eval.py": ["test_not_a_checkpoint_is_one_line"],
+    "test_fork.py": ["test_your_own_dataset_trains_and_tests_with_kinetics_sampling",
+                     "test_change_the_mix_and_see_each_datasets_epochs_before_training",
+                     "test_a_new_attention_type_trains_and_is_counted",
+                     "test_the_readme_linear_probe_runs_on_features_py_output"],
+    "test_layouts.py": ["test_custom_csv_and_folders", "test_dataset_errors_say_where_and_what"],
+    "test_model.py": ["test_each_attention_type_gives_its_pinned_logits", "test_state_dict_keys_in_their_order",
+                      "test_flops_are_the_pinned_counts", "test_sdpa_matches_reference_attention",
+                      "test_space_only_is_per_frame_vit_averaged", "test_head_isolation_with_adamw"],
+    "test_prepare_videos.py": ["test_missing_folder_one_line"],
+    "test_runtime.py": ["test_published_peak_by_device_name"],
+    "test_selfcheck.py": ["test_gradient_error_reports_the_worst_parameter",
+                          "test_nan_gradient_from_a_backend_fails_and_names_the_rows"],
+    "test_train.py": ["test_bad_arguments_fail_fast", "test_help_shows_the_values_of_the_recipe_the_command_would_run",
+                      "test_every_per_dataset_flag_reads_one_value_one_per_dataset_or_some_by_name",
+                      "test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step",
+                      "test_lr_schedule"],
+    "test_video.py": ["test_read_video_is_frame_exact", "test_read_video_past_end_and_bad_files",
+                      "test_load_image_modes"],
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast: the fast lane (tests/conftest.py FAST), under two minutes")
+
+
+def pytest_collection_modifyitems(config, items):
+    modules = {}  # file -> its module, to check every FAST name against
+    for item in items:
+        file = os.path.basename(item.path)
+        modules[file] = item.module
+        if item.originalname in FAST.get(file, ()):
+            item.add_marker(pytest.mark.fast)
+    missing = [f"{f}::{n}" for f, m in modules.items() for n in FAST.get(f, ()) if not hasattr(m, n)]
+    if missing:  # a renamed test would leave the lane silently
+        raise pytest.UsageError(f"tests/conftest.py FAST names tests that do not exist: {', '.join(missing)}")

@@ -219,3 +219,58 @@ def test_compiled_trunk_makes_one_graph_per_input_shape_whatever_the_head():
         counts.append(len(graphs))
     assert counts[0] == 2 and counts[1] > 2, counts
     torch._dynamo.reset()
+
+
+# Logits of a seeded small model of each attention type, written down before the attention types were
+# separated into their own classes: at init (seeded draws, in their order), then with every weight random,
+# in eval and in train mode (drop path seeded) and on an image. A refactoring must keep them.
+PINNED_LOGITS = {
+    "divided_space_time": [-0.01265003, -0.02528441, 0.00385313, -0.00686096, -0.03099186, 0.04167844, 0.17262229, -0.45625845, 0.42151493, 0.14395446, -0.47179508, 0.44095111, 0.14976123, -0.76046216, 0.16603649, 0.12391298, -0.75795591, 0.15743789, 0.21883956, -0.52591586, 0.40606603, 0.15868199, -0.51058424, 0.48249784],  # noqa: E501
+    "joint_space_time": [0.00944580, 0.07659204, -0.11104323, 0.00755551, 0.09001120, -0.11266547, 0.60723722, 0.34371385, -0.23389570, 0.65386760, 0.36670211, -0.19869781, 0.55869830, 0.09543648, -0.27183348, 0.61069679, 0.27567485, -0.41747242, 0.64051652, 0.30687040, -0.24918003, 0.64780569, 0.36209366, -0.15748717],  # noqa: E501
+    "space_only": [0.00754966, 0.11278385, -0.06367444, 0.00582208, 0.12899345, -0.06607284, 0.69645822, 0.41783673, 0.95490205, 0.68965697, 0.37935817, 0.95458674, 0.46042305, 0.21311575, 0.78870773, 0.53919744, 0.49811155, 1.01013577, 0.69985574, 0.39903402, 0.91709363, 0.69015771, 0.36731961, 0.94136751],  # noqa: E501
+}
+
+
+@pytest.mark.parametrize("attention", list(PINNED_LOGITS))
+def test_each_attention_type_gives_its_pinned_logits(attention):
+    torch.manual_seed(0)
+    m = M.TimeSformer(small_cfg(attention=attention, drop_path=0.5, time_embed_std=0.5), heads={"a": 3})
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        init = m.eval()(x)
+        randomize_(m, seed=3)
+        live = m(x)
+        torch.manual_seed(2)
+        dropped = m.train()(x)
+        image = m.eval()(x[:, :, :1])
+    got = torch.stack([init, live, dropped, image]).flatten()
+    assert torch.allclose(got, torch.tensor(PINNED_LOGITS[attention]), rtol=0, atol=1e-6), got.tolist()
+
+
+def test_state_dict_keys_in_their_order():
+    """Checkpoints, the key maps of checkpoints.py and the optimizer's state (by parameter order) use them."""
+    vit = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    temporal = ["temporal_norm1", "temporal_attn.qkv", "temporal_attn.proj", "temporal_fc"]
+    for attention, top, block in [("divided_space_time", ["time_embed"], vit + temporal),
+                                  ("joint_space_time", ["time_embed"], vit), ("space_only", [], vit)]:
+        m = M.TimeSformer(small_cfg(attention=attention, depth=1), heads={"a": 3})
+        expected = (["cls_token", "pos_embed"] + top + ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+                    + [f"blocks.0.{b}.{w}" for b in block for w in ("weight", "bias")]
+                    + ["norm.weight", "norm.bias", "heads.a.weight", "heads.a.bias"])
+        assert list(m.state_dict()) == expected, attention
+
+
+# Multiply-adds as the hand-written formulas counted them, before the count came from PyTorch's FLOP
+# counter: ViT-B with a 400-class head at 8x224, without a head at 1x224 and at 16x224x320.
+PINNED_FLOPS = {"divided_space_time": (195_830_280_192, 24_499_390_464, 566_811_721_728),
+                "joint_space_time": (179_562_805_248, 17_563_060_224, 753_337_387_008),
+                "space_only": (140_504_788_992, 17_563_060_224, 407_795_171_328)}
+
+
+@pytest.mark.parametrize("attention", list(PINNED_FLOPS))
+def test_flops_are_the_pinned_counts(attention):
+    with torch.device("meta"):
+        m = M.TimeSformer(M.make_config("base", attention=attention), heads={"k400": 400})
+    got = (m.flops(8, 224, head="k400"), m.flops(1, 224), m.flops(16, (224, 320)))
+    assert got == PINNED_FLOPS[attention]

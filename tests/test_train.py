@@ -1,9 +1,11 @@
 """train.py end to end on the demo data: exact resume, one write per step, a real two-process torchrun (gloo)
 run, head isolation under DDP, one host sync per step, argument errors."""
 
+import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -232,9 +234,14 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--img_size", "30"], "multiple of the patch size"),
     (["--batch_size", "5", "--grad_accum", "2"], "must be multiples of 2"),
     (["--resume"], "no checkpoint"),
-    (["--weights", "1,2"], "one positive weight per dataset"),
+    (["--weights", "1,2"], "--weights 1,2: one value, one per dataset (3), or name=value pairs"),
     (["--model", "huge"], "not a preset"),
-    (["--weights", "demo_ssv2=-1"], "one positive weight per dataset"),
+    (["--weights", "demo_ssv2=-1"], "--weights demo_ssv2=-1: each dataset's weight must be positive"),
+    (["--mixup", "demo_ssv2=0.8,0.5"], "--mixup demo_ssv2=0.8,0.5: one value, one per dataset"),
+    (["--cutmix", "demo_ssv2=big"], "--cutmix demo_ssv2=big: numbers expected"),
+    (["--sampling", "demo_ssv2=window"], "demo_ssv2=window: say kinetics, kinetics:RATE or segment"),
+    (["--sampling", "demo_ssv2=kinetics:0"], "kinetics:RATE"),
+    (["--sampling", "demo_imagenet=kinetics"], "holds images: --sampling is for video datasets"),
     (["--dataset_batch_size", "k400=8"], "not in --datasets"),
     (["--num_sample", "0"], "--num_sample 0: whole numbers >= 1"),
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
@@ -300,6 +307,54 @@ def test_start_up_report_gives_the_recipe_and_each_datasets_steps_and_epochs(dem
     for n, steps, batch, R in [("demo_kinetics", 2, 4, 2), ("demo_ssv2", 4, 4, 2), ("demo_imagenet", 2, 8, 1)]:
         assert rows[n][1] == str(sizes[n]) and rows[n][4] == str(batch) and rows[n][5] == str(R)
         assert rows[n][7] == str(steps) and rows[n][8] == f"{steps * batch / R / sizes[n]:.1f}"
+
+
+def test_help_shows_the_values_of_the_recipe_the_command_would_run(capsys):
+    for argv, recipe in [([], "demo"), (["--datasets", "k400,ssv2"], "cover")]:
+        with pytest.raises(SystemExit) as e:
+            train.get_args(argv + ["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and f"the defaults shown are the {recipe} recipe's" in " ".join(out.split())
+        for flag in ("lr", "batch_size", "max_steps", "optimizer"):  # the first default after the flag's line
+            shown = re.search(rf"^  --{flag} \S+.*?\(default:\s+(\S+?)\)", out, re.S | re.M).group(1)
+            assert shown == str(recipes.RECIPES[recipe][flag]), flag
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0.8", {"a": 0.8, "b": 0.8, "c": 0.8}), ("2,1,1", {"a": 2.0, "b": 1.0, "c": 1.0}), ("b=2", {"b": 2.0}),
+    ("a=1,c=0.5", {"a": 1.0, "c": 0.5}), ("", {}),
+])
+def test_every_per_dataset_flag_reads_one_value_one_per_dataset_or_some_by_name(text, expected):
+    args = argparse.Namespace(datasets="a,b,c", recipe="demo", mixup=text)
+    assert recipes.per_dataset(args, "mixup", float) == expected
+
+
+@pytest.mark.parametrize("fork", ["loop", "loader"])
+def test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step(demo_dir, tmp_path, monkeypatch,
+                                                                              fork):
+    """The loop decides which dataset a step trains (data.schedule); the loader's sampler computes the same
+    schedule for the batch. A fork that changes one and not the other stops at step 0 with one line."""
+    if fork == "loop":  # the loop's schedule shifted by one dataset, the sampler's left as it is
+        class ForkedData:
+            def __getattr__(self, name):
+                return getattr(data, name)
+
+            def schedule(self, step, weights):
+                return (data.schedule(step, weights) + 1) % len(weights)
+
+        monkeypatch.setattr(train, "data", ForkedData())
+    else:  # the loader handed other weights than the loop's
+        build = data.build_train_loader
+        monkeypatch.setattr(data, "build_train_loader", lambda sets, sizes, weights, **kw: build(
+            sets, sizes, weights=weights[::-1], **kw))
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"), "--max_steps", "4",
+                           "--workers", "0", "--weights", "2,1,1"])
+    message = str(e.value)
+    assert message.startswith("error: step 0: the loop trains ") and "\n" not in message
+    loop, batch = message.split("trains ")[1].split(", the batch is ")
+    assert {loop, batch} <= set(demo.NAMES) and loop != batch
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
 def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):

@@ -98,13 +98,11 @@ def arguments(description):
 def load(args):
     """-> (runtime, model on its device, the run's config, its label maps, the dataset names to use), with
     one line and exit status 1 for a file that is not a checkpoint of train.py or lacks a head asked for."""
-    try:
-        ckpt = checkpoints.read_file(args.ckpt)  # missing, empty, cut short or not a checkpoint: one line
+    try:  # missing, empty, cut short, not a checkpoint, not train.py's: one line
+        ckpt = checkpoints.read_file(args.ckpt)
+        runtime.check_run_checkpoint(ckpt, args.ckpt)
     except ValueError as e:
         sys.exit(f"error: --ckpt {e}")
-    if not isinstance(ckpt, dict) or not {"config", "label_maps", "model", "model_config"} <= set(ckpt):
-        sys.exit(f"error: --ckpt {args.ckpt} is a PyTorch file but not a checkpoint of train.py (it lacks the "
-                 "run's config, label maps or model)")
     run, label_maps = ckpt["config"], ckpt["label_maps"]
     names = (args.datasets or run["datasets"]).split(",")
     names = [args.head or names[0]] if args.video else names

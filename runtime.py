@@ -281,8 +281,8 @@ class CheckpointFiles:
 
     def load(self, verbose=True):
         """-> (checkpoint, its path): the newest that reads and holds what train.py writes, with a line on
-        each newer file skipped; (None, None) for a run with no checkpoint. CheckpointError when there are
-        checkpoint files and none of them reads."""
+        each newer file skipped; (None, None) for a run with no checkpoint. Where there are checkpoint files
+        and none of them reads, the run ends with one line."""
         if not any(os.path.exists(p) for p in (self.path, self.previous)):
             return None, None
         skipped = []
@@ -300,8 +300,8 @@ class CheckpointFiles:
             for line in skipped if verbose else ():
                 print(f"warning: {line}; resuming from {path} (step {ckpt['step']})")
             return ckpt, path
-        raise CheckpointError("no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt "
-                              "in its place, or use a new --out_dir to start again")
+        sys.exit("error: no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in its "
+                 "place, or use a new --out_dir to start again")
 
     def save(self, state):
         """Write the temporary file and flush it to disk, rename (keeping the previous one), sync the

@@ -275,22 +275,20 @@ class PyAVVideo(Video):
 
     def seek(self, q):
         """The demuxer and the decoder moved to the keyframe at decoding position q (or to one before it)
-        -> (its packets from there, the position of the first), or (None, None) where the seek went wrong."""
-        pts, dts = self.packets[q][:2]
-        try:  # to the last keyframe at or before that time
-            self.container.seek(min(t for t in (pts, dts) if t is not None), stream=self.stream)
-        except (av.FFmpegError, ValueError):
-            return None, None
-        self.decoder.flush_buffers()
-        packets = self.demux()
-        landed = next(packets, None)
-        if landed is None:
-            return None, None
-        # where it landed: that keyframe or one before it, never after
-        at = next((k for k in range(q, -1, -1) if landed.pts == self.packets[k][0]), None)
-        if at is None or at not in self.keyframes:
-            return None, None
-        return itertools.chain([landed], packets), at
+        -> (its packets from there, the position of the first), or (None, None) where no seek lands there."""
+        for target in self.packets[q][:2]:  # most containers seek by pts; some (MPEG-TS) only land by dts
+            try:  # to the last keyframe at or before that time
+                self.container.seek(target, stream=self.stream)
+            except (av.FFmpegError, TypeError):  # TypeError: no timestamp
+                continue
+            self.decoder.flush_buffers()
+            packets = self.demux()
+            landed = next(packets, None)
+            shown_at = None if landed is None else landed.pts
+            at = next((k for k in range(q, -1, -1) if self.packets[k][0] == shown_at), None)
+            if at in self.keyframes:  # that keyframe or one before it, never after
+                return itertools.chain([landed], packets), at
+        return None, None
 
     def decode_from_start(self, wanted):
         kept, want, i = {}, set(wanted), 0

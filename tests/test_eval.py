@@ -60,7 +60,7 @@ def test_bad_input_is_one_line(trained, capsys, flags, message):
 @pytest.mark.parametrize("kind, says", [
     ("truncated", "is cut short"), ("empty", "is empty (0 bytes)"), ("garbage", "is not a PyTorch checkpoint"),
     ("zip", "is a zip archive, not a PyTorch checkpoint"), ("folder", "is a folder"), ("missing", "does not exist"),
-    ("weights", "is a PyTorch file but not a checkpoint of train.py"),
+    ("weights", "is not a checkpoint of train.py (it lacks"),
 ])
 def test_not_a_checkpoint_is_one_line(tmp_path, kind, says):
     """What the file is, in one line; never torch's advice to unpickle it with weights_only=False."""

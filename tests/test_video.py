@@ -129,6 +129,16 @@ def test_pyav_decodes_from_the_keyframe_before_each_frame(hard_files, monkeypatc
         assert len(fed) >= 101
 
 
+@pytest.mark.parametrize('name', ['open_gop.mkv', 'start_offset.ts', 'long_gop_bframes.mp4', 'edit_list.mp4',
+                                  'vfr.mkv', 'altref.webm'])
+def test_pyav_seeks_land_on_the_keyframe_itself(hard_files, name, monkeypatch):
+    """Not on the one before it (more decoding), nor after it (a wrong frame): by pts in most containers, by
+    dts where the container's seek needs it (MPEG-TS)."""
+    monkeypatch.setattr(video, 'BACKEND', 'pyav')
+    with video.open_video(str(hard_files / name)) as v:
+        assert [v.seek(q)[1] for q in v.keyframes] == v.keyframes
+
+
 def test_truncated_file_ends_where_its_reader_stops(hard_files, tmp_path, backend):
     """Cut short: a read past the end tells how many frames the reader could decode from the start, and
     those are the frames a decode from the start gives (the readers may disagree by a frame or two at the

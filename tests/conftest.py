@@ -48,7 +48,8 @@ FAST = {
                       "test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step",
                       "test_lr_schedule"],
     "test_video.py": ["test_read_video_is_frame_exact", "test_read_video_past_end_and_bad_files",
-                      "test_load_image_modes"],
+                      "test_load_image_modes", "test_pyav_decodes_from_the_keyframe_before_each_frame",
+                      "test_pyav_seeks_land_on_the_keyframe_itself"],
 }
 
 

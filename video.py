@@ -199,7 +199,8 @@ class PyAVVideo(Video):
             raise
 
     def open(self):
-        self.close()
+        if self.container:  # again: the surest way back to the first packet
+            self.container.close()
         try:
             self.container = av.open(self.path)
         except (av.FFmpegError, UnicodeDecodeError):
@@ -223,7 +224,7 @@ class PyAVVideo(Video):
         except av.FFmpegError:
             pass  # a truncated file: what could be read is what there is
         shown = [p[0] for p in self.packets if not p[3]]  # discarded: decoded, never shown (an edit list)
-        self.length, self.used = len(shown), True
+        self.length = len(shown)
         if not self.length:
             raise VideoError(f"{self.path}: no decodable frames")
         self.exact = None not in shown and len(set(shown)) == len(shown)
@@ -292,7 +293,7 @@ class PyAVVideo(Video):
 
     def decode_from_start(self, wanted):
         kept, want, i = {}, set(wanted), 0
-        self.open()  # the surest way back to the first packet
+        self.open()
         for packet in itertools.chain(self.demux(), [None]):  # None: drain the decoder
             for frame in self.decode(packet):
                 if i in want:

@@ -5,7 +5,6 @@ and is counted, and the linear probe on features.py output, run from the README'
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import checkpoints
 import data
+import loaders
 import demo  # noqa: F401  (registers the demo sets)
 import model as M
 import recipes
@@ -32,7 +33,7 @@ def evaluate(model, dataset, *, head, normalize, device, dtype=torch.float32, ra
              workers=2):
     """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode."""
     model.eval()
-    loader = data.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
+    loader = loaders.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
                                     workers=workers, pin_memory=device.type == "cuda")
     K = len(dataset.classes)
     counts = torch.zeros(4, K, dtype=torch.float64, device=device)  # per class: top-1, top-5, decoded, failed

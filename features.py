@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import loaders
 import runtime
 from eval import arguments, file_views, load, open_datasets
 
@@ -28,7 +29,7 @@ def extract(model, dataset, out, *, normalize, device, dtype=torch.float32, rank
     """Writes the features of every sample of `dataset` (train=False) to the .npz `out`. Rank r takes
     samples r, r + world, ...; rank 0 gathers them and writes them in the dataset's order."""
     model.eval()
-    loader = data.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
+    loader = loaders.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
                                     workers=workers, pin_memory=device.type == "cuda")
     mine = [np.zeros((0, model.cfg.width), np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, bool)]
     for batch in loader:

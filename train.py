@@ -11,7 +11,6 @@ Naming only demo sets (or none) runs the `demo` recipe, real ones `cover` (recip
 The same command again continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
 """
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import demo
+import loaders
 import model as M
 import recipes
 import runtime
@@ -36,63 +36,8 @@ from eval import test_all
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=recipes.HelpFormatter, add_help=False)
-    a = p.add_argument
-    a("--recipe", choices=list(recipes.RECIPES), help="defaults (recipes.py): demo for demo sets, else cover")
-    a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo sets (demo.py), "
-                         "or the name of a folder of your own in --data_dir (layouts.py)")
-    a("--data_dir", default="data", help="folder holding one sub-folder per dataset")
-    a("--out_dir", default="out", help="checkpoint, log.jsonl, eval.json and the dataset listings go here")
-    a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (with --init: read off the weights)")
-    a("--attention", default="divided_space_time", choices=M.ATTENTION_TYPES, help="TimeSformer attention")
-    a("--frames", type=int, help="frames per video clip (images are always 1)")
-    a("--img_size", type=int, help="crop size in pixels, a multiple of the patch size")
-    a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors), official TimeSformer .pyth, "
-                     "a Hugging Face Timesformer folder, or a ckpt.pt of this project")
-    a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
-    a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x, demo 2x)")
-    a("--sampling", default="", help="a video set's frames, by name: mine=kinetics (a window, 1/32 at 30 fps), "
-                                     "mine=kinetics:8 (1/8), mine=segment (your own sets' default)")
-    a("--num_sample", help="training clips taken from each decoded video (repeated sampling), for the video "
-                           "sets (images: 1) or by name (ssv2=2,in21k=2); --batch_size counts the clips")
-    a("--weights", help="share of the steps per dataset: one each (2,1,1) or some by name (ssv2=2)")
-    a("--max_steps", type=int, help="optimizer steps in all")
-    a("--lr", type=float, help="peak learning rate")
-    a("--min_lr", type=float, help="learning rate at the end of the cosine decay")
-    a("--warmup_steps", type=int, help="linear warm-up steps")
-    a("--weight_decay", type=float, help="weight decay (not on biases, norms and embeddings)")
-    a("--optimizer", choices=["adamw", "sgd"], help="adamw, or sgd with nesterov momentum 0.9 (the paper's)")
-    a("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--clip_grad", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    a("--label_smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
-    a("--mixup", default="0", help="mixup alpha (0: off), for all datasets or by name (k400=0.8,ssv2=0.8)")
-    a("--cutmix", default="0", help="cutmix alpha (0: off), as --mixup; with both, each batch takes one")
-    a("--ema", type=float, default=0.0, help="decay of a moving average of the weights, tested in its place")
-    a("--layer_decay", type=float, default=1.0, help="layer-wise lr decay when fine-tuning, e.g. 0.75")
-    a("--drop_path", type=float, help="stochastic depth at the last block")
-    a("--dtype", choices=list(runtime.DTYPES), help="autocast precision (fp16 adds a GradScaler)")
-    a("--compile", action="store_true", help="torch.compile the trunk (the heads stay eager)")
-    a("--grad_checkpoint", action="store_true", help="recompute block activations in backward (saves memory)")
-    a("--mean", help="per-channel normalisation mean, e.g. 0.5,0.5,0.5 for Google ViT weights")
-    a("--std", help="per-channel normalisation std")
-    a("--eval_every", type=int, help="validate (clip-level, 1 view) every N steps; 0 = only at the end")
-    a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
-    a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
-    a("--tensorboard", action="store_true", help="log to <out_dir>/tensorboard too (pip install tensorboard)")
-    a("--wandb", metavar="PROJECT", help="log to this Weights & Biases project too (pip install wandb)")
-    a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test at the end")
-    a("--stop_at", type=int, help="save and exit at this step, on the --max_steps schedule (rerun to go on)")
-    a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
-    a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
-    a("--workers", type=int, help="DataLoader worker processes per GPU/process")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
-    recipe = known.recipe or recipes.pick(known.datasets)
-    p.set_defaults(recipe=recipe, **recipes.RECIPES[recipe])
-    a("-h", "--help", action="help", help=f"show this help; the defaults shown are the {recipe} recipe's")
-    args = p.parse_args(argv)
-    recipes.check(args)
-    return args
+    """The flags (recipes.py): the recipe's values as defaults, checked before any heavy work."""
+    return recipes.parse(argv, __doc__)
 
 
 def get_lr(step, args):
@@ -155,7 +100,7 @@ def train(args, rt):
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=len(names) > 1) if rt.world > 1 else model
-    loader = data.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
+    loader = loaders.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
                                      num_sample=[num_sample[n] for n in names],
                                      grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
                                      workers=args.workers, start_micro=step * args.grad_accum,

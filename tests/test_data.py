@@ -11,6 +11,7 @@ from PIL import Image
 
 import data  # conftest.py puts the project root on sys.path
 import demo  # noqa: F401  (registers the demo sets' specs)
+import loaders
 import video
 from layouts import Listing
 from media import band_frames, decode_all, make_ssv2, noise_frames, tiny_video, write_image, write_video
@@ -409,10 +410,10 @@ def small_train_sets(tmp_path):
 def test_resume_gives_identical_batches(tmp_path, workers, num_sample):
     sets = small_train_sets(tmp_path)
     kw = dict(weights=[1, 2], grad_accum=2, seed=7, workers=workers, num_sample=num_sample)
-    full = data.build_train_loader(sets, [3, 4], **kw)
+    full = loaders.build_train_loader(sets, [3, 4], **kw)
     it = iter(full)
     ref = [next(it) for _ in range(24)]  # dataset 0 reads a whole epoch, bad file included
-    resumed = data.build_train_loader(sets, [3, 4], start_micro=9, **kw)
+    resumed = loaders.build_train_loader(sets, [3, 4], start_micro=9, **kw)
     it2 = iter(resumed)
     for b in ref[9:]:
         r = next(it2)
@@ -435,7 +436,7 @@ def test_eval_loader_counts_every_sample_once(tmp_path):
     ds = data.build_dataset('pic', tmp_path, 'val', img_size=16)
     seen = []
     for r in range(3):
-        for b in data.build_eval_loader(ds, batch_size=2, rank=r, world=3, workers=0):
+        for b in loaders.build_eval_loader(ds, batch_size=2, rank=r, world=3, workers=0):
             assert b['x'].shape[1:] == (1, 3, 1, 16, 16) and b['ok'].dtype == torch.bool and b['ok'].all()
             seen += b['index'].tolist()
     assert sorted(seen) == list(range(7))

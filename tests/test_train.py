@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import data
+import loaders
 import demo
 import model as M
 import recipes
@@ -178,16 +179,16 @@ def test_torchrun_two_processes(demo_dir, tmp_path):
 LOG_KEYS = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-import data, train
+import loaders, train
 
-read = data.MultiDataset.__getitem__
+read = loaders.MultiDataset.__getitem__
 
 def logged(self, key):  # every sample key the training loader reads, per rank
     with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "a") as f:
         f.write(json.dumps([int(k) for k in key] + [self.num_sample[key[0]]]) + "\\n")
     return read(self, key)
 
-data.MultiDataset.__getitem__ = logged
+loaders.MultiDataset.__getitem__ = logged
 train.main(sys.argv[1:])
 """
 
@@ -344,8 +345,8 @@ def test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step(de
 
         monkeypatch.setattr(train, "data", ForkedData())
     else:  # the loader handed other weights than the loop's
-        build = data.build_train_loader
-        monkeypatch.setattr(data, "build_train_loader", lambda sets, sizes, weights, **kw: build(
+        build = loaders.build_train_loader
+        monkeypatch.setattr(loaders, "build_train_loader", lambda sets, sizes, weights, **kw: build(
             sets, sizes, weights=weights[::-1], **kw))
     with pytest.raises(SystemExit) as e:
         train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o"), "--max_steps", "4",

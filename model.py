@@ -215,6 +215,7 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
         self.heads = nn.ModuleDict({name: nn.Linear(D, n) for name, n in (heads or {}).items()})
         self.grad_checkpointing = False
+        self.compiled_trunk = None  # compile_trunk()
         self.init_weights()
 
     @torch.no_grad()
@@ -269,11 +270,13 @@ class TimeSformer(nn.Module):
             head = next(iter(self.heads))
         elif head not in self.heads:
             raise KeyError(f"no head {head!r}; the model has {list(self.heads)}")
-        return self.heads[head](self.forward_features(x))
+        trunk = self.compiled_trunk if self.training and self.compiled_trunk else self.forward_features
+        return self.heads[head](trunk(x))
 
     def compile_trunk(self, **kwargs):
-        """torch.compile the trunk, not the heads: one graph per input shape, not per head and shape."""
-        self.forward_features = torch.compile(self.forward_features, **kwargs)
+        """torch.compile the trunk for training, not the heads: one graph per input shape, not per head and
+        shape, each with static shapes (clips and images: two). Evaluation, whose batch sizes vary, runs eager."""
+        self.compiled_trunk = torch.compile(self.forward_features, dynamic=False, **kwargs)
 
     def param_groups(self, weight_decay, layer_decay=1.0):
         """Every parameter once; weight decay on matrices only, not on biases, norms and embeddings. Each

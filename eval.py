@@ -30,11 +30,13 @@ import runtime
 
 @torch.inference_mode()
 def evaluate(model, dataset, *, head, normalize, device, dtype=torch.float32, rank=0, world=1, batch_size=8,
-             workers=2):
-    """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode."""
+             workers=2, samples=0):
+    """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode; of
+    `samples` of it (fixed_subset) where given."""
     model.eval()
     loader = loaders.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
-                                    workers=workers, pin_memory=device.type == "cuda")
+                                    workers=workers, pin_memory=device.type == "cuda",
+                                    indices=fixed_subset(len(dataset), samples))
     K = len(dataset.classes)
     counts = torch.zeros(4, K, dtype=torch.float64, device=device)  # per class: top-1, top-5, decoded, failed
     for batch in loader:
@@ -58,6 +60,12 @@ def evaluate(model, dataset, *, head, normalize, device, dtype=torch.float32, ra
             "failed": int(failed), "views": dataset.num_views,
             "mean_class_top1": acc[seen].mean().item() if seen.any() else 0.0,
             "per_class_top1": {c: round(a, 4) for c, a, s in zip(dataset.classes, acc.tolist(), seen) if s}}
+
+
+def fixed_subset(n, k):
+    """k of the indices 0..n-1, evenly spaced (a listing sorted by class gives each class its share), the same
+    on every call: periodic validation compares like with like. All of them for k = 0 or k >= n."""
+    return range(n) if k <= 0 or k >= n else [i * n // k for i in range(k)]
 
 
 def test_all(model, datasets, *, batch_sizes, out=None, rank=0, **kw):

@@ -444,7 +444,7 @@ def check_torchrun(s):
     ok = status == 0 and resumed and saved_step(s, "eager") == total and math.isfinite(last_loss(records))
     rows.append(row("torchrun resume", f"loss {last_loss(records):.4f}" if ok else "failed",
                     f"steps {stop_at}-{total} from the checkpoint" if ok else why(status, output), ok))
-    s.speed["eager"] = speed_numbers(records, summary)
+    s.speed["eager"] = speed_numbers(records, summary, after=stop_at)
 
     # --compile: after the first steps (a graph each for clips and images), a validation of a fixed subset
     # (evaluation runs eager) that must not recompile, then the profiled steps
@@ -459,7 +459,7 @@ def check_torchrun(s):
                     f"{counts.get('graphs')} graphs, {counts.get('recompiles')} recompile(s), "
                     f"{counts.get('graph_breaks')} graph breaks; validated mid-run: {validated}"
                     if status == 0 else why(status, output), ok))
-    s.speed["compile"] = speed_numbers(records, summary)
+    s.speed["compile"] = speed_numbers(records, summary, after=0)
 
     accum = ["--grad_accum", "2", "--batch_size", str(2 * s.batch), "--dataset_batch_size",
              f"demo_imagenet={8 * s.batch}", "--max_steps", "2"]
@@ -470,10 +470,10 @@ def check_torchrun(s):
     return rows + speed_rows(s.speed, cuda)
 
 
-def speed_numbers(records, summary):
+def speed_numbers(records, summary, after):
     """Step time, GPU idle share and kernels a step (the profiler), MFU and data wait (train.py's meter, the
-    median over its log windows after the first), peak memory."""
-    windows = [r for r in records if "mfu" in r][1:]
+    median over the run's log windows after its first, which holds the start), peak memory."""
+    windows = [r for r in records if "mfu" in r and r["step"] > after][1:]
     numbers = {k: summary.get(k) for k in ("step_ms", "gpu_idle", "kernels_per_step", "peak_memory_gib")}
     for key in ("mfu", "data_wait"):
         numbers[key] = statistics.median(r[key] for r in windows) if windows else None

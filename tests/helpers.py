@@ -85,7 +85,8 @@ def spoil(path, kind):
         path.mkdir()
         return
     path.write_bytes({"truncated": good[:len(good) // 2], "empty": b"", "garbage": b"\x13\x37 not a checkpoint" * 50,
-                      "text": b"# a README given by mistake\n"}.get(kind, b""))
+                      "text": b"# a README given by mistake\n",
+                      "note": b"a note given by mistake\n"}.get(kind, b""))  # 'a': a pickle opcode
     if kind == "zip":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("notes.txt", "a zip archive of something else")

@@ -164,7 +164,8 @@ def test_checkpoint_cannot_run_code(tmp_path, capsys, write, says):
 
 @pytest.mark.parametrize("kind, says", [
     ("truncated", "is cut short"), ("empty", "is empty (0 bytes)"), ("garbage", "is not a PyTorch checkpoint (it begins"),
-    ("text", "is not a PyTorch checkpoint (it begins b'# a README"), ("zip", "is a zip archive, not a PyTorch checkpoint"),
+    ("text", "is not a PyTorch checkpoint (it begins b'# a README"),
+    ("note", "is not a PyTorch checkpoint (it begins b'a note"), ("zip", "is a zip archive, not a PyTorch checkpoint"),
     ("folder", "is a folder"), ("missing", "does not exist"),
 ])
 def test_a_file_that_does_not_read_is_one_line_saying_what_it_is(tmp_path, kind, says):

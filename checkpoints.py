@@ -114,18 +114,19 @@ def hub_folder(name):
 
 def hub_trouble(error, repo):
     """What went wrong in huggingface_hub, as a clause that names the fix."""
-    from huggingface_hub import constants, errors
+    from huggingface_hub import constants
+    from huggingface_hub.utils import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    if isinstance(error, errors.LocalEntryNotFoundError):
+    if isinstance(error, LocalEntryNotFoundError):
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         return (f"not in the Hugging Face cache {constants.HF_HUB_CACHE}, and the Hub cannot be reached{offline}: "
                 f"download it where there is internet (hf download {repo}) and copy that cache here, or point "
                 "HF_HOME at one that has it")
-    if isinstance(error, errors.GatedRepoError):
+    if isinstance(error, GatedRepoError):
         return f"a gated model: accept its terms at https://huggingface.co/{repo}, then hf auth login"
-    if isinstance(error, errors.RepositoryNotFoundError):
+    if isinstance(error, RepositoryNotFoundError):
         return "no such model on the Hugging Face Hub (a private one needs hf auth login)"
-    if isinstance(error, errors.HFValidationError):
+    if isinstance(error, HFValidationError):
         return "not a Hub model id; say hf-hub:<org>/<name>"
     first_line = str(error).partition("\n")[0]
     return f"huggingface_hub could not fetch it ({type(error).__name__}: {first_line})"
@@ -245,7 +246,7 @@ def load(src, overrides=None):
         fmt = "cover (the moving average, --ema)" if sd.get("ema") else "cover"
         run = sd.get("config") or {}
         norm = normalization(run.get("mean"), run.get("std"), f"{where}, its run's --mean/--std")
-        return fmt, state, config, {"label_maps": sd.get("label_maps"), **({"normalization": norm} if norm else {})}
+        return fmt, state, config, {"label_maps": sd.get("label_maps"), "normalization": norm}
     if "model_state" in sd:  # official TimeSformer .pyth
         sd = sd["model_state"]
     for wrapper in ("state_dict", "model"):  # DeiT and others wrap a timm state dict
@@ -256,8 +257,9 @@ def load(src, overrides=None):
                          "TimeSformer '.pyth' (with 'model_state'), a Hugging Face folder, or our ckpt.pt")
     prefix = next((p for p in ("timesformer.", "vit.", "") if p + "embeddings.cls_token" in sd), None)
     if prefix is not None:  # Transformers' layout: Timesformer, or ViT (an image model, made a video one below)
-        video = prefix == "timesformer." or hf_config.get("model_type") == "timesformer" or \
-            "embeddings.time_embeddings" in sd or any(".temporal_" in k for k in sd)  # a bare TimesformerModel
+        # a Timesformer by its prefix, its config, or (a bare TimesformerModel) its temporal parts
+        video = (prefix == "timesformer." or hf_config.get("model_type") == "timesformer"
+                 or "embeddings.time_embeddings" in sd or any(".temporal_" in k for k in sd))
         sd, dropped = from_transformers(sd, prefix)
         notes += dropped
         fmt = "huggingface" if video else "vit"

@@ -307,11 +307,12 @@ def test_a_hub_name_loads_as_its_files_with_their_normalisation(tmp_path, hub, m
 
 
 def bert(path):
-    """A model of another architecture, as save_pretrained writes it."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=24)
-    transformers.BertModel(cfg).save_pretrained(path)
+    """A Transformers model of another architecture: the config.json fields we read, and its weights."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    path.mkdir()
+    safetensors.save_file({"embeddings.word_embeddings.weight": torch.zeros(50, 12)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert",
+                                                  "hidden_size": 12, "num_attention_heads": 2}))
 
 
 def timm_resnet(path):

@@ -115,7 +115,8 @@ def hub_folder(name):
 def hub_trouble(error, repo):
     """What went wrong in huggingface_hub, as a clause that names the fix."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError)
 
     if isinstance(error, LocalEntryNotFoundError):
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
@@ -186,13 +187,13 @@ def read_folder(path, where):
         labels = hf.get("id2label")
         classes = [labels[str(i)] for i in range(len(labels))] if labels else None
         pre = read_json(path, "preprocessor_config.json")
-        norm = normalization(pre.get("image_mean"), pre.get("image_std"), f"{where}, preprocessor_config.json")
+        norm = mean_std(pre.get("image_mean"), pre.get("image_std"), f"{where}, preprocessor_config.json")
     elif "architecture" in hf:  # timm
         if not hf["architecture"].startswith(("vit_", "deit")):
             raise ValueError(f"{where} holds timm's {hf['architecture']}, not a ViT")
         config, pretrained = {}, hf.get("pretrained_cfg", hf)  # older files keep its fields at the top
         classes = hf.get("label_names") or pretrained.get("label_names")
-        norm = normalization(pretrained.get("mean"), pretrained.get("std"), f"{where}, config.json pretrained_cfg")
+        norm = mean_std(pretrained.get("mean"), pretrained.get("std"), f"{where}, config.json pretrained_cfg")
     else:
         raise ValueError(f"{where}: config.json is neither Transformers' (model_type) nor timm's (architecture)")
     return read_file(os.path.join(path, weights[0])), config, {"classes": classes, "normalization": norm}
@@ -207,7 +208,7 @@ def read_json(folder, name):
         return json.load(f)
 
 
-def normalization(mean, std, source):
+def mean_std(mean, std, source):
     """{'mean', 'std': three floats each, 'from': source}, from lists or "0.5,0.5,0.5"; None without both."""
     values = [v.split(",") if isinstance(v, str) else v for v in (mean, std)]
     if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in values):
@@ -222,7 +223,7 @@ def load(src, overrides=None):
     format: 'cover' (ours), 'timesformer' (official), 'huggingface' (Transformers' Timesformer) or 'vit'
     (timm's or Transformers' layout). The state dict uses our keys, a foreign classifier as heads.default.
     config holds TimeSformerConfig fields, the `overrides` applied. extra may hold 'label_maps' {head: class
-    names}, 'normalization' (the weights' own: normalization()) and 'notes' (what was dropped, and why).
+    names}, 'normalization' (the weights' own: mean_std()) and 'notes' (what was dropped, and why).
     """
     where = str(src) if isinstance(src, (str, os.PathLike)) else "the checkpoint"
     hf_config, found, notes = {}, {}, []
@@ -245,7 +246,7 @@ def load(src, overrides=None):
         config = {**sd["model_config"], **(overrides or {})}
         fmt = "cover (the moving average, --ema)" if sd.get("ema") else "cover"
         run = sd.get("config") or {}
-        norm = normalization(run.get("mean"), run.get("std"), f"{where}, its run's --mean/--std")
+        norm = mean_std(run.get("mean"), run.get("std"), f"{where}, its run's --mean/--std")
         return fmt, state, config, {"label_maps": sd.get("label_maps"), "normalization": norm}
     if "model_state" in sd:  # official TimeSformer .pyth
         sd = sd["model_state"]

@@ -238,8 +238,8 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
-        model.normalization = checkpoints.normalization(ckpt["config"]["mean"], ckpt["config"]["std"],
-                                                        f"{ckpt_path}, the run's")
+        run = ckpt["config"]
+        model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
         try:

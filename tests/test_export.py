@@ -104,7 +104,8 @@ def test_the_key_tables_read_both_ways():
     """Every key of our model, divided or joint, goes to Transformers' name and comes back (a head as 'head')."""
     for attention in export.EXPORTED:
         for key in M.TimeSformer(small_cfg(attention=attention), heads={"k400": 3}).state_dict():
-            assert checkpoints.hf_key(export.transformers_key(key), "timesformer.") == key.replace("heads.k400.", "head.")
+            theirs = export.transformers_key(key)
+            assert checkpoints.hf_key(theirs, "timesformer.") == key.replace("heads.k400.", "head."), theirs
 
 
 @pytest.mark.parametrize("case, says", [

@@ -299,7 +299,8 @@ def test_init_by_hub_name_uses_the_weights_normalisation_and_says_so(demo_dir, t
     said = capsys.readouterr().out
     assert (f"warning: --mean 0.45,0.45,0.45 differs from the weights' own 0.5,0.5,0.5 ({tmp_path / 'vit'}, "
             "preprocessor_config.json); using --mean") in said
-    assert f"normalisation: mean 0.45,0.45,0.45 (--mean), std 0.5,0.5,0.5 (the weights' own ({tmp_path / 'vit'}, " in said
+    assert ("normalisation: mean 0.45,0.45,0.45 (--mean), std 0.5,0.5,0.5 (the weights' own "
+            f"({tmp_path / 'vit'}, preprocessor_config.json))") in said
     assert load(tmp_path / "o2" / "ckpt.pt")["config"]["mean"] == "0.45,0.45,0.45"
 
 

@@ -6,7 +6,7 @@ safetensors package, pytorch_model.bin) and preprocessor_config.json with the ru
 crop. Our own --init reads the folder back. The keys are checkpoints.py's tables read backwards.
 
     python tools/export.py --ckpt out/ckpt.pt --head k400 --out k400_hf/
-    hf upload <you>/timesformer-k400 k400_hf/       # share it on the Hub (hf auth login first)
+    hf upload <you>/cover-k400 k400_hf/             # share it on the Hub (hf auth login first)
 
 The weights are the moving average when the run kept one (--ema), as eval.py tests; --live: the live ones.
 """

@@ -3,7 +3,8 @@ One head of a checkpoint of train.py as a Hugging Face Transformers folder, whic
 transformers.TimesformerForVideoClassification.from_pretrained loads to the same logits as ours: config.json
 (the head's class names as id2label, image size, frames), the weights (model.safetensors; without the
 safetensors package, pytorch_model.bin) and preprocessor_config.json with the run's normalisation and test
-crop. Our own --init reads the folder back. The keys are checkpoints.py's tables read backwards.
+crop. Our own --init reads the folder back. The keys are checkpoints.py's tables read backwards. Divided and
+joint space-time attention export (Transformers' Timesformer computes them as we do), space_only does not.
 
     python tools/export.py --ckpt out/ckpt.pt --head k400 --out k400_hf/
     hf upload <you>/cover-k400 k400_hf/             # share it on the Hub (hf auth login first)

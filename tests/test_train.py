@@ -21,6 +21,7 @@ import recipes
 import runtime
 import train
 from helpers import hub_cache, spoil
+from media import tiny_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -227,6 +228,75 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     assert all(k[3] == 2 for r in keys for k in keys[r])  # clips taken from each
     log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
     assert log[-1]["step"] == n // 2
+
+
+def mostly_unreadable(tmp_path):
+    """<tmp_path>/data/mine: 16 training videos, 14 of them empty files, so that some samples and all their
+    substitutes fail (seed 0: a micro-batch of 2 loses both); its val split lists a file that is not there
+    and a label that train does not have."""
+    root = tmp_path / "data" / "mine"
+    for i in range(16):
+        if i < 2:
+            tiny_video(root / f"{i}.mp4")
+        else:
+            (root / f"{i}.mp4").write_bytes(b"")
+    (root / "train.csv").write_text("".join(f"{i}.mp4 {i % 2}\n" for i in range(16)))
+    (root / "val.csv").write_text("0.mp4 0\n1.mp4 1\ngone.mp4 0\n0.mp4 5\n")
+    return str(tmp_path / "data")
+
+
+def dropped_in(data_dir, keys):
+    """Which of the sample keys (d, index, seed) the dataset drops, asked of the dataset itself."""
+    ds = data.build_dataset("mine", data_dir, "train", frames=8, img_size=32)
+    return [bool(ds[tuple(key[1:3])]["dropped"]) for key in keys]
+
+
+def test_a_sample_with_no_readable_substitute_is_dropped_counted_and_dropped_again_on_resume(tmp_path, capsys):
+    """The run goes on one sample short (a micro-batch that lost both takes part as one blank clip at zero
+    weight); log.jsonl and the checkpoint count the dropped samples; a resume drops the same ones and ends
+    on the same weights. The start-up table shows the val split's problems, listed anew or from the cache."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "8", "--grad_accum", "2",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    listed = capsys.readouterr().out
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    cached = capsys.readouterr().out
+    smp = data.MultiDatasetBatchSampler([16], [2], grad_accum=2)  # batch 4: 2 samples a micro-batch, seed 0
+    dropped = [dropped_in(data_dir, smp.batch(m)) for m in range(16)]
+    assert any(all(d) for d in dropped) and not any(all(dropped[m] + dropped[m + 1]) for m in range(0, 16, 2))
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["dropped"]["mine"] for r in log] == [sum(map(sum, dropped[:2 * s])) for s in range(1, 9)]
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["dropped"] == b["dropped"] == {"mine": sum(map(sum, dropped))} and a["failed"] == b["failed"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for out in (listed, cached):
+        [row] = [line for line in out.splitlines() if line.startswith("  mine ")]
+        assert row.endswith("problems: {'val': {'missing': 1, 'unknown_label': 1}}"), row
+
+
+def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(tmp_path, monkeypatch):
+    """3 steps on 2 processes (seed 0: a rank whose micro-batch lost both samples takes part in the step as
+    one blank clip), then 3 on one process: the samples read, with their seeds, are the ones a single
+    process reads in 6 steps. Each dataset's position is the samples read over all ranks."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--workers", "0"]
+    script = tmp_path / "launch.py"
+    script.write_text(LOG_KEYS.format(root=ROOT, out=str(tmp_path)))
+    log = torchrun(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"], script=str(script))
+    two = [json.loads(line)[:3] for r in (0, 1) for line in open(tmp_path / f"rank{r}")]
+    rank1 = [json.loads(line)[:3] for line in open(tmp_path / "rank1")]
+    assert any(all(dropped_in(data_dir, rank1[m:m + 2])) for m in range(0, 6, 2)) and "[rank 1] warning: mine:" in log
+    read, logged = [], loaders.MultiDataset.__getitem__
+    monkeypatch.setattr(loaders.MultiDataset, "__getitem__", lambda self, key: read.append(list(key)) or
+                        logged(self, key))
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    resumed = list(read)
+    read.clear()
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
 
 
 @pytest.mark.parametrize("flags, message", [

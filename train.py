@@ -4,8 +4,8 @@ each optimizer step to one dataset; images train as single-frame videos.
 
     python train.py                                       # the demo: built-in data, CPU, minutes
     python train.py --datasets demo_ssv2                  # the demo recipe on one demo set
-    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth \\
-        --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5             # the cover recipe on real data
+    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k \\
+        --init hf-hub:google/vit-base-patch16-224-in21k   # the cover recipe on real data
 
 Naming only demo sets (or none) runs the `demo` recipe, real ones `cover` (recipes.py); flags given win.
 The same command again continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import data
 import demo
 import loaders
@@ -76,6 +77,8 @@ def train(args, rt):
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
+    # kept in ckpt.pt; a resumed run's are its own
+    args.mean, args.std = recipes.normalization(args, model.normalization, rt.master, resumed=ckpt is not None)
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -90,8 +93,7 @@ def train(args, rt):
         step, seconds = ckpt["step"], ckpt.get("clock", 0.0)  # the run's clock: seconds of training so far
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
-        if rt.master:  # the saved counts are totals over the ranks
-            failures.counts.update(ckpt["failed"])
+        failures.restore(ckpt)  # the failed and dropped samples' counts
         del ckpt
     if args.compile:
         model.compile_trunk(backend=args.compile)
@@ -115,8 +117,9 @@ def train(args, rt):
     saving, validating = runtime.Cadence(args.save_every, seconds), runtime.Cadence(args.eval_every, seconds)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
-    runtime.report(args, recipes.RECIPES[args.recipe], model, source, rt, peak, names, train_sets, val_sets,
-                   local_batch, num_sample, weights)
+    recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
+    runtime.report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
+                   weights)
 
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
@@ -125,7 +128,7 @@ def train(args, rt):
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
-    late = runtime.StepValues(rt, seconds)  # the loss, stop flag and clock of a step, read after the next is queued
+    late = runtime.StepValues(rt, seconds)  # a step's loss, flags and clock, read after the next step is queued
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
@@ -141,12 +144,14 @@ def train(args, rt):
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
+        blank = True  # whether every sample of this rank's step was dropped
         for micro in range(args.grad_accum):
             with meter.waiting():
                 batch = next(batches)
             if batch["dataset"] != d:  # one schedule: the sampler's must be the loop's (an int: no GPU sync)
                 sys.exit(f"error: step {step}: the loop trains {name}, the batch is {names[batch['dataset']]}")
-            failures.add(name, batch["failed"])
+            failures.add(name, batch["failed"], batch["dropped"])
+            blank = blank and batch["blank"]
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
             # mixup / cutmix where on: soft targets, smoothing included, drawn per step (resume is exact)
@@ -158,10 +163,11 @@ def train(args, rt):
                 with runtime.autocast(device, dtype):
                     logits = wrapped(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing[name])
+                loss = loss * 0 if batch["blank"] else loss  # no sample left: no gradient, yet in DDP's backward
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        late.send(step, name, step_loss, sigterm.is_set())  # the loss over the ranks, SIGTERM and the clock
+        late.send(step, name, step_loss, sigterm.is_set(), blank)  # over the ranks: loss, SIGTERM, all dropped
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
@@ -178,7 +184,7 @@ def train(args, rt):
         settle(late.read(everything=logs), loss_ema, args, bar)
         if logs:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
-                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, "failed": failures.totals(rt),
+                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt),
                       **(runtime.compile_counts() if args.compile else {})}  # graphs, recompiles, graph breaks
             bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + " | "
                                 f"{record['clips_per_s']:.0f} clips/s, data {record['data_wait']:.0%}, "
@@ -233,10 +239,13 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
+        run = ckpt["config"]
+        model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
+        asked = {"attention": args.attention} if args.attention else {}  # a ViT's; video weights keep theirs
         try:
-            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides)
+            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides, **asked)
         except (ValueError, KeyError, ImportError) as e:
             sys.exit(f"error: --init {args.init}: {e}")
         source = f"initialised from {args.init}"
@@ -244,6 +253,7 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         model = M.TimeSformer(M.make_config(args.model, attention=args.attention, **overrides), heads=heads)
         source = "training from scratch"
     model.grad_checkpointing = args.grad_checkpoint
+    args.attention = model.cfg.attention  # kept in ckpt.pt: the weights' own where --init did not say
     return model.to(rt.device), source
 
 
@@ -256,9 +266,13 @@ def ema_copy(model):
 
 
 def settle(losses, loss_ema, args, bar):
-    """Take in the losses read, [(step, dataset, loss)]: a non-finite one ends the run before anything is saved
-    (the model in memory is lost; the last checkpoint on disk is not)."""
-    for step, name, loss in losses:
+    """Take in the steps' values read, [(step, dataset, loss, all dropped)]: a step that lost every sample on
+    every rank, or a non-finite loss, ends the run before anything is saved (the model in memory is lost; the
+    last checkpoint on disk is not)."""
+    for step, name, loss, dropped in losses:
+        if dropped:
+            bar.close()
+            sys.exit(f"error: step {step}: no readable sample in {name}: all dropped (see the lines above)")
         if not math.isfinite(loss):
             bar.close()
             sys.exit(f"error: loss is {loss} at step {step} on dataset {name}; no checkpoint written. Lower "
@@ -271,12 +285,11 @@ def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_
     was written (runtime.save_on_rank0). Once a step, though --stop_at, --save_every and SIGTERM may all ask."""
     if files.step == step:  # ckpt.pt holds this step already
         return
-    failed = failures.totals(rt)
     runtime.save_on_rank0(rt, files, {
         "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-        "failed": failed, "clock": clock, **({"ema": ema.state_dict()} if ema else {})})
+        **failures.totals(rt), "clock": clock, **({"ema": ema.state_dict()} if ema else {})})
 
 
 if __name__ == "__main__":

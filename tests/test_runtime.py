@@ -171,18 +171,21 @@ def test_a_save_keeps_the_one_before_and_syncs_the_folder_after_its_renames(tmp_
     assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["step"] == 2
 
 
-def test_step_values_are_read_one_step_late_unless_all_are_asked_for():
+def test_step_values_are_read_one_step_late_unless_all_are_asked_for(monkeypatch):
     """One process, no group: the values come back as sent, the newest one held back until asked for; the stop
     flag stays once seen; the clock is rank 0's, from the resumed run's seconds on."""
+    now = [7.0]
+    monkeypatch.setattr(runtime, "clock", lambda: now[0])
     late = runtime.StepValues(runtime.Runtime(0, 1, torch.device("cpu")), seconds=100.0)
+    now[0] = 9.5
     late.send(0, "a", torch.tensor(2.5), False)
-    assert late.read() == [] and late.seconds == 100.0
-    late.send(1, "b", torch.tensor(float("nan")), True)
-    assert late.read() == [(0, "a", 2.5)] and not late.stop and late.seconds >= 100.0
+    assert late.read() == [] and late.seconds == 100.0 and late.now() == 102.5
+    late.send(1, "b", torch.tensor(float("nan")), True, dropped=True)
+    assert late.read() == [(0, "a", 2.5, False)] and not late.stop and late.seconds == 102.5
     got = late.read(everything=True)
-    assert [(s, n) for s, n, _ in got] == [(1, "b")] and got[0][2] != got[0][2] and late.stop  # NaN, stop
+    assert [(s, n, d) for s, n, _, d in got] == [(1, "b", True)] and got[0][2] != got[0][2] and late.stop  # NaN
     late.send(2, "a", torch.tensor(1.0), False)
-    assert late.read(everything=True) == [(2, "a", 1.0)] and late.stop and late.read(everything=True) == []
+    assert late.read(everything=True) == [(2, "a", 1.0, False)] and late.stop and late.read(everything=True) == []
 
 
 def test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple():

@@ -20,7 +20,8 @@ import model as M
 import recipes
 import runtime
 import train
-from helpers import spoil
+from helpers import hub_cache, spoil
+from media import tiny_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -229,6 +230,75 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     assert log[-1]["step"] == n // 2
 
 
+def mostly_unreadable(tmp_path):
+    """<tmp_path>/data/mine: 16 training videos, 14 of them empty files, so that some samples and all their
+    substitutes fail (seed 0: a micro-batch of 2 loses both); its val split lists a file that is not there
+    and a label that train does not have."""
+    root = tmp_path / "data" / "mine"
+    for i in range(16):
+        if i < 2:
+            tiny_video(root / f"{i}.mp4")
+        else:
+            (root / f"{i}.mp4").write_bytes(b"")
+    (root / "train.csv").write_text("".join(f"{i}.mp4 {i % 2}\n" for i in range(16)))
+    (root / "val.csv").write_text("0.mp4 0\n1.mp4 1\ngone.mp4 0\n0.mp4 5\n")
+    return str(tmp_path / "data")
+
+
+def dropped_in(data_dir, keys):
+    """Which of the sample keys (d, index, seed) the dataset drops, asked of the dataset itself."""
+    ds = data.build_dataset("mine", data_dir, "train", frames=8, img_size=32)
+    return [bool(ds[tuple(key[1:3])]["dropped"]) for key in keys]
+
+
+def test_a_sample_with_no_readable_substitute_is_dropped_counted_and_dropped_again_on_resume(tmp_path, capsys):
+    """The run goes on one sample short (a micro-batch that lost both takes part as one blank clip at zero
+    weight); log.jsonl and the checkpoint count the dropped samples; a resume drops the same ones and ends
+    on the same weights. The start-up table shows the val split's problems, listed anew or from the cache."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "8", "--grad_accum", "2",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    listed = capsys.readouterr().out
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    cached = capsys.readouterr().out
+    smp = data.MultiDatasetBatchSampler([16], [2], grad_accum=2)  # batch 4: 2 samples a micro-batch, seed 0
+    dropped = [dropped_in(data_dir, smp.batch(m)) for m in range(16)]
+    assert any(all(d) for d in dropped) and not any(all(dropped[m] + dropped[m + 1]) for m in range(0, 16, 2))
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["dropped"]["mine"] for r in log] == [sum(map(sum, dropped[:2 * s])) for s in range(1, 9)]
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["dropped"] == b["dropped"] == {"mine": sum(map(sum, dropped))} and a["failed"] == b["failed"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for out in (listed, cached):
+        [row] = [line for line in out.splitlines() if line.startswith("  mine ")]
+        assert row.endswith("problems: {'val': {'missing': 1, 'unknown_label': 1}}"), row
+
+
+def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(tmp_path, monkeypatch):
+    """3 steps on 2 processes (seed 0: a rank whose micro-batch lost both samples takes part in the step as
+    one blank clip), then 3 on one process: the samples read, with their seeds, are the ones a single
+    process reads in 6 steps. Each dataset's position is the samples read over all ranks."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--workers", "0"]
+    script = tmp_path / "launch.py"
+    script.write_text(LOG_KEYS.format(root=ROOT, out=str(tmp_path)))
+    log = torchrun(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"], script=str(script))
+    two = [json.loads(line)[:3] for r in (0, 1) for line in open(tmp_path / f"rank{r}")]
+    rank1 = [json.loads(line)[:3] for line in open(tmp_path / "rank1")]
+    assert any(all(dropped_in(data_dir, rank1[m:m + 2])) for m in range(0, 6, 2)) and "[rank 1] warning: mine:" in log
+    read, logged = [], loaders.MultiDataset.__getitem__
+    monkeypatch.setattr(loaders.MultiDataset, "__getitem__", lambda self, key: read.append(list(key)) or
+                        logged(self, key))
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    resumed = list(read)
+    read.clear()
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),
@@ -250,6 +320,8 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--init", "README.md"], "--init README.md"),
     (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
     (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
+    (["--mean", "0.5,0.5"], "--mean 0.5,0.5: three numbers, one per RGB channel"),
+    (["--std", "0.2,0,0.2"], "--std 0.2,0,0.2: three numbers, one per RGB channel (std > 0)"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -271,6 +343,48 @@ def test_init_that_is_not_a_checkpoint_is_one_line(demo_dir, tmp_path, kind, say
     assert "\n" not in msg and "weights_only" not in msg
 
 
+def test_init_by_hub_name_uses_the_weights_normalisation_and_says_so(demo_dir, tmp_path, capsys):
+    """--init hf-hub:<org>/<name> in a new process with HF_HOME and HF_HUB_OFFLINE=1, as a user runs it: the
+    start-up says the mean and std are the weights' own and where from, and ckpt.pt keeps them; a resume keeps
+    the run's; a given --mean that differs from the weights' own is a warning, and is used."""
+    pytest.importorskip("huggingface_hub")
+    from test_checkpoints import hf_vit
+
+    hf_vit(tmp_path / "vit", classifier=False)  # and Google's preprocessor config: mean = std = 0.5
+    hub_cache(tmp_path / "hf" / "hub", "google/vit-tiny", tmp_path / "vit")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    common = FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0", "--max_steps", "4"]
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(out), "--stop_at", "1",
+                        "--init", "hf-hub:google/vit-tiny"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ("normalisation: mean 0.5,0.5,0.5, std 0.5,0.5,0.5: the weights' own (hf-hub:google/vit-tiny, "
+            "preprocessor_config.json)") in r.stdout
+    assert "hf-hub:google/vit-tiny from huggingface_hub's cache" in r.stdout
+    assert (load(out / "ckpt.pt")["config"]["mean"], load(out / "ckpt.pt")["config"]["std"]) == ("0.5,0.5,0.5",) * 2
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(out), "--stop_at", "2", "--init", "hf-hub:google/vit-tiny"])  # resumes
+    assert f"std 0.5,0.5,0.5: the weights' own ({out}/ckpt.pt, the run's)" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["config"]["mean"] == "0.5,0.5,0.5"
+    train.main(common + ["--out_dir", str(tmp_path / "o2"), "--stop_at", "0", "--init", str(tmp_path / "vit"),
+                         "--mean", "0.45,0.45,0.45"])
+    said = capsys.readouterr().out
+    assert (f"warning: --mean 0.45,0.45,0.45 differs from the weights' own 0.5,0.5,0.5 ({tmp_path / 'vit'}, "
+            "preprocessor_config.json); using --mean") in said
+    assert ("normalisation: mean 0.45,0.45,0.45 (--mean), std 0.5,0.5,0.5 (the weights' own "
+            f"({tmp_path / 'vit'}, preprocessor_config.json))") in said
+    assert load(tmp_path / "o2" / "ckpt.pt")["config"]["mean"] == "0.45,0.45,0.45"
+
+
+def test_a_hub_name_without_huggingface_hub_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out_dir", str(tmp_path / "o"), "--init", "hf-hub:google/vit-base-patch16-224-in21k"])
+    assert str(e.value) == ("error: --init hf-hub:google/vit-base-patch16-224-in21k: a Hub name needs the "
+                            "huggingface_hub package: pip install huggingface_hub")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("datasets, recipe", [
     ([], "demo"), (["--datasets", "demo_ssv2"], "demo"), (["--datasets", "demo_kinetics,demo_imagenet"], "demo"),
     (["--datasets", "k400,ssv2,in21k"], "cover"), (["--datasets", "my_own_clips"], "cover"),
@@ -280,7 +394,8 @@ def test_the_named_datasets_pick_the_recipe(datasets, recipe):
     args = train.get_args(datasets)
     assert args.recipe == recipe
     for k, v in recipes.RECIPES[recipe].items():
-        assert k == "datasets" or getattr(args, k) == v, k
+        assert k in ("datasets", "mean", "std") or getattr(args, k) == v, k
+    assert args.mean is args.std is None  # not given: the weights' own, else the recipe's (recipes.normalization)
     assert args.model == ("demo" if recipe == "demo" else "base")
 
 
@@ -368,6 +483,46 @@ def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):
                            "--frames", "4"])
 
 
+def test_a_resumed_run_keeps_its_normalisation(demo_dir, tmp_path):
+    """A run's mean and std are fixed for its life: a resume given others is one line, and the checkpoint keeps
+    the run's; given the run's own, it goes on."""
+    out, common = str(tmp_path / "o"), FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0",
+                                               "--max_steps", "2", "--stop_at", "1"]
+    train.main(common + ["--out_dir", out])
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--out_dir", out, "--stop_at", "2", "--std", "0.5,0.5,0.5"])
+    assert str(e.value) == (f"error: --std 0.5,0.5,0.5: the run in {out} trained with --std 0.225,0.225,0.225, "
+                            "which it keeps for its life; drop --std or use a new --out_dir")
+    assert (load(f"{out}/ckpt.pt")["step"], load(f"{out}/ckpt.pt")["config"]["std"]) == (1, "0.225,0.225,0.225")
+    train.main(common + ["--out_dir", out, "--std", "0.225,0.225,0.225"])  # the run's own: at its --stop_at step
+
+
+def build(argv):
+    """train.build_model for a command line, on the CPU, with one head of 4 classes."""
+    args = train.get_args(["--datasets", "demo_kinetics"] + argv)
+    rt = argparse.Namespace(master=False, device=torch.device("cpu"))
+    return args, train.build_model(args, {"demo_kinetics": 4}, None, None, rt)[0]
+
+
+def test_attention_with_init_is_the_flags_for_a_vit_and_the_weights_own_for_video(tmp_path):
+    """--init <a ViT> builds the --attention asked for (divided when not given); --init <video weights> builds their
+    own, and an --attention that differs is one line. ckpt.pt's config records what was built."""
+    from test_checkpoints import hf_model, hf_vit
+
+    hf_vit(tmp_path / "vit")
+    for given in M.ATTENTION_TYPES:
+        args, model = build(["--init", str(tmp_path / "vit"), "--attention", given])
+        assert model.cfg.attention == args.attention == given
+    assert build(["--init", str(tmp_path / "vit")])[1].cfg.attention == "divided_space_time"
+    hf_model(tmp_path / "joint", 4, "joint_space_time")
+    args, model = build(["--init", str(tmp_path / "joint")])
+    assert model.cfg.attention == args.attention == "joint_space_time"
+    with pytest.raises(SystemExit) as e:
+        build(["--init", str(tmp_path / "joint"), "--attention", "divided_space_time"])
+    assert str(e.value) == (f"error: --init {tmp_path / 'joint'}: these huggingface weights have joint_space_time "
+                            "attention, not divided_space_time: only image (ViT) weights take the attention asked for")
+
+
 def test_lr_schedule():
     args = train.get_args(["--lr", "1.0", "--min_lr", "0.1", "--warmup_steps", "4", "--max_steps", "14"])
     lrs = [train.get_lr(s, args) for s in range(15)]
@@ -414,7 +569,7 @@ def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save
 
     def got(self, everything=False):
         losses = read(self, everything)
-        events.append(("read", [s for s, _, _ in losses]))
+        events.append(("read", [s for s, *_ in losses]))
         return losses
 
     monkeypatch.setattr(runtime.StepValues, "send", sent)

@@ -1,6 +1,7 @@
 """
-The first run on a GPU machine (or a new driver, or PyTorch) proven in one command, in under 10 minutes on one
-GPU. One table, written to JSON with --json; exit status 1 if any row failed.
+The first run on a GPU machine (or a new driver, or PyTorch) proven in one command, sized for under 10 minutes
+on one GPU (each section prints its seconds on stderr). One table, written to JSON with --json; exit status 1
+if any row failed.
 
   sdpa      the model's own Attention.forward, whose q, k and v are strided views of its packed qkv, at the real
             spatial (B*8, 12, 197, 64) and temporal (B*196, 12, 8, 64) shapes, under each SDPA backend, forward

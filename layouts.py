@@ -1,15 +1,16 @@
 """
 How each dataset lies on disk, as its release ships it, and the listing of samples read from it.
 
-A listing holds one split's sample paths and class indices as compact arrays. Saved to a file it is
-memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
-it started with across restarts.
+A listing holds one split's sample paths, class indices and YouTube ids as compact arrays. Saved to a file
+it is memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
+it started with across restarts. The guard (leave_out) drops the training samples that are validation videos.
 """
 
 import csv
 import json
 import logging
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -41,16 +42,23 @@ FOLDERS = {  # layout -> (train folder names, val folder names, extensions); the
 }
 
 
+# a clip named as Kinetics names them: <YouTube id, 11 characters>_<start:06d>_<end:06d>.<ext>
+YOUTUBE_CLIP = re.compile(rb'([A-Za-z0-9_-]{11})_[0-9]{6}_[0-9]{6}\.[A-Za-z0-9]+')
+
+
 class DatasetError(Exception):
     """A dataset cannot be used at all (missing, laid out differently, nothing readable)."""
 
 
 class Listing:
-    """One split of a dataset: sample i is the file root/paths[i] of class labels[i]."""
+    """One split of a dataset: sample i is the file root/paths[i] of class labels[i], a clip of the YouTube
+    video ids[i] (b'' where its file name does not say). left_out: what the guard left out, if it ran."""
 
-    def __init__(self, root, classes, paths, labels, problems, file=None):
+    def __init__(self, root, classes, paths, labels, problems, file=None, ids=None, left_out=None):
         self.root, self.classes, self.problems, self.file = root, classes, problems, file
         self.paths, self.labels = paths, labels  # bytes (N,), int32 (N,)
+        self.ids = youtube_ids(paths) if ids is None else ids  # bytes (N,)
+        self.left_out = left_out  # what the guard left out (leave_out)
 
     @classmethod
     def from_pairs(cls, root, classes, pairs, problems=None):
@@ -69,8 +77,8 @@ class Listing:
 
     def save(self, file):
         """Write the arrays and a JSON sidecar (atomically: rename), then return the memory-mapped copy."""
-        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels],
-                                                                            names='path,label'))),
+        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels, self.ids],
+                                                                            names='path,label,id'))),
                            ('.json', lambda f: f.write(json.dumps(self.meta()).encode()))]:
             with open(f'{file}{ext}.tmp-{os.getpid()}', 'wb') as f:
                 write(f)
@@ -78,14 +86,21 @@ class Listing:
         return Listing.load(file)
 
     def meta(self):
-        return {'root': self.root, 'classes': self.classes, 'problems': self.problems}
+        return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'left_out': self.left_out}
 
     @classmethod
     def load(cls, file):
         with open(file + '.json') as f:
             meta = json.load(f)
         records = np.load(file + '.npy', mmap_mode='r')
-        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file)
+        ids = records['id'] if 'id' in records.dtype.names else None  # a listing saved before ids: read anew
+        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file, ids,
+                   meta.get('left_out'))
+
+    def subset(self, rows):
+        """The samples `rows` (indices), as a Listing in memory."""
+        return Listing(self.root, self.classes, self.paths[rows], self.labels[rows], self.problems,
+                       ids=self.ids[rows])
 
     def __getstate__(self):  # a saved listing travels to workers as its file name, not as a copy
         return self.meta() | {'file': self.file} if self.file else self.__dict__
@@ -132,6 +147,34 @@ def listing(name, data_dir, split, layout, cache_dir=None):
         result = result.save(file)
     return result
 
+
+def youtube_ids(paths):
+    """The YouTube id in each path's file name (Kinetics' <id>_<start:06d>_<end:06d>.<ext>), else b''."""
+    found = (YOUTUBE_CLIP.fullmatch(os.path.basename(p)) for p in paths)
+    return np.array([m.group(1) if m else b'' for m in found], dtype='S11')
+
+
+def leave_out(samples, validation, file=None):
+    """The guard: `samples` less those whose YouTube video is a video of a validation set in `validation`
+    ({name: Listing}), with left_out = {'total': how many, 'of': {name: how many were its videos}} (a video
+    may be in several; None where no file name gives an id). When some are left out the rest is saved to
+    `file`, shared with the workers as a listing is."""
+    named = samples.ids != b''
+    hit, counts = np.zeros(len(samples), bool), {}
+    for name, val in validation.items():
+        theirs = named & np.isin(samples.ids, val.ids[val.ids != b''])
+        counts[name] = int(theirs.sum())
+        hit |= theirs
+    if hit.all():
+        raise DatasetError(f"every training sample under {samples.root} is a validation video of "
+                           f"{', '.join(n for n, c in counts.items() if c)}: train on other data, or pass "
+                           "--train_on_val_videos")
+    if hit.any():
+        samples = samples.subset(np.flatnonzero(~hit))
+    samples.left_out = {'total': int(hit.sum()), 'of': counts} if named.any() else None
+    if hit.any() and file:
+        samples = samples.save(file)
+    return samples
 
 # -----------------------------------------------------------------------------
 # parsers: -> (class names in index order, [(absolute path, class name)], whether the entries come from

@@ -144,6 +144,42 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
               f"{steps:7d} {steps * batch / R / len(tr):6.1f} {frames:>11s} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
               + (f"  problems: {tr.problems}" if tr.problems else ""))
+    for line in guard_lines(args, names, train_sets):
+        print(line)
+
+
+def guard_lines(args, names, train_sets):
+    """What the guard left out of each training set, and whose validation videos they were; or that it is off."""
+    if args.train_on_val_videos:
+        return ["validation videos: NOT left out of training (--train_on_val_videos): a training set may hold "
+                "validation videos of another (Kinetics versions share YouTube videos), and test numbers may "
+                "include training videos"]
+    lines = ["validation videos left out of training (training samples whose YouTube video is a validation "
+             "video of a set in --datasets; --train_on_val_videos keeps them):"]
+    for n, tr in zip(names, train_sets):
+        left = tr.samples.left_out
+        if left is None:
+            lines.append(f"  {n}: not checked (its file names give no YouTube id)")
+            continue
+        whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
+        lines.append(f"  {n}: {left['total']}" + (f" (validation videos of {whose})" if whose else ""))
+    return lines
+
+
+def guard_record(args, names, train_sets):
+    """The guard for log.jsonl: on or off, and per training set what it left out (None: no YouTube ids)."""
+    if args.train_on_val_videos:
+        return {"on": False}
+    return {"on": True, "left_out": {n: tr.samples.left_out for n, tr in zip(names, train_sets)}}
+
+
+def guard_state(config):
+    """'on' if the run with this config left validation videos out of training, else 'off' ('not recorded' for
+    a run from before the guard)."""
+    flag = config.get("train_on_val_videos")
+    if flag is None:
+        return "not recorded"
+    return "off" if flag else "on"
 
 
 def loader_rate(dataset, num_sample, samples=4):

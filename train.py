@@ -32,7 +32,7 @@ import loaders
 import model as M
 import recipes
 import runtime
-from eval import test_all
+from eval import test_all, test_heads
 
 
 def get_args(argv=None):
@@ -63,16 +63,18 @@ def main(argv=None):
 
 def train(args, rt):
     names, device, dtype = args.datasets.split(","), rt.device, runtime.DTYPES[args.dtype]
-    weights = recipes.dataset_weights(args, names)
     os.makedirs(args.out_dir, exist_ok=True)
     files = runtime.CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt"))  # and the one before, ckpt.prev.pt
 
-    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
-    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
+    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings.
+    # No validation video in training: a training sample that is one (by YouTube id) is left out.
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
+    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train", guard=val_sets)
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
+    weights, args.max_steps = recipes.budgets(args, names, train_sets, local_batch, num_sample, rt.world)
+    lr_factor = {n: recipes.per_dataset(args, "lr_factor", float).get(n, 1.0) for n in names}
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
@@ -122,6 +124,7 @@ def train(args, rt):
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
     log = runtime.RunLog(args.out_dir, rt.master, args)
+    log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
@@ -135,7 +138,7 @@ def train(args, rt):
         name = names[d]
         # drop path draws from torch's RNG: seeded per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
-        lr = get_lr(step, args)
+        lr = get_lr(step, args) * lr_factor[name]  # x the factor of the step's dataset (--lr_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
@@ -202,21 +205,25 @@ def train(args, rt):
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        val = dict(zip(names, open_datasets(args, names, "val")))
+        heads = test_heads(names, label_maps, args.data_dir)  # k710: each Kinetics version, on its rows
+        val = dict(zip(heads, open_datasets(args, list(heads), "val")))
         log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
-        results = test_all(tested, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        results = test_all(tested, val, heads=heads, label_maps=label_maps, guard=runtime.guard_state(vars(args)),
+                           out=os.path.join(args.out_dir, "eval.json"), **test_kw)
         log.write({"step": step, "test": results, "weights": which})
     log.close()
 
 
-def open_datasets(args, names, split, views=None):
-    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named."""
+def open_datasets(args, names, split, views=None, guard=None):
+    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named.
+    guard: the validation sets, whose videos training leaves out unless --train_on_val_videos."""
     try:
         demo.prepare(args.data_dir, names)
         listings = os.path.join(args.out_dir, "listings")
+        validation = {n: ds.samples for n, ds in zip(names, guard)} if guard and not args.train_on_val_videos else None
         return [data.build_dataset(n, args.data_dir, split, frames=args.frames, img_size=args.img_size,
-                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings)
-                for n in names]
+                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings,
+                                   validation=validation) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
 

@@ -133,6 +133,51 @@ def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
         assert g["lr"] == train.get_lr(1, args) * g["lr_scale"]
 
 
+def test_epochs_set_the_weights_and_the_steps():
+    """Steps = epochs x samples / samples a step (the global batch over R clips a sample), by hand: 30 x 240,000 /
+    (64 / 2) = 225,000; 20 x 169,600 / 64 = 53,000; 1 x 11,060,000 / 256 = 43,203.125, rounded."""
+    def budgets(*flags):
+        args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
+        return recipes.budgets(args, ["a", "b", "c"], [range(240_000), range(169_600), range(11_060_000)],
+                               {"a": 64, "b": 64, "c": 256}, {"a": 2, "b": 1, "c": 1}, world=1)
+
+    assert budgets() == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    assert budgets("--max_steps", "321203", "--weights", "225000,53000,43203") == budgets()  # agreeing: fine
+    for flags, says in [(["--max_steps", "1000"], "makes 321203 steps in all, not --max_steps 1000"),
+                        (["--weights", "c=2"], "not in the ratio of --weights c=2")]:
+        with pytest.raises(SystemExit, match=says):
+            budgets(*flags)
+
+
+def test_lr_factor_scales_the_lr_of_the_steps_that_train_its_dataset(demo_dir, tmp_path):
+    """The lr of step s is get_lr(s) x the factor of s's dataset x the group's layer-decay scale; the log says it."""
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "8", "--workers", "0",
+                     "--lr_factor", "demo_ssv2=0.25,demo_imagenet=3", "--layer_decay", "0.5", "--weights", "1,1,1"]
+    args, factor = train.get_args(common), {"demo_kinetics": 1.0, "demo_ssv2": 0.25, "demo_imagenet": 3.0}
+    for stop in (1, 2, 3):  # the last step taken is stop - 1: round robin, one of each dataset
+        train.main(common + ["--stop_at", str(stop)])
+        lr = train.get_lr(stop - 1, args) * factor[demo.NAMES[stop - 1]]
+        for group in load(tmp_path / "ckpt.pt")["optimizer"]["param_groups"]:
+            assert group["lr"] == lr * group["lr_scale"]
+        logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line][-1]
+        assert logged["step"] == stop and logged["lr"] == lr
+
+
+def test_budgets_and_lr_factors_resume_to_the_bit(demo_dir, tmp_path):
+    """--epochs sets the run's length from the listed sizes (demo: 36 / 36 / 48 samples, batches of 4 / 4 / 8):
+    0.25 epoch each is 2 + 2 + 2 steps (2.25 -> 2, 2.25 -> 2, 1.5 -> 2); straight == stopped at 3 and resumed."""
+    common = FAST + ["--data_dir", demo_dir, "--workers", "0", "--save_every", "100", "--epochs", "0.25",
+                     "--lr_factor", "demo_imagenet=0.1,demo_ssv2=3"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == a["config"]["max_steps"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for i in a["optimizer"]["state"]
+               for x, y in zip(a["optimizer"]["state"][i].values(), b["optimizer"]["state"][i].values()))
+
+
 def torchrun(args, timeout=300, launcher=(), script="train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, script] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -248,6 +293,14 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
+    (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
+    (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
+                                  "for demo_kinetics, demo_imagenet too)"),
+    (["--epochs", "k400=3"], "--epochs k400=3: a name not in --datasets"),
+    (["--lr_factor", "demo_ssv2=-1"], "--lr_factor demo_ssv2=-1: each factor must be a number > 0"),
+    (["--lr_factor", "k400=0.1"], "--lr_factor k400=0.1: a name not in --datasets"),
+    (["--epochs", "1", "--max_steps", "5"], "steps in all, not --max_steps 5: drop one of the two"),
+    (["--epochs", "1", "--weights", "1,1,3"], "not in the ratio of --weights 1,1,3: drop one of the two"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:

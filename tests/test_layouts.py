@@ -177,3 +177,34 @@ def test_a_large_listing_pickles_to_a_few_hundred_bytes(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], input=pickle.dumps(saved), capture_output=True,
                          cwd=os.path.dirname(layouts.__file__), check=True).stdout
     assert out.decode().strip() == str(tmp_path / 'n01/00000007.JPEG')
+
+
+def test_the_guard_leaves_out_the_validation_videos_it_counts(tmp_path):
+    """Ids from the file names (any layout); counts by hand: a training video that two validation sets hold
+    counts for both and is left out once; a file name without an id is never left out."""
+    def listing(names):
+        return layouts.Listing.from_pairs(str(tmp_path), ['a'], [(str(tmp_path / n), 0) for n in names])
+
+    clip = '{}_000001_000011.mp4'.format
+    train = listing([clip('AAAAAAAAAAA'), clip('BBBBBBBBBBB'), clip('CCCCCCCCCCC'), 'x/CCCCCCCCCCC.mp4',
+                     clip('DDDDDDDDDDD').replace('.mp4', '.webm'), 'short_000001_000011.mp4'])
+    assert train.ids.tolist() == [b'AAAAAAAAAAA', b'BBBBBBBBBBB', b'CCCCCCCCCCC', b'', b'DDDDDDDDDDD', b'']
+    val = {'one': listing([clip('BBBBBBBBBBB'), clip('DDDDDDDDDDD'), 'plain.mp4']),
+           'two': listing(['y/' + clip('BBBBBBBBBBB')])}
+    kept = layouts.leave_out(train, val, str(tmp_path / 'guarded'))
+    assert kept.left_out == {'total': 2, 'of': {'one': 2, 'two': 1}}
+    assert [os.path.basename(kept.path(i)) for i in range(len(kept))] == [
+        clip('AAAAAAAAAAA'), clip('CCCCCCCCCCC'), 'CCCCCCCCCCC.mp4', 'short_000001_000011.mp4']
+    assert isinstance(kept.labels, np.memmap) and len(pickle.dumps(kept)) < 500  # to workers as a file name
+    assert layouts.Listing.load(str(tmp_path / 'guarded')).left_out == kept.left_out
+    assert layouts.leave_out(listing(['plain.mp4']), val).left_out is None  # no ids: not checked
+    with pytest.raises(layouts.DatasetError, match='every training sample .* is a validation video of one'):
+        layouts.leave_out(listing([clip('BBBBBBBBBBB')]), val)
+
+
+def test_a_listing_saved_without_ids_reads_them_from_its_paths(tmp_path):
+    paths = np.array([b'k/ABCDEFGHIJK_000001_000011.mp4', b'k/x.mp4'])
+    np.save(tmp_path / 'old.npy', np.rec.fromarrays([paths, np.zeros(2, np.int32)], names='path,label'))
+    (tmp_path / 'old.json').write_text(json.dumps({'root': str(tmp_path), 'classes': ['a'], 'problems': {}}))
+    old = layouts.Listing.load(str(tmp_path / 'old'))
+    assert old.ids.tolist() == [b'ABCDEFGHIJK', b''] and old.left_out is None

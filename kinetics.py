@@ -54,9 +54,8 @@ def merged_names(version, classes):
 
 
 def listing(data_dir, split, cache_dir=None):
-    """k710's Listing of one split: each version listed (and cached) as itself, then merged; a video in
-    several versions is kept once, as the latest version lists it (its label the latest name). Paths are
-    relative to data_dir, and it is cached as <cache_dir>/k710-<split>."""
+    """k710's Listing of one split: each version listed (and cached) as itself, then merged; cached as
+    <cache_dir>/k710-<split>."""
     root = os.path.abspath(data_dir)
     file = os.path.join(cache_dir, f'k710-{split}') if cache_dir else None
     if file and os.path.exists(file + '.json'):
@@ -67,25 +66,30 @@ def listing(data_dir, split, cache_dir=None):
     if not versions:
         raise layouts.DatasetError(f"k710 merges the Kinetics versions in --data_dir, and {root} has none of "
                                    f"{', '.join(f'{v}/' for v in VERSIONS)}: put them there in their layout")
-    parts = [layouts.listing(v, data_dir, split, 'kinetics', cache_dir) for v in versions]
-    names = [merged_names(v, part.classes) for v, part in zip(versions, parts)]
-    classes = sorted(set().union(*names))
-    index = {c: i for i, c in enumerate(classes)}
-    latest_first = list(reversed(range(len(parts))))
-    paths = np.concatenate([np.char.add(os.fsencode(versions[k] + os.sep), parts[k].paths) for k in latest_first])
-    labels = np.concatenate([np.array([index[n] for n in names[k]], np.int32)[parts[k].labels]
-                             for k in latest_first])
-    ids = np.concatenate([parts[k].ids for k in latest_first])
-    first = np.unique(ids, return_index=True)[1]  # the first row of each id: the latest version's
-    keep = np.union1d(first[ids[first] != b''], np.flatnonzero(ids == b''))  # a file with no id is its own
-    problems = {f'{versions[k]}_{kind}': n for k in latest_first for kind, n in parts[k].problems.items()}
-    if len(keep) < len(ids):
-        problems['same_video_in_a_later_version'] = len(ids) - len(keep)
-    result = layouts.Listing(root, classes, paths[keep], labels[keep], problems, ids=ids[keep])
+    result = merge(root, {v: layouts.listing(v, data_dir, split, 'kinetics', cache_dir) for v in versions})
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         result = result.save(file)
     return result
+
+
+def merge(root, parts):
+    """One Listing of the versions' listings ({version: Listing of <root>/<version>}, oldest first): classes
+    by merged name, in alphabetical order; a video in several versions kept once, as the latest version lists
+    it (its label the latest name). Paths are relative to root."""
+    versions = list(parts)[::-1]  # the latest first
+    names = {v: merged_names(v, parts[v].classes) for v in versions}
+    classes = sorted(set().union(*names.values()))
+    index = {c: i for i, c in enumerate(classes)}
+    paths = np.concatenate([np.char.add(os.fsencode(v + os.sep), parts[v].paths) for v in versions])
+    labels = np.concatenate([np.array([index[n] for n in names[v]], np.int32)[parts[v].labels] for v in versions])
+    ids = np.concatenate([parts[v].ids for v in versions])
+    first = np.unique(ids, return_index=True)[1]  # the first row of each id: the latest version's
+    keep = np.union1d(first[ids[first] != b''], np.flatnonzero(ids == b''))  # a file with no id is its own
+    problems = {f'{v}_{kind}': n for v in versions for kind, n in parts[v].problems.items()}
+    if len(keep) < len(ids):
+        problems['same_video_in_a_later_version'] = len(ids) - len(keep)
+    return layouts.Listing(root, classes, paths[keep], labels[keep], problems, ids=ids[keep])
 
 
 def label_rows(version, classes, merged):

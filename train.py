@@ -240,6 +240,10 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         if ckpt["config"]["datasets"] != args.datasets:
             sys.exit(f"error: the checkpoint in {args.out_dir} was trained on other --datasets "
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
+        kept = ckpt["config"].get("train_on_val_videos", True)  # a run from before the guard kept them
+        if kept != args.train_on_val_videos:
+            sys.exit(f"error: the checkpoint in {args.out_dir} was trained {'with' if kept else 'without'} validation "
+                     f"videos; resume it {'with' if kept else 'without'} --train_on_val_videos, or use a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"

@@ -25,6 +25,7 @@ def demo_dir(tmp_path_factory):
 # so the lane is read in one place.
 FAST = {
     "test_bench.py": ["test_data_section"],
+    "test_bench_listing.py": ["test_listing_bench_at_a_thousandth_of_the_size"],
     "test_checkpoints.py": ["test_official_pyth", "test_load_errors", "test_own_checkpoint_roundtrip"],
     "test_data.py": ["test_schedule_round_robin_and_weighted", "test_grad_accum_micro_batches_share_a_dataset",
                      "test_kinetics_indices_hand_computed", "test_segment_indices_hand_computed",

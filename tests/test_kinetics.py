@@ -156,6 +156,8 @@ def test_training_never_reads_a_validation_video_and_says_what_it_left_out(kinet
     assert "NOT left out of training" in capsys.readouterr().out
     failed = torch.load(tmp_path / "off" / "ckpt.pt", weights_only=True)["failed"]
     assert all(failed[v] > 0 for v in kinetics.VERSIONS), failed
+    with pytest.raises(SystemExit, match="trained with validation videos; resume it with --train_on_val_videos"):
+        train.main(common + ["--out_dir", str(tmp_path / "off")])  # the guard on would change its training set
 
 
 def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, tmp_path):

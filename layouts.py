@@ -151,7 +151,7 @@ def listing(name, data_dir, split, layout, cache_dir=None):
 def youtube_ids(paths):
     """The YouTube id in each path's file name (Kinetics' <id>_<start:06d>_<end:06d>.<ext>), else b''."""
     found = (YOUTUBE_CLIP.fullmatch(os.path.basename(p)) for p in paths)
-    return np.array([m.group(1) if m else b'' for m in found], dtype='S11')
+    return np.array([m.group(1) if m else b'' for m in found], dtype='S')  # 1 byte a sample where none has one
 
 
 def leave_out(samples, validation, file=None):
@@ -160,6 +160,9 @@ def leave_out(samples, validation, file=None):
     may be in several; None where no file name gives an id). When some are left out the rest is saved to
     `file`, shared with the workers as a listing is."""
     named = samples.ids != b''
+    if not named.any():  # not a set of YouTube clips: nothing to check
+        samples.left_out = None
+        return samples
     hit, counts = np.zeros(len(samples), bool), {}
     for name, val in validation.items():
         theirs = named & np.isin(samples.ids, val.ids[val.ids != b''])
@@ -171,7 +174,7 @@ def leave_out(samples, validation, file=None):
                            "--train_on_val_videos")
     if hit.any():
         samples = samples.subset(np.flatnonzero(~hit))
-    samples.left_out = {'total': int(hit.sum()), 'of': counts} if named.any() else None
+    samples.left_out = {'total': int(hit.sum()), 'of': counts}
     if hit.any() and file:
         samples = samples.save(file)
     return samples

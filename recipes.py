@@ -11,7 +11,7 @@ import os
 import sys
 
 import model as M
-from kinetics import VERSIONS as KINETICS
+import kinetics
 from runtime import DTYPES
 
 RECIPES = {
@@ -123,9 +123,9 @@ def check(args):
     errors = []
     if len(set(names)) != len(names):
         errors.append(f"--datasets lists a dataset twice: {args.datasets}")
-    if "k710" in names and set(names) & set(KINETICS):
-        errors.append(f"--datasets {args.datasets}: k710 holds {', '.join(sorted(set(names) & set(KINETICS)))} "
-                      "already; name k710 or the versions, not both")
+    if "k710" in names and set(names) & set(kinetics.VERSIONS):
+        errors.append(f"--datasets {args.datasets}: k710 holds {', '.join(sorted(set(names) & set(kinetics.VERSIONS)))}"
+                      " already; name k710 or the versions, not both")
     if args.init is None and args.model not in M.PRESETS:
         errors.append(f"--model {args.model!r} is not a preset; choose one of {', '.join(M.PRESETS)}")
     patch = M.PRESETS.get(args.model, {}).get("patch_size", 16)

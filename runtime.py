@@ -154,15 +154,15 @@ def guard_lines(args, names, train_sets):
         return ["validation videos: NOT left out of training (--train_on_val_videos): a training set may hold "
                 "validation videos of another (Kinetics versions share YouTube videos), and test numbers may "
                 "include training videos"]
-    lines = ["validation videos left out of training (training samples whose YouTube video is a validation "
-             "video of a set in --datasets; --train_on_val_videos keeps them):"]
+    lines = ["validation videos: the training samples whose YouTube video is a validation video of a set in "
+             "--datasets are left out of training (--train_on_val_videos keeps them):"]
     for n, tr in zip(names, train_sets):
         left = tr.samples.left_out
         if left is None:
-            lines.append(f"  {n}: not checked (its file names give no YouTube id)")
+            lines.append(f"    {n}: not checked (its file names give no YouTube id)")
             continue
         whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
-        lines.append(f"  {n}: {left['total']}" + (f" (validation videos of {whose})" if whose else ""))
+        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else ""))
     return lines
 
 

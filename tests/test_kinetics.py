@@ -145,8 +145,8 @@ def test_training_never_reads_a_validation_video_and_says_what_it_left_out(kinet
     out = capsys.readouterr().out
     ckpt = torch.load(tmp_path / "on" / "ckpt.pt", weights_only=True)
     assert ckpt["failed"] == {"k400": 0, "k600": 0, "k700": 0} and ckpt["config"]["train_on_val_videos"] is False
-    assert "\n  k400: 1 (validation videos of k400: 1)\n  k600: 1 (validation videos of k400: 1)\n" \
-           "  k700: 2 (validation videos of k400: 1, k600: 1)\n" in out
+    assert "\n    k400: 1 left out (validation videos of k400: 1)\n    k600: 1 left out (validation videos of k400: " \
+           "1)\n    k700: 2 left out (validation videos of k400: 1, k600: 1)\n" in out
     record = next(json.loads(line) for line in open(tmp_path / "on" / "log.jsonl") if '"guard"' in line)
     assert record["guard"] == {"on": True, "left_out": {
         "k400": {"total": 1, "of": {"k400": 1, "k600": 0, "k700": 0}},

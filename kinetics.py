@@ -6,11 +6,15 @@ The versions share videos: the guard (layouts.leave_out) keeps every version's v
 training. What was decided and why: docs/kinetics.md.
 """
 
+import hashlib
+import logging
 import os
 
 import numpy as np
 
 import layouts
+
+log = logging.getLogger(__name__)
 
 VERSIONS = ('k400', 'k600', 'k700')
 
@@ -55,12 +59,15 @@ def merged_names(version, classes):
 
 def listing(data_dir, split, cache_dir=None):
     """k710's Listing of one split: each version listed (and cached) as itself, then merged; cached as
-    <cache_dir>/k710-<split>."""
+    <cache_dir>/k710-<split>-<hash of data_dir>, keyed by the folder as layouts.listing keys its listings."""
     root = os.path.abspath(data_dir)
-    file = os.path.join(cache_dir, f'k710-{split}') if cache_dir else None
+    key = hashlib.sha1(os.fsencode(root)).hexdigest()[:8]
+    file = os.path.join(cache_dir, f'k710-{split}-{key}') if cache_dir else None
     if file and os.path.exists(file + '.json'):
         cached = layouts.Listing.load(file)
         if cached.root == root:
+            if cached.report:  # said again, as layouts.listing does
+                log.warning(f"k710/{split}: skipped or noted while listing: {cached.report}")
             return cached
     versions = present(data_dir)
     if not versions:
@@ -89,7 +96,8 @@ def merge(root, parts):
     problems = {f'{v}_{kind}': n for v in versions for kind, n in parts[v].problems.items()}
     if len(keep) < len(ids):
         problems['same_video_in_a_later_version'] = len(ids) - len(keep)
-    return layouts.Listing(root, classes, paths[keep], labels[keep], problems, ids=ids[keep])
+    report = '; '.join(f'{v}: {parts[v].report}' for v in versions if parts[v].report)
+    return layouts.Listing(root, classes, paths[keep], labels[keep], problems, report=report, ids=ids[keep])
 
 
 def label_rows(version, classes, merged):

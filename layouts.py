@@ -7,6 +7,7 @@ it started with across restarts. The guard (leave_out) drops the training sample
 """
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -54,20 +55,21 @@ class Listing:
     """One split of a dataset: sample i is the file root/paths[i] of class labels[i], a clip of the YouTube
     video ids[i] (b'' where its file name does not say). left_out: what the guard left out, if it ran."""
 
-    def __init__(self, root, classes, paths, labels, problems, file=None, ids=None, left_out=None):
+    def __init__(self, root, classes, paths, labels, problems, file=None, report='', ids=None, left_out=None):
         self.root, self.classes, self.problems, self.file = root, classes, problems, file
         self.paths, self.labels = paths, labels  # bytes (N,), int32 (N,)
+        self.report = report  # the problems in words, with an example of each
         self.ids = youtube_ids(paths) if ids is None else ids  # bytes (N,)
         self.left_out = left_out  # what the guard left out (leave_out)
 
     @classmethod
-    def from_pairs(cls, root, classes, pairs, problems=None):
+    def from_pairs(cls, root, classes, pairs, problems=None, report=''):
         """From [(absolute path, class index)]."""
         prefix = os.path.join(root, '')
         rel = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p, _ in pairs]
         paths = np.array([os.fsencode(p) for p in rel], dtype=bytes)
         labels = np.array([y for _, y in pairs], dtype=np.int32)
-        return cls(root, classes, paths, labels, dict(problems or {}))
+        return cls(root, classes, paths, labels, dict(problems or {}), report=report)
 
     def __len__(self):
         return len(self.labels)
@@ -86,7 +88,8 @@ class Listing:
         return Listing.load(file)
 
     def meta(self):
-        return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'left_out': self.left_out}
+        return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'report': self.report,
+                'left_out': self.left_out}
 
     @classmethod
     def load(cls, file):
@@ -94,13 +97,13 @@ class Listing:
             meta = json.load(f)
         records = np.load(file + '.npy', mmap_mode='r')
         ids = records['id'] if 'id' in records.dtype.names else None  # a listing saved before ids: read anew
-        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file, ids,
-                   meta.get('left_out'))
+        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file,
+                   meta.get('report', ''), ids, meta.get('left_out'))
 
     def subset(self, rows):
         """The samples `rows` (indices), as a Listing in memory."""
         return Listing(self.root, self.classes, self.paths[rows], self.labels[rows], self.problems,
-                       ids=self.ids[rows])
+                       report=self.report, ids=self.ids[rows])
 
     def __getstate__(self):  # a saved listing travels to workers as its file name, not as a copy
         return self.meta() | {'file': self.file} if self.file else self.__dict__
@@ -110,13 +113,18 @@ class Listing:
 
 
 def listing(name, data_dir, split, layout, cache_dir=None):
-    """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is read from
-    <cache_dir>/<name>-<split> when that was listed from the same folder, else listed and saved there."""
+    """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is kept in
+    <cache_dir>/<name>-<split>-<hash of the folder>: read back when there, else listed and saved there.
+    Keyed by the folder, so listing another --data_dir (eval.py, features.py) never replaces the listing
+    that a run's workers read."""
     root = os.path.abspath(os.path.join(data_dir, name))
-    file = os.path.join(cache_dir, f'{name}-{split}') if cache_dir else None
+    key = hashlib.sha1(os.fsencode(root)).hexdigest()[:8]
+    file = os.path.join(cache_dir, f'{name}-{split}-{key}') if cache_dir else None
     if file and os.path.exists(file + '.json'):
         cached = Listing.load(file)
         if cached.root == root:
+            if cached.report:  # said again: whoever opens a listing hears what it left out
+                log.warning(f"{name}/{split}: skipped or noted while listing: {cached.report}")
             return cached
     try:
         if not os.path.isdir(root):
@@ -129,10 +137,16 @@ def listing(name, data_dir, split, layout, cache_dir=None):
                            f"--data_dir at the folder that holds '{name}/'.") from None
     entries = drop_missing(entries, problems, examples) if listed else entries
     index = {c: i for i, c in enumerate(classes)}
-    pairs = [(p, index[label]) for p, label in entries if label in index]
+    if len(index) < len(classes) and any(isinstance(label, str) for _, label in entries):
+        raise DatasetError(f"dataset '{name}' labels its samples by class name, and {repeated_name(classes)} "
+                           f"of its class list: each name must be one class")
+    # a custom list's integer labels are class indices as given (its names are only shown); names looked up
+    labels = [label if isinstance(label, int) else index.get(label, -1) for _, label in entries]
+    pairs = [(p, y) for (p, _), y in zip(entries, labels) if 0 <= y < len(classes)]
     if len(pairs) < len(entries):  # val labels that train does not have (no head output for them)
         problems['unknown_label'] = len(entries) - len(pairs)
-        examples['unknown_label'] = next(repr(label) for _, label in entries if label not in index)
+        examples['unknown_label'] = next(repr(label) for (_, label), y in zip(entries, labels)
+                                         if not 0 <= y < len(classes))
     problems = {k: v for k, v in sorted(problems.items()) if v}
     report = ', '.join(f"{k} {v}" + (f" (e.g. {examples[k]})" if k in examples else '')
                        for k, v in problems.items())
@@ -141,11 +155,20 @@ def listing(name, data_dir, split, layout, cache_dir=None):
                            f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
     if report:
         log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
-    result = Listing.from_pairs(root, classes, pairs, problems)
+    result = Listing.from_pairs(root, classes, pairs, problems, report)
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         result = result.save(file)
     return result
+
+
+def repeated_name(classes):
+    """The first class name that repeats, in words: "'crane' is at positions 134 and 517"."""
+    seen = {}
+    for i, c in enumerate(classes):
+        if c in seen:
+            return f"{c!r} is at positions {seen[c]} and {i}"
+        seen[c] = i
 
 
 def youtube_ids(paths):
@@ -179,9 +202,10 @@ def leave_out(samples, validation, file=None):
         samples = samples.save(file)
     return samples
 
+
 # -----------------------------------------------------------------------------
-# parsers: -> (class names in index order, [(absolute path, class name)], whether the entries come from
-# an annotation list and may name files that are not on disk)
+# parsers: -> (class names in index order, [(absolute path, class name, or class index in a custom list)],
+# whether the entries come from an annotation list and may name files that are not on disk)
 
 
 def parse(root, layout, split, problems):
@@ -209,9 +233,7 @@ def parse(root, layout, split, problems):
             classes = [str(i) for i in range(max((y for _, y in train), default=-1) + 1)]
         if split == 'val':
             listed = read_list(first(root, ['val.csv'], False), root, problems)
-        # an integer outside the map gets a name that is not in it: counted as unknown_label
-        named = [(p, classes[y] if 0 <= y < len(classes) else f'<label {y}>') for p, y in listed]
-        return classes, named, True
+        return classes, listed, True
     train_dir, val_dir, exts = FOLDERS[layout]
     classes, entries = scan_folders(first(root, train_dir), exts, train_problems)
     if split == 'val':

@@ -119,7 +119,8 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
 def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
            weights):
     """Rank 0's start-up report: the run, the recipe's values, and per dataset its size, batch, steps and
-    epochs in this run, how it samples frames, and whether one process's loader workers keep up."""
+    epochs in this run (samples read over all ranks / size: the sampler reads each epoch whole), how it
+    samples frames, whether one process's loader workers keep up, and what listing each split left out."""
     if not rt.master:
         return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
@@ -140,10 +141,11 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
         takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
         loads, R = loader_rate(tr, num_sample[n]), num_sample[n]
         frames = f"kinetics/{tr.spec.rate}" if tr.spec.sampling == "kinetics" else tr.spec.sampling
+        problems = {split: ds.problems for split, ds in (("train", tr), ("val", va)) if ds.problems}
         print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {R:3d} {weights[d]:6g} "
               f"{steps:7d} {steps * batch / R / len(tr):6.1f} {frames:>11s} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
-              + (f"  problems: {tr.problems}" if tr.problems else ""))
+              + (f"  problems: {problems}" if problems else ""))
     for line in guard_lines(args, names, train_sets):
         print(line)
 
@@ -217,24 +219,37 @@ class Meter:
 
 
 class Failures:
-    """Samples replaced because their file could not be read: counted per dataset, each path told once."""
+    """Samples replaced because their file could not be read, each path told once, and samples dropped
+    because no substitute could be read either, each told in a line: counted per dataset."""
 
     def __init__(self, names, rank):
-        self.counts, self.told, self.rank = dict.fromkeys(names, 0), set(), rank
+        self.counts, self.dropped = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        self.told, self.rank = set(), rank
 
-    def add(self, name, paths):
+    def add(self, name, paths, dropped=()):
         for path in paths:
             self.counts[name] += 1
             if path not in self.told:
                 self.told.add(path)
                 tqdm.write(f"[rank {self.rank}] unreadable sample replaced ({name}): {path}")
+        for line in dropped:
+            self.dropped[name] += 1
+            tqdm.write(f"[rank {self.rank}] warning: {name}: {line}")
+
+    def restore(self, ckpt):
+        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on."""
+        if self.rank == 0:
+            self.counts.update(ckpt["failed"])
+            self.dropped.update(ckpt.get("dropped", {}))
 
     def totals(self, rt):
-        if rt.world == 1:
-            return dict(self.counts)
-        t = torch.tensor(list(self.counts.values()), dtype=torch.float64, device=rt.device)
-        dist.all_reduce(t)
-        return dict(zip(self.counts, t.long().tolist()))
+        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks."""
+        counts = list(self.counts.values()) + list(self.dropped.values())
+        if rt.world > 1:  # int64: exact, and on every device (MPS has no float64)
+            t = torch.tensor(counts, dtype=torch.int64, device=rt.device)
+            dist.all_reduce(t)
+            counts = t.tolist()
+        return {"failed": dict(zip(self.counts, counts)), "dropped": dict(zip(self.dropped, counts[len(self.counts):]))}
 
 
 class RunLog:

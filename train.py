@@ -4,8 +4,8 @@ each optimizer step to one dataset; images train as single-frame videos.
 
     python train.py                                       # the demo: built-in data, CPU, minutes
     python train.py --datasets demo_ssv2                  # the demo recipe on one demo set
-    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth \\
-        --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5             # the cover recipe on real data
+    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k \\
+        --init hf-hub:google/vit-base-patch16-224-in21k   # the cover recipe on real data
 
 Naming only demo sets (or none) runs the `demo` recipe, real ones `cover` (recipes.py); flags given win.
 The same command again continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import data
 import demo
 import loaders
@@ -79,6 +80,7 @@ def train(args, rt):
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
+    args.mean, args.std = recipes.normalization(args, model.normalization, verbose=rt.master)  # kept in ckpt.pt
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -93,8 +95,7 @@ def train(args, rt):
         step = ckpt["step"]
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
-        if rt.master:  # the saved counts are totals over the ranks
-            failures.counts.update(ckpt["failed"])
+        failures.restore(ckpt)  # the failed and dropped samples' counts
         del ckpt
     if args.compile:
         model.compile_trunk()
@@ -117,8 +118,9 @@ def train(args, rt):
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
-    runtime.report(args, recipes.RECIPES[args.recipe], model, source, rt, peak, names, train_sets, val_sets,
-                   local_batch, num_sample, weights)
+    recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
+    runtime.report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
+                   weights)
 
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
@@ -142,12 +144,14 @@ def train(args, rt):
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
+        blank = True  # whether every sample of this rank's step was dropped
         for micro in range(args.grad_accum):
             with meter.waiting():
                 batch = next(batches)
             if batch["dataset"] != d:  # one schedule: the sampler's must be the loop's (an int: no GPU sync)
                 sys.exit(f"error: step {step}: the loop trains {name}, the batch is {names[batch['dataset']]}")
-            failures.add(name, batch["failed"])
+            failures.add(name, batch["failed"], batch["dropped"])
+            blank = blank and batch["blank"]
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
             # mixup / cutmix where on: soft targets, smoothing included, drawn per step (resume is exact)
@@ -159,11 +163,13 @@ def train(args, rt):
                 with runtime.autocast(device, dtype):
                     logits = wrapped(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing[name])
+                loss = loss * 0 if batch["blank"] else loss  # no sample left: no gradient, yet in DDP's backward
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss averaged over ranks, and whether any rank got SIGTERM (> 0), in one collective
-        stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set()))])
+        # the loss averaged over ranks, whether any rank got SIGTERM (> 0), whether all lost every sample (1)
+        stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set())),
+                             torch.full_like(step_loss, float(blank))])
         if rt.world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         # clip the gradient, step the optimizer
@@ -176,7 +182,10 @@ def train(args, rt):
         if ema is not None:  # the moving average follows every optimizer step
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
-        loss_value, stop = stats.tolist()  # the step's one wait for the GPU
+        loss_value, stop, blank = stats.tolist()  # the step's one wait for the GPU
+        if blank == 1:
+            bar.close()
+            sys.exit(f"error: step {step - 1}: no readable sample in {name}: all dropped (see the lines above)")
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
             bar.close()
             sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
@@ -186,7 +195,7 @@ def train(args, rt):
         # log, validate, save
         if step % args.log_every == 0 or step == args.max_steps:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
-                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, "failed": failures.totals(rt)}
+                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt)}
             bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + " | "
                                 f"{record['clips_per_s']:.0f} clips/s, data {record['data_wait']:.0%}, "
                                 f"MFU {record['mfu']:.1%}")
@@ -246,6 +255,8 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
                      f"videos; resume it {'with' if kept else 'without'} --train_on_val_videos, or use a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
+        run = ckpt["config"]
+        model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
         try:
@@ -273,12 +284,11 @@ def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_
     was written (runtime.save_on_rank0). Once a step, though --stop_at, --save_every and SIGTERM may all ask."""
     if files.step == step:  # ckpt.pt holds this step already
         return
-    failed = failures.totals(rt)
     runtime.save_on_rank0(rt, files, {
         "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-        "failed": failed, **({"ema": ema.state_dict()} if ema else {})})
+        **failures.totals(rt), **({"ema": ema.state_dict()} if ema else {})})
 
 
 if __name__ == "__main__":

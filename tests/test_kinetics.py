@@ -108,8 +108,8 @@ def test_k710_merges_renamed_classes_keeps_splits_apart_and_each_video_once(kine
     assert rows["a2"] == ("k400", "dyeing hair") and rows["a4"] == ("k400", "drinking")
     assert rows["b4"] == ("k600", "passing American football (not in game)")
     assert tr.problems == {"same_video_in_a_later_version": 2}
-    assert os.path.exists(tr.samples.path(0)) and sorted(os.listdir(tmp_path))[:2] == ["k400-train.json",
-                                                                                        "k400-train.npy"]
+    assert os.path.exists(tr.samples.path(0))
+    assert {f.split("-")[0] for f in os.listdir(tmp_path)} == {"k400", "k600", "k700", "k710"}  # each cached
     va = data.build_dataset("k710", kinetics_dir, "val", cache_dir=str(tmp_path))
     assert va.classes == MERGED and ids_of(va) == ["v400a", "v400b", "v600a", "v700a"]
     guarded = data.build_dataset("k710", kinetics_dir, "train", validation={"k710": va.samples})

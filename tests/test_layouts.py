@@ -1,6 +1,7 @@
 """layouts.py: each dataset's on-disk layout parsed from real files written here, and the compact
 listings that every rank and DataLoader worker shares."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -147,7 +148,8 @@ def test_listing_is_kept_and_shared_as_a_file(tmp_path):
         write_image(tmp_path / 'pics' / 'train' / f'c{i}' / 'a.png', seed=i)
     cache = tmp_path / 'listings'
     ds = data.build_dataset('pics', tmp_path, 'train', img_size=16, cache_dir=str(cache))
-    assert sorted(os.listdir(cache)) == ['pics-train.json', 'pics-train.npy'] and len(ds) == 3
+    key = hashlib.sha1(os.fsencode(str(tmp_path / 'pics'))).hexdigest()[:8]  # the listed folder
+    assert sorted(os.listdir(cache)) == [f'pics-train-{key}.json', f'pics-train-{key}.npy'] and len(ds) == 3
     assert isinstance(ds.samples.paths, np.memmap)
     write_image(tmp_path / 'pics' / 'train' / 'c3' / 'b.png')  # a new file after the run started
     again = data.build_dataset('pics', tmp_path, 'train', img_size=16, cache_dir=str(cache))
@@ -159,6 +161,60 @@ def test_listing_is_kept_and_shared_as_a_file(tmp_path):
     moved.mkdir()
     os.rename(tmp_path / 'pics', moved / 'pics')  # another data_dir: its own listing, not the cached one
     assert data.build_dataset('pics', moved, 'train', img_size=16, cache_dir=str(cache)).samples.root == str(moved / 'pics')
+
+
+def test_a_listing_of_another_folder_never_replaces_a_runs_listing(tmp_path):
+    """eval.py or features.py with another --data_dir lists into the run's folder of listings: the run's
+    own files stay as they are, and a worker that opens the run's listing gets the run's samples."""
+    for root in ('a', 'b'):
+        for i in range(2 if root == 'a' else 3):
+            write_image(tmp_path / root / 'pics' / 'val' / f'c{i}' / 'x.png', seed=i)
+            write_image(tmp_path / root / 'pics' / 'train' / f'c{i}' / 'x.png', seed=i)
+    cache = tmp_path / 'run' / 'listings'
+    run = data.build_dataset('pics', tmp_path / 'a', 'val', img_size=16, cache_dir=str(cache))
+    before = {f: ((cache / f).read_bytes(), os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)}
+    other = data.build_dataset('pics', tmp_path / 'b', 'val', img_size=16, cache_dir=str(cache))
+    assert len(other) == 3 and {f: ((cache / f).read_bytes(), os.stat(cache / f).st_mtime_ns) for f in before} == before
+    worker = pickle.loads(pickle.dumps(run))  # as a DataLoader worker opens it, from its file
+    assert len(worker) == 2 and worker.samples.root == str(tmp_path / 'a' / 'pics')
+    assert data.build_dataset('pics', tmp_path / 'a', 'val', img_size=16, cache_dir=str(cache)).samples.file == run.samples.file
+
+
+def test_problems_are_said_also_when_the_listing_comes_from_the_cache(tmp_path, caplog):
+    root = tmp_path / 'mine'
+    tiny_video(root / 'a.mp4')
+    (root / 'train.csv').write_text('a.mp4 0\n')
+    (root / 'val.csv').write_text('a.mp4 0\ngone.mp4 0\na.mp4 3\n')
+    for _ in range(2):  # listed, then read back from the cache
+        caplog.clear()
+        with caplog.at_level('WARNING'):
+            va = data.build_dataset('mine', tmp_path, 'val', cache_dir=str(tmp_path / 'listings'))
+        assert va.problems == {'missing': 1, 'unknown_label': 1}
+        assert f"mine/val: skipped or noted while listing: missing 1 (e.g. {root / 'gone.mp4'}), unknown_label 1 (e.g. 3)" \
+            in caplog.text
+
+
+def test_a_repeated_class_name_keeps_its_labels_or_is_one_line_of_error(tmp_path):
+    """ImageNet-1k's readable names hold 'crane' (134, 517) and 'maillot' (638, 639) twice. A custom list
+    labels by integer: its labels are kept as given and the names only shown. A layout that labels by
+    name (MiT's categories file) cannot tell two classes of one name apart: one line naming both places."""
+    root = tmp_path / 'mine'
+    names = ['crane', 'maillot', 'crane', 'maillot']
+    for i in range(4):
+        tiny_video(root / f'{i}.mp4')
+    (root / 'classes.txt').write_text('\n'.join(names) + '\n')
+    (root / 'train.csv').write_text(''.join(f'{i}.mp4 {i}\n' for i in range(4)))
+    (root / 'val.csv').write_text('3.mp4 3\n0.mp4 0\n')
+    tr = data.build_dataset('mine', tmp_path, 'train')
+    assert tr.classes == names and [y for _, y in pairs(tr)] == [0, 1, 2, 3]
+    assert [y for _, y in pairs(data.build_dataset('mine', tmp_path, 'val'))] == [3, 0]
+    tiny_video(tmp_path / 'mit' / 'training' / 'crane' / 'a.mp4')
+    tiny_video(tmp_path / 'mit' / 'validation' / 'crane' / 'b.mp4')
+    (tmp_path / 'mit' / 'moments_categories.txt').write_text('maillot,0\ncrane,1\nbird,2\ncrane,3\n')
+    with pytest.raises(data.DatasetError) as e:
+        data.build_dataset('mit', tmp_path, 'train')
+    assert str(e.value) == ("dataset 'mit' labels its samples by class name, and 'crane' is at positions 1 and 3 "
+                            "of its class list: each name must be one class")
 
 
 def test_a_large_listing_pickles_to_a_few_hundred_bytes(tmp_path):

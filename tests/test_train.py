@@ -20,7 +20,8 @@ import model as M
 import recipes
 import runtime
 import train
-from helpers import spoil
+from helpers import hub_cache, spoil
+from media import tiny_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -274,6 +275,75 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     assert log[-1]["step"] == n // 2
 
 
+def mostly_unreadable(tmp_path):
+    """<tmp_path>/data/mine: 16 training videos, 14 of them empty files, so that some samples and all their
+    substitutes fail (seed 0: a micro-batch of 2 loses both); its val split lists a file that is not there
+    and a label that train does not have."""
+    root = tmp_path / "data" / "mine"
+    for i in range(16):
+        if i < 2:
+            tiny_video(root / f"{i}.mp4")
+        else:
+            (root / f"{i}.mp4").write_bytes(b"")
+    (root / "train.csv").write_text("".join(f"{i}.mp4 {i % 2}\n" for i in range(16)))
+    (root / "val.csv").write_text("0.mp4 0\n1.mp4 1\ngone.mp4 0\n0.mp4 5\n")
+    return str(tmp_path / "data")
+
+
+def dropped_in(data_dir, keys):
+    """Which of the sample keys (d, index, seed) the dataset drops, asked of the dataset itself."""
+    ds = data.build_dataset("mine", data_dir, "train", frames=8, img_size=32)
+    return [bool(ds[tuple(key[1:3])]["dropped"]) for key in keys]
+
+
+def test_a_sample_with_no_readable_substitute_is_dropped_counted_and_dropped_again_on_resume(tmp_path, capsys):
+    """The run goes on one sample short (a micro-batch that lost both takes part as one blank clip at zero
+    weight); log.jsonl and the checkpoint count the dropped samples; a resume drops the same ones and ends
+    on the same weights. The start-up table shows the val split's problems, listed anew or from the cache."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "8", "--grad_accum", "2",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    listed = capsys.readouterr().out
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    cached = capsys.readouterr().out
+    smp = data.MultiDatasetBatchSampler([16], [2], grad_accum=2)  # batch 4: 2 samples a micro-batch, seed 0
+    dropped = [dropped_in(data_dir, smp.batch(m)) for m in range(16)]
+    assert any(all(d) for d in dropped) and not any(all(dropped[m] + dropped[m + 1]) for m in range(0, 16, 2))
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["dropped"]["mine"] for r in log] == [sum(map(sum, dropped[:2 * s])) for s in range(1, 9)]
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["dropped"] == b["dropped"] == {"mine": sum(map(sum, dropped))} and a["failed"] == b["failed"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for out in (listed, cached):
+        [row] = [line for line in out.splitlines() if line.startswith("  mine ")]
+        assert row.endswith("problems: {'val': {'missing': 1, 'unknown_label': 1}}"), row
+
+
+def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(tmp_path, monkeypatch):
+    """3 steps on 2 processes (seed 0: a rank whose micro-batch lost both samples takes part in the step as
+    one blank clip), then 3 on one process: the samples read, with their seeds, are the ones a single
+    process reads in 6 steps. Each dataset's position is the samples read over all ranks."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--workers", "0"]
+    script = tmp_path / "launch.py"
+    script.write_text(LOG_KEYS.format(root=ROOT, out=str(tmp_path)))
+    log = torchrun(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"], script=str(script))
+    two = [json.loads(line)[:3] for r in (0, 1) for line in open(tmp_path / f"rank{r}")]
+    rank1 = [json.loads(line)[:3] for line in open(tmp_path / "rank1")]
+    assert any(all(dropped_in(data_dir, rank1[m:m + 2])) for m in range(0, 6, 2)) and "[rank 1] warning: mine:" in log
+    read, logged = [], loaders.MultiDataset.__getitem__
+    monkeypatch.setattr(loaders.MultiDataset, "__getitem__", lambda self, key: read.append(list(key)) or
+                        logged(self, key))
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    resumed = list(read)
+    read.clear()
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),
@@ -301,6 +371,8 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--lr_factor", "k400=0.1"], "--lr_factor k400=0.1: a name not in --datasets"),
     (["--epochs", "1", "--max_steps", "5"], "steps in all, not --max_steps 5: drop one of the two"),
     (["--epochs", "1", "--weights", "1,1,3"], "not in the ratio of --weights 1,1,3: drop one of the two"),
+    (["--mean", "0.5,0.5"], "--mean 0.5,0.5: three numbers, one per RGB channel"),
+    (["--std", "0.2,0,0.2"], "--std 0.2,0,0.2: three numbers, one per RGB channel (std > 0)"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -322,6 +394,48 @@ def test_init_that_is_not_a_checkpoint_is_one_line(demo_dir, tmp_path, kind, say
     assert "\n" not in msg and "weights_only" not in msg
 
 
+def test_init_by_hub_name_uses_the_weights_normalisation_and_says_so(demo_dir, tmp_path, capsys):
+    """--init hf-hub:<org>/<name> in a new process with HF_HOME and HF_HUB_OFFLINE=1, as a user runs it: the
+    start-up says the mean and std are the weights' own and where from, and ckpt.pt keeps them; a resume keeps
+    the run's; a given --mean that differs from the weights' own is a warning, and is used."""
+    pytest.importorskip("huggingface_hub")
+    from test_checkpoints import hf_vit
+
+    hf_vit(tmp_path / "vit", classifier=False)  # and Google's preprocessor config: mean = std = 0.5
+    hub_cache(tmp_path / "hf" / "hub", "google/vit-tiny", tmp_path / "vit")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    common = FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0", "--max_steps", "4"]
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(out), "--stop_at", "1",
+                        "--init", "hf-hub:google/vit-tiny"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ("normalisation: mean 0.5,0.5,0.5, std 0.5,0.5,0.5: the weights' own (hf-hub:google/vit-tiny, "
+            "preprocessor_config.json)") in r.stdout
+    assert "hf-hub:google/vit-tiny from huggingface_hub's cache" in r.stdout
+    assert (load(out / "ckpt.pt")["config"]["mean"], load(out / "ckpt.pt")["config"]["std"]) == ("0.5,0.5,0.5",) * 2
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(out), "--stop_at", "2", "--init", "hf-hub:google/vit-tiny"])  # resumes
+    assert f"std 0.5,0.5,0.5: the weights' own ({out}/ckpt.pt, the run's)" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["config"]["mean"] == "0.5,0.5,0.5"
+    train.main(common + ["--out_dir", str(tmp_path / "o2"), "--stop_at", "0", "--init", str(tmp_path / "vit"),
+                         "--mean", "0.45,0.45,0.45"])
+    said = capsys.readouterr().out
+    assert (f"warning: --mean 0.45,0.45,0.45 differs from the weights' own 0.5,0.5,0.5 ({tmp_path / 'vit'}, "
+            "preprocessor_config.json); using --mean") in said
+    assert ("normalisation: mean 0.45,0.45,0.45 (--mean), std 0.5,0.5,0.5 (the weights' own "
+            f"({tmp_path / 'vit'}, preprocessor_config.json))") in said
+    assert load(tmp_path / "o2" / "ckpt.pt")["config"]["mean"] == "0.45,0.45,0.45"
+
+
+def test_a_hub_name_without_huggingface_hub_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out_dir", str(tmp_path / "o"), "--init", "hf-hub:google/vit-base-patch16-224-in21k"])
+    assert str(e.value) == ("error: --init hf-hub:google/vit-base-patch16-224-in21k: a Hub name needs the "
+                            "huggingface_hub package: pip install huggingface_hub")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("datasets, recipe", [
     ([], "demo"), (["--datasets", "demo_ssv2"], "demo"), (["--datasets", "demo_kinetics,demo_imagenet"], "demo"),
     (["--datasets", "k400,ssv2,in21k"], "cover"), (["--datasets", "my_own_clips"], "cover"),
@@ -331,7 +445,8 @@ def test_the_named_datasets_pick_the_recipe(datasets, recipe):
     args = train.get_args(datasets)
     assert args.recipe == recipe
     for k, v in recipes.RECIPES[recipe].items():
-        assert k == "datasets" or getattr(args, k) == v, k
+        assert k in ("datasets", "mean", "std") or getattr(args, k) == v, k
+    assert args.mean is args.std is None  # not given: the weights' own, else the recipe's (recipes.normalization)
     assert args.model == ("demo" if recipe == "demo" else "base")
 
 

@@ -193,8 +193,9 @@ def test_a_listings_problems_are_said_once_a_process_listed_or_from_the_cache(tm
         with caplog.at_level('WARNING'):
             va = data.build_dataset('mine', tmp_path, 'val', cache_dir=str(tmp_path / 'listings'))
         assert va.problems == {'missing': 1, 'unknown_label': 1} and caplog.text.count(said) == times
-    code = ("import logging, data; logging.basicConfig(format='%(message)s')\n"
-            f"for _ in range(3): data.build_dataset('mine', {str(tmp_path)!r}, 'val', cache_dir={str(tmp_path / 'listings')!r})")
+    code = ("import logging, layouts; logging.basicConfig(format='%(message)s')\n"
+            f"for _ in range(3): layouts.listing('mine', {str(tmp_path)!r}, 'val', 'custom', "
+            f"{str(tmp_path / 'listings')!r})")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=os.path.dirname(layouts.__file__))
     assert r.stderr.count(said) == 1  # another process, from the cache
@@ -215,7 +216,8 @@ def test_a_listing_saved_before_the_folder_was_in_its_name_is_kept(tmp_path):
     write_image(tmp_path / 'a' / 'pics' / 'train' / 'c3' / 'x.png')  # a class added after the run started
     for _ in range(2):
         ds = data.build_dataset('pics', tmp_path / 'a', 'train', img_size=16, cache_dir=str(cache))
-        assert ds.samples.file == str(cache / 'pics-train') and pairs(ds) == [(old.path(i), int(old.labels[i])) for i in range(3)]
+        assert ds.samples.file == str(cache / 'pics-train')
+        assert pairs(ds) == [(old.path(i), int(old.labels[i])) for i in range(3)]
         assert ds.classes == ['c0', 'c1', 'c2'] and sorted(os.listdir(cache)) == ['pics-train.json', 'pics-train.npy']
     assert len(pickle.loads(pickle.dumps(ds))) == 3  # a worker opens the same file
     write_image(tmp_path / 'b' / 'pics' / 'train' / 'c0' / 'x.png')

@@ -222,7 +222,8 @@ class TimeSformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.patch_embed.proj:  # that one keeps the conv init
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # qkv_bias=False
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -309,12 +310,13 @@ class TimeSformer(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_pretrained(cls, src, heads=None, verbose=True, **overrides):
-        """A TimeSformer from a checkpoint path (file or folder), a Hub name (hf-hub:<org>/<name>) or a state
-        dict: a timm or Transformers ImageNet ViT, an official TimeSformer .pyth, a Transformers Timesformer or
-        our ckpt.pt. The shapes give the architecture; `overrides` give what they cannot, or change frames /
-        img_size (the embeddings are resized). heads=None keeps the source's classifiers; heads={name: classes}
-        makes new heads, keeping a head of ours with the same name and size. model.normalization: the mean and
-        std the weights were trained with, where their files say ({'mean', 'std', 'from'}), else None."""
+        """A TimeSformer from a checkpoint path (file or folder), a Hub name (hf-hub:<org>/<name>[@<revision>])
+        or a state dict: a timm or Transformers ImageNet ViT, an official TimeSformer .pyth, a Transformers
+        Timesformer or our ckpt.pt. The shapes give the architecture; `overrides` give what they cannot (a ViT's
+        attention type; video weights keep theirs), or change frames / img_size (the embeddings are resized).
+        heads=None keeps the source's classifiers; heads={name: classes} makes new heads, keeping a head of ours
+        with the same name and size. model.normalization: the mean and std the weights were trained with, where
+        their files say ({'mean', 'std', 'from'}), else None."""
         fmt, sd, config, extra = checkpoints.load(src, overrides)
         cfg = TimeSformerConfig(**config)
         saved = {k.split(".")[1]: v.shape[0] for k, v in sd.items() if k.startswith("heads.") and "bias" in k}

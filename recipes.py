@@ -47,12 +47,13 @@ def parse(argv, description):
     a("--data_dir", default="data", help="folder holding one sub-folder per dataset")
     a("--out_dir", default="out", help="checkpoint, log.jsonl, eval.json and the dataset listings go here")
     a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (with --init: read off the weights)")
-    a("--attention", default="divided_space_time", choices=M.ATTENTION_TYPES, help="TimeSformer attention")
+    a("--attention", choices=M.ATTENTION_TYPES, help="TimeSformer attention; not given with --init: the weights' "
+                                                     "own (a ViT's: the default)")
     a("--frames", type=int, help="frames per video clip (images are always 1)")
     a("--img_size", type=int, help="crop size in pixels, a multiple of the patch size")
     a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors, a timm or Transformers folder), "
                      "official TimeSformer .pyth, a Transformers Timesformer folder, a ckpt.pt of this project, or "
-                     "a Hub name, hf-hub:<org>/<name> (pip install huggingface_hub)")
+                     "a Hub name, hf-hub:<org>/<name>[@<revision>] (pip install huggingface_hub)")
     a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
     a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x, demo 2x)")
     a("--sampling", default="", help="a video set's frames, by name: mine=kinetics (a window, 1/32 at 30 fps), "
@@ -93,12 +94,14 @@ def parse(argv, description):
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
     recipe = known.recipe or pick(known.datasets)
-    p.set_defaults(recipe=recipe, **RECIPES[recipe])
+    p.set_defaults(recipe=recipe, attention="divided_space_time", **RECIPES[recipe])
     a("-h", "--help", action="help", help=f"show this help; the defaults shown are the {recipe} recipe's")
     args = p.parse_args(argv)
     for flag in ("mean", "std"):  # None: not given, decided by normalization() once the weights are read
         if getattr(known, flag) is None:
             setattr(args, flag, None)
+    if args.init and known.attention is None:  # None: the weights' own, read by train.build_model
+        args.attention = None
     check(args)
     return args
 
@@ -164,13 +167,17 @@ def check(args):
         sys.exit("error: " + "\nerror: ".join(errors))
 
 
-def normalization(args, own, verbose=True):
+def normalization(args, own, verbose=True, resumed=False):
     """The run's mean and std as flag values: each --mean / --std as given, else the weights' own (own:
     {'mean', 'std', 'from'} from their files, or None), else the recipe's. With verbose, a line saying which
-    and from where, after a warning for a given value that differs from the weights' own."""
+    and from where, after a warning for a given value that differs from the weights' own. resumed: own is the
+    run's, fixed for its life, and a given value that differs is one line of error."""
     values, sources = [], []
     for flag in ("mean", "std"):
         given = getattr(args, flag)
+        if given is not None and resumed and own and floats(given) != own[flag]:
+            sys.exit(f"error: --{flag} {given}: the run in {args.out_dir} trained with --{flag} "
+                     f"{as_flag(own[flag])}, which it keeps for its life; drop --{flag} or use a new --out_dir")
         if given is not None:
             values.append(given)
             sources.append(f"--{flag}")

@@ -78,7 +78,8 @@ def train(args, rt):
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
-    args.mean, args.std = recipes.normalization(args, model.normalization, verbose=rt.master)  # kept in ckpt.pt
+    # kept in ckpt.pt; a resumed run's are its own
+    args.mean, args.std = recipes.normalization(args, model.normalization, rt.master, resumed=ckpt is not None)
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -251,8 +252,9 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
+        asked = {"attention": args.attention} if args.attention else {}  # a ViT's; video weights keep theirs
         try:
-            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides)
+            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides, **asked)
         except (ValueError, KeyError, ImportError) as e:
             sys.exit(f"error: --init {args.init}: {e}")
         source = f"initialised from {args.init}"
@@ -260,6 +262,7 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         model = M.TimeSformer(M.make_config(args.model, attention=args.attention, **overrides), heads=heads)
         source = "training from scratch"
     model.grad_checkpointing = args.grad_checkpoint
+    args.attention = model.cfg.attention  # kept in ckpt.pt: the weights' own where --init did not say
     return model.to(rt.device), source
 
 

@@ -557,6 +557,46 @@ def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):
                            "--frames", "4"])
 
 
+def test_a_resumed_run_keeps_its_normalisation(demo_dir, tmp_path):
+    """A run's mean and std are fixed for its life: a resume given others is one line, and the checkpoint keeps
+    the run's; given the run's own, it goes on."""
+    out, common = str(tmp_path / "o"), FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0",
+                                               "--max_steps", "2", "--stop_at", "1"]
+    train.main(common + ["--out_dir", out])
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--out_dir", out, "--stop_at", "2", "--std", "0.5,0.5,0.5"])
+    assert str(e.value) == (f"error: --std 0.5,0.5,0.5: the run in {out} trained with --std 0.225,0.225,0.225, "
+                            "which it keeps for its life; drop --std or use a new --out_dir")
+    assert (load(f"{out}/ckpt.pt")["step"], load(f"{out}/ckpt.pt")["config"]["std"]) == (1, "0.225,0.225,0.225")
+    train.main(common + ["--out_dir", out, "--std", "0.225,0.225,0.225"])  # the run's own: at its --stop_at step
+
+
+def build(argv):
+    """train.build_model for a command line, on the CPU, with one head of 4 classes."""
+    args = train.get_args(["--datasets", "demo_kinetics"] + argv)
+    rt = argparse.Namespace(master=False, device=torch.device("cpu"))
+    return args, train.build_model(args, {"demo_kinetics": 4}, None, None, rt)[0]
+
+
+def test_attention_with_init_is_the_flags_for_a_vit_and_the_weights_own_for_video(tmp_path):
+    """--init <a ViT> builds the --attention asked for (divided when not given); --init <video weights> builds their
+    own, and an --attention that differs is one line. ckpt.pt's config records what was built."""
+    from test_checkpoints import hf_model, hf_vit
+
+    hf_vit(tmp_path / "vit")
+    for given in M.ATTENTION_TYPES:
+        args, model = build(["--init", str(tmp_path / "vit"), "--attention", given])
+        assert model.cfg.attention == args.attention == given
+    assert build(["--init", str(tmp_path / "vit")])[1].cfg.attention == "divided_space_time"
+    hf_model(tmp_path / "joint", 4, "joint_space_time")
+    args, model = build(["--init", str(tmp_path / "joint")])
+    assert model.cfg.attention == args.attention == "joint_space_time"
+    with pytest.raises(SystemExit) as e:
+        build(["--init", str(tmp_path / "joint"), "--attention", "divided_space_time"])
+    assert str(e.value) == (f"error: --init {tmp_path / 'joint'}: these huggingface weights have joint_space_time "
+                            "attention, not divided_space_time: only image (ViT) weights take the attention asked for")
+
+
 def test_lr_schedule():
     args = train.get_args(["--lr", "1.0", "--min_lr", "0.1", "--warmup_steps", "4", "--max_steps", "14"])
     lrs = [train.get_lr(s, args) for s in range(15)]

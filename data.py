@@ -298,14 +298,17 @@ class ClipDataset(torch.utils.data.Dataset):
         """(T, H, W, 3) clips of one video, from one open and one decode: one per seed in t_seeds (training),
         else the spec's test clips. Each clip is drawn from the length the file states; a header that
         overstates it is found out by the read that runs off the end, which tells the true length, kept for
-        the file. Only a clip that reaches past the true end is drawn again, from the same seed and the
-        true length: the frames do not depend on what this process read before."""
+        the file. A training clip that reaches past the true end is drawn again, from the same seed and the
+        true length; where one test clip does, all are, so they keep the test rule's order and spacing.
+        Either way the frames do not depend on what this process read before."""
         with open_video(path) as video:
             stated = self.draw(video.length, video.fps, t_seeds)
             for attempt in range(2):
                 n = self.lengths.get(path, video.length)
-                redrawn = self.draw(n, video.fps, t_seeds) if n < video.length else stated
-                clips = [c if c.max() < n else r for c, r in zip(stated, redrawn)]
+                past = [c.max() >= n for c in stated]
+                past = past if t_seeds is not None else [any(past)] * len(past)
+                redrawn = self.draw(n, video.fps, t_seeds) if any(past) else stated
+                clips = [r if p else c for c, r, p in zip(stated, redrawn, past)]
                 try:
                     return np.split(video.read(np.concatenate(clips)), len(clips))
                 except VideoError as e:

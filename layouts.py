@@ -116,16 +116,17 @@ def listing(name, data_dir, split, layout, cache_dir=None):
     """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is kept in
     <cache_dir>/<name>-<split>-<hash of the folder>: read back when there, else listed and saved there.
     Keyed by the folder, so listing another --data_dir (eval.py, features.py) never replaces the listing
-    that a run's workers read."""
+    that a run's workers read. A <name>-<split> of the same folder, saved before the hash was in the name,
+    is read and kept: a run goes on with the list it started with."""
     root = os.path.abspath(os.path.join(data_dir, name))
     key = hashlib.sha1(os.fsencode(root)).hexdigest()[:8]
     file = os.path.join(cache_dir, f'{name}-{split}-{key}') if cache_dir else None
-    if file and os.path.exists(file + '.json'):
-        cached = Listing.load(file)
-        if cached.root == root:
-            if cached.report:  # said again: whoever opens a listing hears what it left out
-                log.warning(f"{name}/{split}: skipped or noted while listing: {cached.report}")
-            return cached
+    for saved in [os.path.join(cache_dir, f'{name}-{split}'), file] if cache_dir else []:
+        if os.path.exists(saved + '.json'):
+            cached = Listing.load(saved)
+            if cached.root == root:
+                say_problems(name, split, cached.report, saved)
+                return cached
     try:
         if not os.path.isdir(root):
             raise DatasetError(f"no folder {root}")
@@ -153,13 +154,24 @@ def listing(name, data_dir, split, layout, cache_dir=None):
     if not pairs:
         raise DatasetError(f"dataset '{name}' ({split}) has no usable samples under {root} "
                            f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
-    if report:
-        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
+    say_problems(name, split, report, file)
     result = Listing.from_pairs(root, classes, pairs, problems, report)
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         result = result.save(file)
     return result
+
+
+_SAID = set()  # the saved listings whose problems this process has told
+
+
+def say_problems(name, split, report, file):
+    """What a listing left out, in a line: once per process for a saved listing (whoever opens it hears it,
+    not at every reopen), at every listing for one that is not saved."""
+    if report and file not in _SAID:
+        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
+    if file:
+        _SAID.add(file)
 
 
 def repeated_name(classes):

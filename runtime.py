@@ -29,6 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
 STARTUP_TIMEOUT = datetime.timedelta(hours=2)
 ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
+UNREADABLE_STEPS = 10  # a dataset none of whose first steps read one sample is taken for unreadable
 
 
 @dataclass
@@ -220,10 +221,12 @@ class Meter:
 
 class Failures:
     """Samples replaced because their file could not be read, each path told once, and samples dropped
-    because no substitute could be read either, each told in a line: counted per dataset."""
+    because no substitute could be read either, each told in a line: counted per dataset. And blank steps:
+    steps whose every sample was dropped on every rank, which train nothing, each told in a line."""
 
     def __init__(self, names, rank):
         self.counts, self.dropped = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        self.blank = dict.fromkeys(names, 0)  # the same on every rank: each learns it from the step's collective
         self.told, self.rank = set(), rank
 
     def add(self, name, paths, dropped=()):
@@ -236,20 +239,34 @@ class Failures:
             self.dropped[name] += 1
             tqdm.write(f"[rank {self.rank}] warning: {name}: {line}")
 
+    def blank_step(self, name, step, steps):
+        """Step `step`, the steps-th of dataset `name`, lost every sample on every rank: counted and told.
+        -> the line that stops the run, on every rank, when none of the dataset's first UNREADABLE_STEPS
+        steps read a sample, else None."""
+        self.blank[name] += 1
+        if self.blank[name] == steps == UNREADABLE_STEPS:
+            return (f"error: no sample of {name} could be read in its first {steps} steps (see the lines above); "
+                    f"check its files, the codecs your video reader supports, and disk access")
+        if self.rank == 0:
+            tqdm.write(f"warning: step {step} trained nothing: every sample of {name} was dropped, on every rank")
+
     def restore(self, ckpt):
-        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on."""
+        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on;
+        every rank carries on the blank steps."""
         if self.rank == 0:
             self.counts.update(ckpt["failed"])
             self.dropped.update(ckpt.get("dropped", {}))
+        self.blank.update(ckpt.get("blank_steps", {}))
 
     def totals(self, rt):
-        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks."""
+        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks, and 'blank_steps'."""
         counts = list(self.counts.values()) + list(self.dropped.values())
         if rt.world > 1:  # int64: exact, and on every device (MPS has no float64)
             t = torch.tensor(counts, dtype=torch.int64, device=rt.device)
             dist.all_reduce(t)
             counts = t.tolist()
-        return {"failed": dict(zip(self.counts, counts)), "dropped": dict(zip(self.dropped, counts[len(self.counts):]))}
+        return {"failed": dict(zip(self.counts, counts)),
+                "dropped": dict(zip(self.dropped, counts[len(self.counts):])), "blank_steps": dict(self.blank)}
 
 
 class RunLog:

@@ -96,7 +96,7 @@ def train(args, rt):
         step = ckpt["step"]
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
-        failures.restore(ckpt)  # the failed and dropped samples' counts
+        failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
     if args.compile:
         model.compile_trunk()
@@ -168,9 +168,9 @@ def train(args, rt):
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss averaged over ranks, whether any rank got SIGTERM (> 0), whether all lost every sample (1)
+        # the loss averaged over ranks, whether any rank got SIGTERM, whether any kept a sample (flags: 0 if none)
         stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set())),
-                             torch.full_like(step_loss, float(blank))])
+                             torch.full_like(step_loss, float(not blank))])
         if rt.world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         # clip the gradient, step the optimizer
@@ -183,15 +183,18 @@ def train(args, rt):
         if ema is not None:  # the moving average follows every optimizer step
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
-        loss_value, stop, blank = stats.tolist()  # the step's one wait for the GPU
-        if blank == 1:
-            bar.close()
-            sys.exit(f"error: step {step - 1}: no readable sample in {name}: all dropped (see the lines above)")
+        loss_value, stop, kept = stats.tolist()  # the step's one wait for the GPU
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
             bar.close()
             sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
                      f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
-        loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
+        if kept == 0:  # every rank lost every sample: the step trained nothing, and the run goes on
+            error = failures.blank_step(name, step - 1, data.steps_before(step, d, weights))
+            if error:  # unless the dataset never read a sample
+                bar.close()
+                sys.exit(error)
+        else:
+            loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
 
         # log, validate, save
         if step % args.log_every == 0 or step == args.max_steps:

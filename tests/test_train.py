@@ -344,6 +344,82 @@ def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(
     assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
 
 
+def blank_steps(data_dir, steps, world=1):
+    """The steps, one sample on each of `world` ranks, whose every sample the dataset drops."""
+    ranks = [data.MultiDatasetBatchSampler([16], [1], rank=r, world=world) for r in range(world)]
+    return [m for m in range(steps) if all(dropped_in(data_dir, [s.batch(m)[0] for s in ranks]))]
+
+
+def test_a_step_that_lost_every_sample_trains_nothing_and_the_run_goes_on(tmp_path, capsys):
+    """--batch_size 1 on a mostly unreadable set: a step whose one sample was dropped trains nothing (zero
+    loss; the loss curve skips it), says so in a line and is counted (log.jsonl, ckpt.pt); the run reaches
+    --max_steps, and stopped at such a step and resumed it ends on the same weights, bit for bit."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 12)
+    assert blank[:3] == [1, 6, 7] and len(blank) < 12  # seed 0: the first step reads, step 1 loses its sample
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "12", "--batch_size", "1",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    said = capsys.readouterr().out
+    told = re.findall(r"warning: step (\d+) trained nothing: every sample of mine was dropped, on every rank", said)
+    assert [int(s) for s in told] == blank
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [sum(m < s for m in blank) for s in range(1, 13)]
+    assert all(log[m]["loss"] == log[m - 1]["loss"] for m in blank)  # record m is after step m
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", str(blank[1])])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])  # resumed at a step that trains nothing
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == 12 and a["blank_steps"] == b["blank_steps"] == {"mine": len(blank)}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = [(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"]]
+    assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
+
+
+NCCL_AVG = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+
+reduce = dist.all_reduce
+
+
+def nccl_avg(tensor, op=dist.ReduceOp.SUM, **kw):
+    # NCCL averages floats as a PreMulSum: each rank's value times float(1 / ranks), summed in float. As
+    # {ranks} ranks would: each of the 2 stands for {ranks} // 2 of them.
+    if op != dist.ReduceOp.AVG or not tensor.is_floating_point():
+        return reduce(tensor, op=op, **kw)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    total, scale = torch.zeros_like(tensor), torch.tensor(1 / {ranks}, dtype=tensor.dtype)
+    for part in parts:
+        for _ in range({ranks} // len(parts)):
+            total = total + part * scale
+    tensor.copy_(total)
+
+
+dist.all_reduce = nccl_avg
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backend_rounds(tmp_path):
+    """The ranks tell each other in the step's one all_reduce (AVG) whether they kept a sample. NCCL averages
+    floats as a sum of values each times 1/ranks, so an average of 1s is not 1.0 for many numbers of ranks
+    (12: 0.99999988): a flag must be read as 0 or not 0. Two processes whose AVG rounds as 12 ranks' would:
+    the steps where both ranks lost their sample are the ones counted."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 6, world=2)
+    assert blank == [3, 5]  # seed 0, one sample a rank
+    script = tmp_path / "launch.py"
+    script.write_text(NCCL_AVG.format(root=ROOT, ranks=12))
+    out = torchrun(FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--batch_size", "2",
+                           "--workers", "0", "--out_dir", str(tmp_path / "o")], script=str(script))
+    assert [int(s) for s in re.findall(r"warning: step (\d+) trained nothing", out)] == blank
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [0, 0, 0, 1, 1, 2] and log[-1]["step"] == 6
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),

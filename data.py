@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, listing
+import kinetics
+from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, leave_out, listing
 from video import (READ_ERRORS, VideoError, crop_resize, eval_image_box, eval_video_boxes, hflip, image_crops,
                    image_size, open_video, random_resized_box, train_video_box)
 from video import read_video  # noqa: F401  (`from data import read_video` is public)
@@ -60,6 +61,7 @@ def register(*specs):
 register(DatasetSpec('k400', 'video', 'kinetics', 'kinetics'),
          DatasetSpec('k600', 'video', 'kinetics', 'kinetics'),
          DatasetSpec('k700', 'video', 'kinetics', 'kinetics'),
+         DatasetSpec('k710', 'video', 'kinetics', 'k710'),  # the three as one (kinetics.py)
          DatasetSpec('ssv2', 'video', 'segment', 'ssv2', flip=False),  # "left to right" is a label
          DatasetSpec('mit', 'video', 'kinetics', 'mit', rate=8),  # 3-second clips: 8x8 spans 2.1 s
          image_spec('in1k', 'imagenet'),
@@ -174,14 +176,21 @@ class MultiDatasetBatchSampler:
 
 
 def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, views=None, sampling=None,
-                  cache_dir=None):
+                  cache_dir=None, validation=None):
     """The dataset <data_dir>/<name>, its listing kept in cache_dir (layouts.listing). views: (clips, crops)
-    in eval mode instead of the spec's, e.g. (1, 1); sampling: spec fields instead, {'sampling': 'kinetics'}."""
+    in eval mode instead of the spec's, e.g. (1, 1); sampling: spec fields instead, {'sampling': 'kinetics'};
+    validation: {name: Listing}, whose videos are left out (the guard, layouts.leave_out)."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name.startswith('demo_') and name not in SPECS:
         raise DatasetError(f"unknown demo dataset '{name}': import demo to register the demo sets")
-    samples = listing(name, data_dir, split, SPECS[name].layout if name in SPECS else 'custom', cache_dir)
+    layout = SPECS[name].layout if name in SPECS else 'custom'
+    if layout == 'k710':
+        samples = kinetics.listing(data_dir, split, cache_dir)
+    else:
+        samples = listing(name, data_dir, split, layout, cache_dir)
+    if validation is not None:  # the kept samples saved beside the listing
+        samples = leave_out(samples, validation, samples.file + '-guarded' if samples.file else None)
     spec = changed(SPECS.get(name) or custom_spec(name, samples.paths), views, sampling)
     train = split == 'train' if train is None else train
     return ClipDataset(spec, samples, frames=frames, img_size=img_size, train=train)
@@ -289,14 +298,17 @@ class ClipDataset(torch.utils.data.Dataset):
         """(T, H, W, 3) clips of one video, from one open and one decode: one per seed in t_seeds (training),
         else the spec's test clips. Each clip is drawn from the length the file states; a header that
         overstates it is found out by the read that runs off the end, which tells the true length, kept for
-        the file. Only a clip that reaches past the true end is drawn again, from the same seed and the
-        true length: the frames do not depend on what this process read before."""
+        the file. A training clip that reaches past the true end is drawn again, from the same seed and the
+        true length; where one test clip does, all are, so they keep the test rule's order and spacing.
+        Either way the frames do not depend on what this process read before."""
         with open_video(path) as video:
             stated = self.draw(video.length, video.fps, t_seeds)
             for attempt in range(2):
                 n = self.lengths.get(path, video.length)
-                redrawn = self.draw(n, video.fps, t_seeds) if n < video.length else stated
-                clips = [c if c.max() < n else r for c, r in zip(stated, redrawn)]
+                past = [c.max() >= n for c in stated]
+                past = past if t_seeds is not None else [any(past)] * len(past)
+                redrawn = self.draw(n, video.fps, t_seeds) if any(past) else stated
+                clips = [r if p else c for c, r, p in zip(stated, redrawn, past)]
                 try:
                     return np.split(video.read(np.concatenate(clips)), len(clips))
                 except VideoError as e:

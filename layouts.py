@@ -1,9 +1,9 @@
 """
 How each dataset lies on disk, as its release ships it, and the listing of samples read from it.
 
-A listing holds one split's sample paths and class indices as compact arrays. Saved to a file it is
-memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
-it started with across restarts.
+A listing holds one split's sample paths, class indices and YouTube ids as compact arrays. Saved to a file
+it is memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
+it started with across restarts. The guard (leave_out) drops the training samples that are validation videos.
 """
 
 import csv
@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -42,17 +43,24 @@ FOLDERS = {  # layout -> (train folder names, val folder names, extensions); the
 }
 
 
+# a clip named as Kinetics names them: <YouTube id, 11 characters>_<start:06d>_<end:06d>.<ext>
+YOUTUBE_CLIP = re.compile(rb'([A-Za-z0-9_-]{11})_[0-9]{6}_[0-9]{6}\.[A-Za-z0-9]+')
+
+
 class DatasetError(Exception):
     """A dataset cannot be used at all (missing, laid out differently, nothing readable)."""
 
 
 class Listing:
-    """One split of a dataset: sample i is the file root/paths[i] of class labels[i]."""
+    """One split of a dataset: sample i is the file root/paths[i] of class labels[i], a clip of the YouTube
+    video ids[i] (b'' where its file name does not say). left_out: what the guard left out, if it ran."""
 
-    def __init__(self, root, classes, paths, labels, problems, file=None, report=''):
+    def __init__(self, root, classes, paths, labels, problems, file=None, report='', ids=None, left_out=None):
         self.root, self.classes, self.problems, self.file = root, classes, problems, file
         self.paths, self.labels = paths, labels  # bytes (N,), int32 (N,)
         self.report = report  # the problems in words, with an example of each
+        self.ids = youtube_ids(paths) if ids is None else ids  # bytes (N,)
+        self.left_out = left_out  # what the guard left out (leave_out)
 
     @classmethod
     def from_pairs(cls, root, classes, pairs, problems=None, report=''):
@@ -71,8 +79,8 @@ class Listing:
 
     def save(self, file):
         """Write the arrays and a JSON sidecar (atomically: rename), then return the memory-mapped copy."""
-        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels],
-                                                                            names='path,label'))),
+        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels, self.ids],
+                                                                            names='path,label,id'))),
                            ('.json', lambda f: f.write(json.dumps(self.meta()).encode()))]:
             with open(f'{file}{ext}.tmp-{os.getpid()}', 'wb') as f:
                 write(f)
@@ -80,15 +88,22 @@ class Listing:
         return Listing.load(file)
 
     def meta(self):
-        return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'report': self.report}
+        return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'report': self.report,
+                'left_out': self.left_out}
 
     @classmethod
     def load(cls, file):
         with open(file + '.json') as f:
             meta = json.load(f)
         records = np.load(file + '.npy', mmap_mode='r')
+        ids = records['id'] if 'id' in records.dtype.names else None  # a listing saved before ids: read anew
         return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file,
-                   meta.get('report', ''))
+                   meta.get('report', ''), ids, meta.get('left_out'))
+
+    def subset(self, rows):
+        """The samples `rows` (indices), as a Listing in memory."""
+        return Listing(self.root, self.classes, self.paths[rows], self.labels[rows], self.problems,
+                       report=self.report, ids=self.ids[rows])
 
     def __getstate__(self):  # a saved listing travels to workers as its file name, not as a copy
         return self.meta() | {'file': self.file} if self.file else self.__dict__
@@ -101,16 +116,17 @@ def listing(name, data_dir, split, layout, cache_dir=None):
     """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is kept in
     <cache_dir>/<name>-<split>-<hash of the folder>: read back when there, else listed and saved there.
     Keyed by the folder, so listing another --data_dir (eval.py, features.py) never replaces the listing
-    that a run's workers read."""
+    that a run's workers read. A <name>-<split> of the same folder, saved before the hash was in the name,
+    is read and kept: a run goes on with the list it started with."""
     root = os.path.abspath(os.path.join(data_dir, name))
     key = hashlib.sha1(os.fsencode(root)).hexdigest()[:8]
     file = os.path.join(cache_dir, f'{name}-{split}-{key}') if cache_dir else None
-    if file and os.path.exists(file + '.json'):
-        cached = Listing.load(file)
-        if cached.root == root:
-            if cached.report:  # said again: whoever opens a listing hears what it left out
-                log.warning(f"{name}/{split}: skipped or noted while listing: {cached.report}")
-            return cached
+    for saved in [os.path.join(cache_dir, f'{name}-{split}'), file] if cache_dir else []:
+        if os.path.exists(saved + '.json'):
+            cached = Listing.load(saved)
+            if cached.root == root:
+                say_problems(name, split, cached.report, saved)
+                return cached
     try:
         if not os.path.isdir(root):
             raise DatasetError(f"no folder {root}")
@@ -138,13 +154,24 @@ def listing(name, data_dir, split, layout, cache_dir=None):
     if not pairs:
         raise DatasetError(f"dataset '{name}' ({split}) has no usable samples under {root} "
                            f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
-    if report:
-        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
+    say_problems(name, split, report, file)
     result = Listing.from_pairs(root, classes, pairs, problems, report)
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         result = result.save(file)
     return result
+
+
+_SAID = set()  # the saved listings whose problems this process has told
+
+
+def say_problems(name, split, report, file):
+    """What a listing left out, in a line: once per process for a saved listing (whoever opens it hears it,
+    not at every reopen), at every listing for one that is not saved."""
+    if report and file not in _SAID:
+        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
+    if file:
+        _SAID.add(file)
 
 
 def repeated_name(classes):
@@ -154,6 +181,38 @@ def repeated_name(classes):
         if c in seen:
             return f"{c!r} is at positions {seen[c]} and {i}"
         seen[c] = i
+
+
+def youtube_ids(paths):
+    """The YouTube id in each path's file name (Kinetics' <id>_<start:06d>_<end:06d>.<ext>), else b''."""
+    found = (YOUTUBE_CLIP.fullmatch(os.path.basename(p)) for p in paths)
+    return np.array([m.group(1) if m else b'' for m in found], dtype='S')  # 1 byte a sample where none has one
+
+
+def leave_out(samples, validation, file=None):
+    """The guard: `samples` less those whose YouTube video is a video of a validation set in `validation`
+    ({name: Listing}), with left_out = {'total': how many, 'of': {name: how many were its videos}} (a video
+    may be in several; None where no file name gives an id). When some are left out the rest is saved to
+    `file`, shared with the workers as a listing is."""
+    named = samples.ids != b''
+    if not named.any():  # not a set of YouTube clips: nothing to check
+        samples.left_out = None
+        return samples
+    hit, counts = np.zeros(len(samples), bool), {}
+    for name, val in validation.items():
+        theirs = named & np.isin(samples.ids, val.ids[val.ids != b''])
+        counts[name] = int(theirs.sum())
+        hit |= theirs
+    if hit.all():
+        raise DatasetError(f"every training sample under {samples.root} is a validation video of "
+                           f"{', '.join(n for n, c in counts.items() if c)}: train on other data, or pass "
+                           "--train_on_val_videos")
+    if hit.any():
+        samples = samples.subset(np.flatnonzero(~hit))
+    samples.left_out = {'total': int(hit.sum()), 'of': counts}
+    if hit.any() and file:
+        samples = samples.save(file)
+    return samples
 
 
 # -----------------------------------------------------------------------------

@@ -6,10 +6,12 @@ defaults of any of the flags; a flag given on the command line wins. Naming only
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 
 import checkpoints
+import kinetics
 import model as M
 from runtime import DTYPES
 
@@ -43,8 +45,8 @@ def parse(argv, description):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, add_help=False)
     a = p.add_argument
     a("--recipe", choices=list(RECIPES), help="defaults (recipes.py): demo for demo sets, else cover")
-    a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo sets (demo.py), "
-                         "or the name of a folder of your own in --data_dir (layouts.py)")
+    a("--datasets", help="comma-separated: k400, k600, k700, k710 (those three as one: kinetics.py), ssv2, mit, "
+                         "in1k, in21k, demo sets (demo.py), or a folder of your own in --data_dir (layouts.py)")
     a("--data_dir", default="data", help="folder holding one sub-folder per dataset")
     a("--out_dir", default="out", help="checkpoint, log.jsonl, eval.json and the dataset listings go here")
     a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (with --init: read off the weights)")
@@ -63,7 +65,10 @@ def parse(argv, description):
                            "sets (images: 1) or by name (ssv2=2,in21k=2); --batch_size counts the clips")
     a("--weights", help="share of the steps per dataset: one each (2,1,1) or some by name (ssv2=2)")
     a("--max_steps", type=int, help="optimizer steps in all")
+    a("--epochs", default="", help="each dataset's budget in epochs (k400=30,ssv2=20,in21k=1): --weights and "
+                                   "--max_steps follow from it and the batch sizes")
     a("--lr", type=float, help="peak learning rate")
+    a("--lr_factor", default="", help="the lr of a step that trains a dataset x its factor, by name (in21k=0.1)")
     a("--min_lr", type=float, help="learning rate at the end of the cosine decay")
     a("--warmup_steps", type=int, help="linear warm-up steps")
     a("--weight_decay", type=float, help="weight decay (not on biases, norms and embeddings)")
@@ -97,6 +102,9 @@ def parse(argv, description):
     a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test at the end")
     a("--stop_at", type=int, help="save and exit at this step, on the --max_steps schedule (rerun to go on)")
     a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
+    a("--train_on_val_videos", action="store_true",
+      help="keep the training samples that are validation videos of a dataset in --datasets (by YouTube id; "
+           "left out by default): test numbers may then include training videos")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -143,6 +151,9 @@ def check(args):
     errors = []
     if len(set(names)) != len(names):
         errors.append(f"--datasets lists a dataset twice: {args.datasets}")
+    if "k710" in names and set(names) & set(kinetics.VERSIONS):
+        errors.append(f"--datasets {args.datasets}: k710 holds {', '.join(sorted(set(names) & set(kinetics.VERSIONS)))}"
+                      " already; name k710 or the versions, not both")
     if args.init is None and args.model not in M.PRESETS:
         errors.append(f"--model {args.model!r} is not a preset; choose one of {', '.join(M.PRESETS)}")
     patch = M.PRESETS.get(args.model, {}).get("patch_size", 16)
@@ -158,6 +169,17 @@ def check(args):
                 errors.append(f"--{flag} {getattr(args, flag)}: {wanted}")
         except ValueError as e:
             errors.append(str(e))
+    try:
+        epochs = per_dataset(args, "epochs", float)
+        if not all(0 < v < math.inf for v in epochs.values()):
+            errors.append(f"--epochs {args.epochs}: each dataset's budget must be a number of epochs > 0")
+        if epochs and set(epochs) != set(names):
+            errors.append(f"--epochs {args.epochs}: give every dataset in --datasets its epochs (one number for "
+                          f"all, or name=epochs for {', '.join(n for n in names if n not in epochs)} too)")
+        if not all(0 < v < math.inf for v in per_dataset(args, "lr_factor", float).values()):
+            errors.append(f"--lr_factor {args.lr_factor}: each factor must be a number > 0")
+    except ValueError as e:
+        errors.append(str(e))
     try:
         dataset_weights(args, names)
         for n in names:
@@ -265,6 +287,27 @@ def dataset_weights(args, names):
     if min(weights) <= 0:
         raise ValueError(f"--weights {args.weights}: each dataset's weight must be positive")
     return weights
+
+
+def budgets(args, names, train_sets, local_batch, num_sample, world):
+    """(the schedule's weights, --max_steps): as given, or from --epochs: a dataset's steps are its epochs x
+    its samples / the samples of its global batch (a sample's R clips count once), the weights those steps,
+    max_steps their sum. Beside --epochs, a --weights or --max_steps of the command line that says otherwise
+    is an error (one line)."""
+    weights = dataset_weights(args, names)
+    if not args.epochs:
+        return weights, args.max_steps
+    epochs, recipe = per_dataset(args, "epochs", float), RECIPES[args.recipe]
+    steps = [max(1, round(epochs[n] * len(ds) * num_sample[n] / (local_batch[n] * world * args.grad_accum)))
+             for n, ds in zip(names, train_sets)]
+    if args.max_steps != recipe["max_steps"] and args.max_steps != sum(steps):
+        sys.exit(f"error: --epochs {args.epochs} makes {sum(steps)} steps in all, not --max_steps {args.max_steps}: "
+                 "drop one of the two")
+    if args.weights != recipe["weights"] and any(abs(w / sum(weights) - s / sum(steps)) > 0.01 * s / sum(steps)
+                                                 for w, s in zip(weights, steps)):
+        sys.exit(f"error: --epochs {args.epochs} makes the steps {dict(zip(names, steps))}, not in the ratio of "
+                 f"--weights {args.weights}: drop one of the two")
+    return [float(s) for s in steps], sum(steps)
 
 
 def num_sample(args, name, kind):

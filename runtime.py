@@ -30,6 +30,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
 STARTUP_TIMEOUT = datetime.timedelta(hours=2)
 ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
+UNREADABLE_STEPS = 10  # a dataset none of whose first steps read one sample is taken for unreadable
 clock = time.monotonic  # the clock of time-based cadence (a name of its own, which a test can drive)
 
 
@@ -154,6 +155,8 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
               f"{steps:7d} {steps * batch / R / len(tr):6.1f} {frames:>11s} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
               + (f"  problems: {problems}" if problems else ""))
+    for line in guard_lines(args, names, train_sets):
+        print(line)
     line = shm_warning(args, [local_batch[n] * 3 * tr.frames * args.img_size ** 2 for n, tr in zip(names, train_sets)])
     if line:
         print(line)
@@ -173,6 +176,40 @@ def shm_warning(args, batch_bytes, shm="/dev/shm"):
             f"hand over about {need / 2**20:.0f} MiB of prefetched batches through it ({args.workers} workers x "
             f"{loaders.TRAIN_PREFETCH} batches of up to {max(batch_bytes) / 2**20:.1f} MiB each); they would crash "
             f"with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
+
+
+def guard_lines(args, names, train_sets):
+    """What the guard left out of each training set, and whose validation videos they were; or that it is off."""
+    if args.train_on_val_videos:
+        return ["validation videos: NOT left out of training (--train_on_val_videos): a training set may hold "
+                "validation videos of another (Kinetics versions share YouTube videos), and test numbers may "
+                "include training videos"]
+    lines = ["validation videos: the training samples whose YouTube video is a validation video of a set in "
+             "--datasets are left out of training (--train_on_val_videos keeps them):"]
+    for n, tr in zip(names, train_sets):
+        left = tr.samples.left_out
+        if left is None:
+            lines.append(f"    {n}: not checked (its file names give no YouTube id)")
+            continue
+        whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
+        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else ""))
+    return lines
+
+
+def guard_record(args, names, train_sets):
+    """The guard for log.jsonl: on or off, and per training set what it left out (None: no YouTube ids)."""
+    if args.train_on_val_videos:
+        return {"on": False}
+    return {"on": True, "left_out": {n: tr.samples.left_out for n, tr in zip(names, train_sets)}}
+
+
+def guard_state(config):
+    """'on' if the run with this config left validation videos out of training, else 'off' ('not recorded' for
+    a run from before the guard)."""
+    flag = config.get("train_on_val_videos")
+    if flag is None:
+        return "not recorded"
+    return "off" if flag else "on"
 
 
 def loader_rate(dataset, num_sample, samples=4):
@@ -211,8 +248,8 @@ class Meter:
 
 class StepValues:
     """What every rank needs from a step, in its one collective: the loss averaged over the ranks, whether any
-    rank got SIGTERM, whether every rank lost every sample, and rank 0's clock (seconds of training, counted
-    over resumes). Read one step late: the host queues step N+1 before it waits for step N's values, so the
+    rank got SIGTERM, whether any kept a sample, and rank 0's clock (seconds of training, counted over
+    resumes). Read one step late: the host queues step N+1 before it waits for step N's values, so the
     GPU does not idle while the host reads."""
 
     def __init__(self, rt, seconds=0.0):
@@ -223,13 +260,13 @@ class StepValues:
         """This process's clock: seconds of training over resumes (rank 0's is the run's)."""
         return clock() - self.start
 
-    def send(self, step, name, loss, stop, dropped=False):
-        """Queue step `step`'s values (loss: a 0-d tensor; stop, dropped: this rank's) into the collective and,
-        on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for the
-        work queued after it."""
+    def send(self, step, dataset, loss, stop, kept=True):
+        """Queue step `step`'s values (loss: a 0-d tensor; stop, kept a sample: this rank's) into the collective
+        and, on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for
+        the work queued after it."""
         rt = self.rt
         seconds = self.now() * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
-        values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in (stop, dropped, seconds))])
+        values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in (stop, kept, seconds))])
         if rt.distributed:
             dist.all_reduce(values, op=dist.ReduceOp.AVG)
         copied = None
@@ -237,20 +274,20 @@ class StepValues:
             values = values.to("cpu", non_blocking=True)  # into pinned memory
             copied = torch.cuda.Event()
             copied.record()
-        self.pending.append((step, name, values, copied))
+        self.pending.append((step, dataset, values, copied))
 
     def read(self, everything=False):
-        """-> [(step, dataset, loss, whether every rank lost every sample)] of the steps sent before the newest
-        one (everything: it too), in order; self.stop and self.seconds follow the values read."""
+        """-> [(step, dataset, loss, whether a rank kept a sample)] of the steps sent before the newest one
+        (everything: it too), in order; self.stop and self.seconds follow the values read."""
         ready = self.pending if everything else self.pending[:-1]
         self.pending = self.pending[len(ready):]
         losses = []
-        for step, name, values, copied in ready:
+        for step, dataset, values, copied in ready:
             if copied is not None:
                 copied.synchronize()
-            loss, stop, dropped, self.seconds = values.tolist()  # the step's one read of the device
+            loss, stop, kept, self.seconds = values.tolist()  # the step's one read of the device
             self.stop = self.stop or stop > 0
-            losses.append((step, name, loss, dropped == 1))
+            losses.append((step, dataset, loss, kept != 0))  # an average of 0s and 1s: 0 only if every one is
         return losses
 
 
@@ -285,10 +322,12 @@ def compile_counts():
 
 class Failures:
     """Samples replaced because their file could not be read, each path told once, and samples dropped
-    because no substitute could be read either, each told in a line: counted per dataset."""
+    because no substitute could be read either, each told in a line: counted per dataset. And blank steps:
+    steps whose every sample was dropped on every rank, which train nothing, each told in a line."""
 
     def __init__(self, names, rank):
         self.counts, self.dropped = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        self.blank = dict.fromkeys(names, 0)  # the same on every rank: each learns it from the step's collective
         self.told, self.rank = set(), rank
 
     def add(self, name, paths, dropped=()):
@@ -301,20 +340,34 @@ class Failures:
             self.dropped[name] += 1
             tqdm.write(f"[rank {self.rank}] warning: {name}: {line}")
 
+    def blank_step(self, name, step, steps):
+        """Step `step`, the steps-th of dataset `name`, lost every sample on every rank: counted and told.
+        -> the line that stops the run, on every rank, when none of the dataset's first UNREADABLE_STEPS
+        steps read a sample, else None."""
+        self.blank[name] += 1
+        if self.blank[name] == steps == UNREADABLE_STEPS:
+            return (f"error: no sample of {name} could be read in its first {steps} steps (see the lines above); "
+                    f"check its files, the codecs your video reader supports, and disk access")
+        if self.rank == 0:
+            tqdm.write(f"warning: step {step} trained nothing: every sample of {name} was dropped, on every rank")
+
     def restore(self, ckpt):
-        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on."""
+        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on;
+        every rank carries on the blank steps."""
         if self.rank == 0:
             self.counts.update(ckpt["failed"])
             self.dropped.update(ckpt.get("dropped", {}))
+        self.blank.update(ckpt.get("blank_steps", {}))
 
     def totals(self, rt):
-        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks."""
+        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks, and 'blank_steps'."""
         counts = list(self.counts.values()) + list(self.dropped.values())
         if rt.distributed:  # int64: exact, and on every device (MPS has no float64)
             t = torch.tensor(counts, dtype=torch.int64, device=rt.device)
             dist.all_reduce(t)
             counts = t.tolist()
-        return {"failed": dict(zip(self.counts, counts)), "dropped": dict(zip(self.dropped, counts[len(self.counts):]))}
+        return {"failed": dict(zip(self.counts, counts)),
+                "dropped": dict(zip(self.dropped, counts[len(self.counts):])), "blank_steps": dict(self.blank)}
 
 
 class RunLog:

@@ -32,7 +32,7 @@ import loaders
 import model as M
 import recipes
 import runtime
-from eval import test_all
+from eval import test_all, test_heads
 
 
 def get_args(argv=None):
@@ -63,16 +63,18 @@ def main(argv=None):
 
 def train(args, rt):
     names, device, dtype = args.datasets.split(","), rt.device, runtime.DTYPES[args.dtype]
-    weights = recipes.dataset_weights(args, names)
     os.makedirs(args.out_dir, exist_ok=True)
     files = runtime.CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt"))  # and the one before, ckpt.prev.pt
 
-    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
-    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
+    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings.
+    # No validation video in training: a training sample that is one (by YouTube id) is left out.
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
+    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train", guard=val_sets)
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
+    weights, args.max_steps = recipes.budgets(args, names, train_sets, local_batch, num_sample, rt.world)
+    lr_factor = {n: recipes.per_dataset(args, "lr_factor", float).get(n, 1.0) for n in names}
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
@@ -93,7 +95,7 @@ def train(args, rt):
         step, seconds = ckpt["step"], ckpt.get("clock", 0.0)  # the run's clock: seconds of training so far
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
-        failures.restore(ckpt)  # the failed and dropped samples' counts
+        failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
     if args.compile:
         model.compile_trunk(backend=args.compile)
@@ -125,6 +127,7 @@ def train(args, rt):
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
     log = runtime.RunLog(args.out_dir, rt.master, args)
+    log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
@@ -132,7 +135,7 @@ def train(args, rt):
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
-            settle(late.read(everything=True), loss_ema, args, bar)
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
             log.say(f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
             break
@@ -140,7 +143,7 @@ def train(args, rt):
         name = names[d]
         # drop path draws from torch's RNG: seeded per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
-        lr = get_lr(step, args)
+        lr = get_lr(step, args) * lr_factor[name]  # x the factor of the step's dataset (--lr_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
@@ -167,7 +170,7 @@ def train(args, rt):
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        late.send(step, name, step_loss, sigterm.is_set(), blank)  # over the ranks: loss, SIGTERM, all dropped
+        late.send(step, d, step_loss, sigterm.is_set(), not blank)  # over the ranks: loss, SIGTERM, a sample kept
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
@@ -181,7 +184,7 @@ def train(args, rt):
 
         # log, validate, save; the step before's values are read now, this step's too where it logs or saves
         logs = step % args.log_every == 0 or step == args.max_steps
-        settle(late.read(everything=logs), loss_ema, args, bar)
+        settle(late.read(everything=logs), loss_ema, failures, weights, names, args, bar)
         if logs:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
                       "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt),
@@ -192,12 +195,13 @@ def train(args, rt):
             log.write(record)
         bar.update(1)
         if validating.due(step, late.seconds) and step < args.max_steps:  # a fixed subset of each set
-            settle(late.read(everything=True), loss_ema, args, bar)  # the weights validated had a finite loss
+            # the weights validated had a finite loss
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
             val = test_all(tested, dict(zip(names, val_sets)), samples=args.val_samples, **test_kw)
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
         if saving.due(step, late.seconds) or step == args.max_steps or late.stop:
-            settle(late.read(everything=True), loss_ema, args, bar)  # nothing non-finite is saved
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
         if late.stop:
             log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
@@ -206,21 +210,25 @@ def train(args, rt):
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        val = dict(zip(names, open_datasets(args, names, "val")))
+        heads = test_heads(names, label_maps, args.data_dir)  # k710: each Kinetics version, on its rows
+        val = dict(zip(heads, open_datasets(args, list(heads), "val")))
         log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
-        results = test_all(tested, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        results = test_all(tested, val, heads=heads, label_maps=label_maps, guard=runtime.guard_state(vars(args)),
+                           out=os.path.join(args.out_dir, "eval.json"), **test_kw)
         log.write({"step": step, "test": results, "weights": which})
     log.close()
 
 
-def open_datasets(args, names, split, views=None):
-    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named."""
+def open_datasets(args, names, split, views=None, guard=None):
+    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named.
+    guard: the validation sets, whose videos training leaves out unless --train_on_val_videos."""
     try:
         demo.prepare(args.data_dir, names)
         listings = os.path.join(args.out_dir, "listings")
+        validation = {n: ds.samples for n, ds in zip(names, guard)} if guard and not args.train_on_val_videos else None
         return [data.build_dataset(n, args.data_dir, split, frames=args.frames, img_size=args.img_size,
-                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings)
-                for n in names]
+                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings,
+                                   validation=validation) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
 
@@ -237,6 +245,10 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         if ckpt["config"]["datasets"] != args.datasets:
             sys.exit(f"error: the checkpoint in {args.out_dir} was trained on other --datasets "
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
+        kept = ckpt["config"].get("train_on_val_videos", True)  # a run from before the guard kept them
+        if kept != args.train_on_val_videos:
+            sys.exit(f"error: the checkpoint in {args.out_dir} was trained {'with' if kept else 'without'} validation "
+                     f"videos; resume it {'with' if kept else 'without'} --train_on_val_videos, or use a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
         run = ckpt["config"]
@@ -265,19 +277,23 @@ def ema_copy(model):
     return ema.to(next(model.parameters()).device).requires_grad_(False)
 
 
-def settle(losses, loss_ema, args, bar):
-    """Take in the steps' values read, [(step, dataset, loss, all dropped)]: a step that lost every sample on
-    every rank, or a non-finite loss, ends the run before anything is saved (the model in memory is lost; the
-    last checkpoint on disk is not)."""
-    for step, name, loss, dropped in losses:
-        if dropped:
-            bar.close()
-            sys.exit(f"error: step {step}: no readable sample in {name}: all dropped (see the lines above)")
+def settle(losses, loss_ema, failures, weights, names, args, bar):
+    """Take in the steps' values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite
+    loss ends the run before anything is saved (the model in memory is lost; the last checkpoint on disk is not);
+    a step no rank kept a sample of trained nothing and is counted, and ends the run only for a dataset that
+    never read one (Failures.blank_step)."""
+    for step, d, loss, kept in losses:
         if not math.isfinite(loss):
             bar.close()
-            sys.exit(f"error: loss is {loss} at step {step} on dataset {name}; no checkpoint written. Lower "
+            sys.exit(f"error: loss is {loss} at step {step} on dataset {names[d]}; no checkpoint written. Lower "
                      f"--lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
-        loss_ema[name] = loss if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss
+        if not kept:
+            error = failures.blank_step(names[d], step, data.steps_before(step + 1, d, weights))
+            if error:
+                bar.close()
+                sys.exit(error)
+        else:
+            loss_ema[names[d]] = loss if names[d] not in loss_ema else 0.9 * loss_ema[names[d]] + 0.1 * loss
 
 
 def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, clock):

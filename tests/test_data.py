@@ -173,6 +173,34 @@ def test_a_lying_header_gives_the_same_bytes_whatever_was_read_before(tmp_path, 
         assert torch.equal(fresh[0]['x'], knows[0]['x'])
 
 
+def test_test_views_of_a_lying_header_follow_the_test_rule_on_the_true_length(tmp_path, monkeypatch):
+    """A truncated webm claims 40 frames (OpenCV believes it). Three test clips of 4 frames at rate 5 (12 fps:
+    2 frames apart, a span of 8): clip k starts at floor((n - 8) * (2k + 1) / 6) of the true n, in order and
+    evenly spread, though the first two clips drawn from the 40 stated would fit. The same views whether the
+    process knew the true length before or not."""
+    monkeypatch.setattr(video, 'BACKEND', 'opencv')
+    path = write_video(tmp_path / 'cust' / 'a.webm', noise_frames(40, seed=5))
+    blob = open(path, 'rb').read()
+    open(path, 'wb').write(blob[:int(len(blob) * 0.6)])
+    frames = decode_all(path)
+    n = len(frames)
+    # drawn from the 40 stated, clips 0 and 1 (frames 5-11, 16-22) fit the true length, clip 2 (26-32) does not
+    assert video.video_info(path) == (40, 12.0) and 22 < n <= 32
+    (tmp_path / 'cust' / 'val.csv').write_text('a.webm 0\n')
+    (tmp_path / 'cust' / 'train.csv').write_text('a.webm 0\n')
+    kinetics = {'sampling': 'kinetics', 'rate': 5}
+    fresh, knows = (data.build_dataset('cust', tmp_path, 'val', frames=4, img_size=16, sampling=kinetics,
+                                       views=(3, 1)) for _ in range(2))
+    knows.lengths[path] = n
+    starts = [(n - 8) * (2 * k + 1) // 6 for k in range(3)]
+    box = video.eval_video_boxes(48, 64, 1)[0]
+    expect = [video.crop_resize(frames[s:s + 8:2], box, 16) for s in starts]  # (T, 16, 16, 3) each
+    for ds in (fresh, knows, fresh):
+        x = ds[0]['x'].permute(0, 2, 3, 4, 1).numpy()  # (V, T, H, W, C)
+        assert all(np.array_equal(x[k], expect[k]) for k in range(3)), starts
+    assert fresh.lengths == {path: n}
+
+
 def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
     """A 640x480 JPEG rotated by EXIF: the header gives the displayed size, a reduced decode is the
     displayed image at 1/4 scale, and the crops made from it match crops from the full decode."""

@@ -107,7 +107,7 @@ def test_evaluation_and_failure_counts_need_no_float64_and_keep_repeated_names_a
             totals = failures.totals(runtime.Runtime(0, 2, torch.device("cpu")))
     finally:
         dist.destroy_process_group()
-    assert totals == {"failed": {"mine": 2}, "dropped": {"mine": 1}}
+    assert totals == {"failed": {"mine": 2}, "dropped": {"mine": 1}, "blank_steps": {"mine": 0}}
 
 
 @pytest.mark.parametrize("flags, message", [

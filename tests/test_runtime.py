@@ -180,12 +180,12 @@ def test_step_values_are_read_one_step_late_unless_all_are_asked_for(monkeypatch
     now[0] = 9.5
     late.send(0, "a", torch.tensor(2.5), False)
     assert late.read() == [] and late.seconds == 100.0 and late.now() == 102.5
-    late.send(1, "b", torch.tensor(float("nan")), True, dropped=True)
-    assert late.read() == [(0, "a", 2.5, False)] and not late.stop and late.seconds == 102.5
+    late.send(1, "b", torch.tensor(float("nan")), True, kept=False)
+    assert late.read() == [(0, "a", 2.5, True)] and not late.stop and late.seconds == 102.5
     got = late.read(everything=True)
-    assert [(s, n, d) for s, n, _, d in got] == [(1, "b", True)] and got[0][2] != got[0][2] and late.stop  # NaN
+    assert [(s, n, k) for s, n, _, k in got] == [(1, "b", False)] and got[0][2] != got[0][2] and late.stop  # NaN
     late.send(2, "a", torch.tensor(1.0), False)
-    assert late.read(everything=True) == [(2, "a", 1.0, False)] and late.stop and late.read(everything=True) == []
+    assert late.read(everything=True) == [(2, "a", 1.0, True)] and late.stop and late.read(everything=True) == []
 
 
 def test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple():

@@ -134,6 +134,51 @@ def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
         assert g["lr"] == train.get_lr(1, args) * g["lr_scale"]
 
 
+def test_epochs_set_the_weights_and_the_steps():
+    """Steps = epochs x samples / samples a step (the global batch over R clips a sample), by hand: 30 x 240,000 /
+    (64 / 2) = 225,000; 20 x 169,600 / 64 = 53,000; 1 x 11,060,000 / 256 = 43,203.125, rounded."""
+    def budgets(*flags):
+        args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
+        return recipes.budgets(args, ["a", "b", "c"], [range(240_000), range(169_600), range(11_060_000)],
+                               {"a": 64, "b": 64, "c": 256}, {"a": 2, "b": 1, "c": 1}, world=1)
+
+    assert budgets() == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    assert budgets("--max_steps", "321203", "--weights", "225000,53000,43203") == budgets()  # agreeing: fine
+    for flags, says in [(["--max_steps", "1000"], "makes 321203 steps in all, not --max_steps 1000"),
+                        (["--weights", "c=2"], "not in the ratio of --weights c=2")]:
+        with pytest.raises(SystemExit, match=says):
+            budgets(*flags)
+
+
+def test_lr_factor_scales_the_lr_of_the_steps_that_train_its_dataset(demo_dir, tmp_path):
+    """The lr of step s is get_lr(s) x the factor of s's dataset x the group's layer-decay scale; the log says it."""
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "8", "--workers", "0",
+                     "--lr_factor", "demo_ssv2=0.25,demo_imagenet=3", "--layer_decay", "0.5", "--weights", "1,1,1"]
+    args, factor = train.get_args(common), {"demo_kinetics": 1.0, "demo_ssv2": 0.25, "demo_imagenet": 3.0}
+    for stop in (1, 2, 3):  # the last step taken is stop - 1: round robin, one of each dataset
+        train.main(common + ["--stop_at", str(stop)])
+        lr = train.get_lr(stop - 1, args) * factor[demo.NAMES[stop - 1]]
+        for group in load(tmp_path / "ckpt.pt")["optimizer"]["param_groups"]:
+            assert group["lr"] == lr * group["lr_scale"]
+        logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line][-1]
+        assert logged["step"] == stop and logged["lr"] == lr
+
+
+def test_budgets_and_lr_factors_resume_to_the_bit(demo_dir, tmp_path):
+    """--epochs sets the run's length from the listed sizes (demo: 36 / 36 / 48 samples, batches of 4 / 4 / 8):
+    0.25 epoch each is 2 + 2 + 2 steps (2.25 -> 2, 2.25 -> 2, 1.5 -> 2); straight == stopped at 3 and resumed."""
+    common = FAST + ["--data_dir", demo_dir, "--workers", "0", "--save_every", "100", "--epochs", "0.25",
+                     "--lr_factor", "demo_imagenet=0.1,demo_ssv2=3"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == a["config"]["max_steps"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for i in a["optimizer"]["state"]
+               for x, y in zip(a["optimizer"]["state"][i].values(), b["optimizer"]["state"][i].values()))
+
+
 def torchrun(args, timeout=300, launcher=(), script="train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, script] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -299,6 +344,82 @@ def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(
     assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
 
 
+def blank_steps(data_dir, steps, world=1):
+    """The steps, one sample on each of `world` ranks, whose every sample the dataset drops."""
+    ranks = [data.MultiDatasetBatchSampler([16], [1], rank=r, world=world) for r in range(world)]
+    return [m for m in range(steps) if all(dropped_in(data_dir, [s.batch(m)[0] for s in ranks]))]
+
+
+def test_a_step_that_lost_every_sample_trains_nothing_and_the_run_goes_on(tmp_path, capsys):
+    """--batch_size 1 on a mostly unreadable set: a step whose one sample was dropped trains nothing (zero
+    loss; the loss curve skips it), says so in a line and is counted (log.jsonl, ckpt.pt); the run reaches
+    --max_steps, and stopped at such a step and resumed it ends on the same weights, bit for bit."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 12)
+    assert blank[:3] == [1, 6, 7] and len(blank) < 12  # seed 0: the first step reads, step 1 loses its sample
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "12", "--batch_size", "1",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    said = capsys.readouterr().out
+    told = re.findall(r"warning: step (\d+) trained nothing: every sample of mine was dropped, on every rank", said)
+    assert [int(s) for s in told] == blank
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [sum(m < s for m in blank) for s in range(1, 13)]
+    assert all(log[m]["loss"] == log[m - 1]["loss"] for m in blank)  # record m is after step m
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", str(blank[1])])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])  # resumed at a step that trains nothing
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == 12 and a["blank_steps"] == b["blank_steps"] == {"mine": len(blank)}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = [(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"]]
+    assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
+
+
+NCCL_AVG = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+
+reduce = dist.all_reduce
+
+
+def nccl_avg(tensor, op=dist.ReduceOp.SUM, **kw):
+    # NCCL averages floats as a PreMulSum: each rank's value times float(1 / ranks), summed in float. As
+    # {ranks} ranks would: each of the 2 stands for {ranks} // 2 of them.
+    if op != dist.ReduceOp.AVG or not tensor.is_floating_point():
+        return reduce(tensor, op=op, **kw)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    total, scale = torch.zeros_like(tensor), torch.tensor(1 / {ranks}, dtype=tensor.dtype)
+    for part in parts:
+        for _ in range({ranks} // len(parts)):
+            total = total + part * scale
+    tensor.copy_(total)
+
+
+dist.all_reduce = nccl_avg
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backend_rounds(tmp_path):
+    """The ranks tell each other in the step's one all_reduce (AVG) whether they kept a sample. NCCL averages
+    floats as a sum of values each times 1/ranks, so an average of 1s is not 1.0 for many numbers of ranks
+    (12: 0.99999988): a flag must be read as 0 or not 0. Two processes whose AVG rounds as 12 ranks' would:
+    the steps where both ranks lost their sample are the ones counted."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 6, world=2)
+    assert blank == [3, 5]  # seed 0, one sample a rank
+    script = tmp_path / "launch.py"
+    script.write_text(NCCL_AVG.format(root=ROOT, ranks=12))
+    out = torchrun(FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--batch_size", "2",
+                           "--workers", "0", "--out_dir", str(tmp_path / "o")], script=str(script))
+    assert [int(s) for s in re.findall(r"warning: step (\d+) trained nothing", out)] == blank
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [0, 0, 0, 1, 1, 2] and log[-1]["step"] == 6
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),
@@ -320,6 +441,14 @@ def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(
     (["--init", "README.md"], "--init README.md"),
     (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
     (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
+    (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
+    (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
+                                  "for demo_kinetics, demo_imagenet too)"),
+    (["--epochs", "k400=3"], "--epochs k400=3: a name not in --datasets"),
+    (["--lr_factor", "demo_ssv2=-1"], "--lr_factor demo_ssv2=-1: each factor must be a number > 0"),
+    (["--lr_factor", "k400=0.1"], "--lr_factor k400=0.1: a name not in --datasets"),
+    (["--epochs", "1", "--max_steps", "5"], "steps in all, not --max_steps 5: drop one of the two"),
+    (["--epochs", "1", "--weights", "1,1,3"], "not in the ratio of --weights 1,1,3: drop one of the two"),
     (["--mean", "0.5,0.5"], "--mean 0.5,0.5: three numbers, one per RGB channel"),
     (["--std", "0.2,0,0.2"], "--std 0.2,0,0.2: three numbers, one per RGB channel (std > 0)"),
 ])

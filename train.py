@@ -97,8 +97,9 @@ def train(args, rt):
             ema.load_state_dict(ckpt["ema"])
         failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
-    if args.compile:
-        model.compile_trunk(backend=args.compile)
+    if args.compile:  # a graph for each dataset's full batch; one that lost samples runs the plain trunk
+        model.compile_trunk({(local_batch[n], 3, ds.frames, args.img_size, args.img_size)
+                             for n, ds in zip(names, train_sets)}, backend=args.compile)
     # Each step trains one head, the same on all ranks; the others get no gradient (their .grad stays
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -375,6 +375,23 @@ def test_a_step_that_lost_every_sample_trains_nothing_and_the_run_goes_on(tmp_pa
     assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
 
 
+def test_a_compiled_run_whose_batches_lost_samples_compiles_one_graph(tmp_path):
+    """--compile on a mostly unreadable set, 3 samples a step (seed 0: steps of 3, 2 and 1 clips, and blank ones):
+    the full batch runs the one graph, the others the plain trunk; log.jsonl counts 1 graph and no recompile."""
+    data_dir = mostly_unreadable(tmp_path)
+    smp = data.MultiDatasetBatchSampler([16], [3])
+    kept = {3 - sum(dropped_in(data_dir, smp.batch(m))) for m in range(6)}
+    assert {3, 2, 1} <= kept, kept  # batches of every size
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.clear_compilation_metrics()
+    train.main(FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--batch_size", "3",
+                       "--workers", "0", "--compile", "eager", "--out_dir", str(tmp_path / "o")])
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert log[-1]["compile"] == {"graphs": 1, "recompiles": 0, "graph_breaks": 0} and log[-1]["dropped"]["mine"] > 0
+    torch._dynamo.reset()
+
+
 NCCL_AVG = """
 import sys
 sys.path.insert(0, {root!r})

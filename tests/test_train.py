@@ -457,6 +457,7 @@ def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backen
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
     (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
+    (["--save_every", "0min"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),  # as 0 steps
     (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
     (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
     (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
@@ -779,9 +780,15 @@ def test_periodic_validation_reads_the_same_evenly_spaced_samples_also_after_a_r
     assert [v[n]["clips"] for v in vals for n in demo.NAMES] == [5] * 6
 
 
-@pytest.mark.parametrize("text, value", [("1000", 1000), ("0", 0), ("15min", "15min"), ("0.5min", "0.5min"),
-                                         ("15m", None), ("-1", None), ("0min", None), ("min", None)])
+@pytest.mark.parametrize("text, value", [
+    ("1000", 1000), ("0", 0), ("15min", "15min"), ("0.5min", "0.5min"), ("15m", None), ("-1", None), ("min", None),
+    ("0min", 0), ("-0min", 0),  # never, as 0 steps is
+    ("15.0000001min", "15.0000001min"), ("15.0min", "15min"), ("1e3min", "1000min"),  # the number typed, exact
+    ("1e400min", None), ("1e307min", None), ("infmin", None), ("nanmin", None),  # a period that would never end
+    ("1e-400min", None), ("-5min", None), ("1e3", None)])  # 0 seconds; negative; steps are whole numbers
 def test_save_and_eval_cadence_is_steps_or_minutes(text, value):
+    """Steps are a whole number, minutes any number, kept exactly (a rounded one would save at other times), and
+    refused in one line where its period in seconds would be 0, infinite or not a number."""
     if value is None:
         with pytest.raises(argparse.ArgumentTypeError, match="steps .* or of minutes"):
             recipes.cadence(text)

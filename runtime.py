@@ -248,24 +248,20 @@ class Meter:
 
 class StepValues:
     """What every rank needs from a step, in its one collective: the loss averaged over the ranks, whether any
-    rank got SIGTERM, whether any kept a sample, and rank 0's clock (seconds of training, counted over
+    rank got SIGTERM, whether any kept a sample, and the run's clock (rank 0's seconds of training, counted over
     resumes). Read one step late: the host queues step N+1 before it waits for step N's values, so the
     GPU does not idle while the host reads."""
 
     def __init__(self, rt, seconds=0.0):
-        self.rt, self.pending, self.start = rt, [], clock() - seconds
-        self.stop, self.seconds = False, seconds  # as of the newest values read
-
-    def now(self):
-        """This process's clock: seconds of training over resumes (rank 0's is the run's)."""
-        return clock() - self.start
+        self.rt, self.pending, self.start = rt, [], clock() - seconds  # seconds: the resumed run's clock
+        self.stop, self.clock = False, seconds  # as of the newest values read
 
     def send(self, step, dataset, loss, stop, kept=True):
         """Queue step `step`'s values (loss: a 0-d tensor; stop, kept a sample: this rank's) into the collective
         and, on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for
         the work queued after it."""
         rt = self.rt
-        seconds = self.now() * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
+        seconds = (clock() - self.start) * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
         values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in (stop, kept, seconds))])
         if rt.distributed:
             dist.all_reduce(values, op=dist.ReduceOp.AVG)
@@ -278,34 +274,27 @@ class StepValues:
 
     def read(self, everything=False):
         """-> [(step, dataset, loss, whether a rank kept a sample)] of the steps sent before the newest one
-        (everything: it too), in order; self.stop and self.seconds follow the values read."""
+        (everything: it too), in order; self.stop and self.clock follow the values read."""
         ready = self.pending if everything else self.pending[:-1]
         self.pending = self.pending[len(ready):]
         losses = []
         for step, dataset, values, copied in ready:
             if copied is not None:
                 copied.synchronize()
-            loss, stop, kept, self.seconds = values.tolist()  # the step's one read of the device
+            loss, stop, kept, self.clock = values.tolist()  # the step's one read of the device
             self.stop = self.stop or stop > 0
             losses.append((step, dataset, loss, kept != 0))  # an average of 0s and 1s: 0 only if every one is
         return losses
 
 
-class Cadence:
-    """--save_every / --eval_every: due every N steps (0: never), or whenever the run's clock (rank 0's, as every
-    rank reads it in StepValues) passes a multiple of M minutes; multiples of the clock, which counts over
-    resumes, so a resumed run keeps the times it saves at."""
-
-    def __init__(self, every, seconds=0.0):
-        self.steps = every if isinstance(every, int) else None
-        self.period = None if self.steps is not None else 60 * float(every.removesuffix("min"))
-        self.last = seconds  # the clock at the last decision
-
-    def due(self, step, seconds):
-        if self.steps is not None:
-            return self.steps > 0 and step % self.steps == 0
-        passed, self.last = seconds // self.period > self.last // self.period, seconds
-        return passed
+def due(every, step, since, now):
+    """Whether --save_every / --eval_every falls on this step: every N steps (0: never), or 'Mmin' when the run's
+    clock passed a multiple of M minutes between the step before's decision (since) and this one's (now). The
+    run's clock counts over resumes, so a resumed run keeps the times it saves at."""
+    if isinstance(every, int):
+        return every > 0 and step % every == 0
+    period = 60 * float(every.removesuffix("min"))
+    return now // period > since // period
 
 
 def compile_counts():

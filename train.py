@@ -117,7 +117,6 @@ def train(args, rt):
     model_params = [p.detach() for p in model.parameters()] if ema else None  # detached: no graph to build
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
-    saving, validating = runtime.Cadence(args.save_every, seconds), runtime.Cadence(args.eval_every, seconds)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
     recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
@@ -132,13 +131,15 @@ def train(args, rt):
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
-    late = runtime.StepValues(rt, seconds)  # a step's loss, flags and clock, read after the next step is queued
+    late = runtime.StepValues(rt, seconds)  # a step's loss, flags and the run's clock, read a step late
+    since = seconds  # the run's clock at the last decisions to validate and save
     wrapped.train()
     while step < args.max_steps:
-        if step == args.stop_at:
-            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
-            log.say(f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
+        if step == args.stop_at or late.stop:  # --stop_at, or SIGTERM on any rank (it comes with a step's values)
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
+            log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue." if late.stop
+                    else f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
         name = names[d]
@@ -183,9 +184,13 @@ def train(args, rt):
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
 
-        # log, validate, save; the step before's values are read now, this step's too where it logs or saves
+        # what this step does, alike on every rank: by the step count, and by the run's clock as last read
         logs = step % args.log_every == 0 or step == args.max_steps
-        settle(late.read(everything=logs), loss_ema, failures, weights, names, args, bar)
+        validates = runtime.due(args.eval_every, step, since, late.clock) and step < args.max_steps  # last: the test
+        saves = runtime.due(args.save_every, step, since, late.clock) or step == args.max_steps
+        since = late.clock
+        # the step before's values; this step's too if it logs, validates or saves (settle: its loss is finite)
+        settle(late.read(everything=logs or validates or saves), loss_ema, failures, weights, names, args, bar)
         if logs:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
                       "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt),
@@ -195,18 +200,12 @@ def train(args, rt):
                                 f"MFU {record['mfu']:.1%}")
             log.write(record)
         bar.update(1)
-        if validating.due(step, late.seconds) and step < args.max_steps:  # a fixed subset of each set
-            # the weights validated had a finite loss
-            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
+        if validates:  # a fixed subset of each set
             val = test_all(tested, dict(zip(names, val_sets)), samples=args.val_samples, **test_kw)
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
-        if saving.due(step, late.seconds) or step == args.max_steps or late.stop:
-            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
-        if late.stop:
-            log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
-            break
+        if saves:
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
     bar.close()
 
     # ---- the final test: every view of every validation clip
@@ -279,10 +278,9 @@ def ema_copy(model):
 
 
 def settle(losses, loss_ema, failures, weights, names, args, bar):
-    """Take in the steps' values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite
-    loss ends the run before anything is saved (the model in memory is lost; the last checkpoint on disk is not);
-    a step no rank kept a sample of trained nothing and is counted, and ends the run only for a dataset that
-    never read one (Failures.blank_step)."""
+    """Take in the values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite loss ends
+    the run before anything is logged or saved (the model in memory is lost; the last checkpoint is not); a step
+    no rank kept a sample of trained nothing, is counted, and ends the run only for a dataset that never read one."""
     for step, d, loss, kept in losses:
         if not math.isfinite(loss):
             bar.close()

@@ -179,20 +179,23 @@ def test_step_values_are_read_one_step_late_unless_all_are_asked_for(monkeypatch
     late = runtime.StepValues(runtime.Runtime(0, 1, torch.device("cpu")), seconds=100.0)
     now[0] = 9.5
     late.send(0, "a", torch.tensor(2.5), False)
-    assert late.read() == [] and late.seconds == 100.0 and late.now() == 102.5
+    assert late.read() == [] and late.clock == 100.0
+    now[0] = 12.0
     late.send(1, "b", torch.tensor(float("nan")), True, kept=False)
-    assert late.read() == [(0, "a", 2.5, True)] and not late.stop and late.seconds == 102.5
+    assert late.read() == [(0, "a", 2.5, True)] and not late.stop and late.clock == 102.5
     got = late.read(everything=True)
     assert [(s, n, k) for s, n, _, k in got] == [(1, "b", False)] and got[0][2] != got[0][2] and late.stop  # NaN
+    assert late.clock == 105.0
     late.send(2, "a", torch.tensor(1.0), False)
     assert late.read(everything=True) == [(2, "a", 1.0, True)] and late.stop and late.read(everything=True) == []
 
 
 def test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple():
-    steps, minutes = runtime.Cadence(3), runtime.Cadence("1min", seconds=50.0)  # resumed at 50 s
-    assert [s for s in range(1, 10) if steps.due(s, 0.0)] == [3, 6, 9]
-    assert [t for t in (55, 59.9, 60, 61, 119, 125, 250) if minutes.due(0, t)] == [60, 125, 250]
-    assert not any(runtime.Cadence(0).due(s, 0.0) for s in range(1, 10))  # --eval_every 0: only at the end
+    assert [s for s in range(1, 10) if runtime.due(3, s, 0.0, 0.0)] == [3, 6, 9]
+    clocks = [50.0, 55, 59.9, 60, 61, 119, 125, 250]  # a run resumed at 50 s, its clock at each step's decision
+    assert [now for since, now in zip(clocks, clocks[1:]) if runtime.due("1min", 0, since, now)] == [60, 125, 250]
+    assert runtime.due("15.0000001min", 0, 899.9, 900.000006) and not runtime.due("15.0000001min", 0, 899.9, 900.0)
+    assert not any(runtime.due(0, s, 0.0, 1e9) for s in range(1, 10))  # --eval_every 0: only at the end
 
 
 @pytest.mark.parametrize("free_mib, processes, says", [

@@ -725,16 +725,19 @@ def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save
                         or save(self, state))
     train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "7", "--workers", "0",
                        "--log_every", "3", "--save_every", "5"])
-    # step s is sent in the iteration after which s + 1 steps are done: logs after 3 and 6, saves after 5 and 7
+    # step s is sent in the iteration after which s + 1 steps are done: logs after 3 and 6, saves after 5 and 7;
+    # one read a step, of the step before, and of the step itself too where it logs or saves
     assert events == [("send", 0), ("read", []), ("send", 1), ("read", [0]), ("send", 2), ("read", [1, 2]),
-                      ("send", 3), ("read", []), ("send", 4), ("read", [3]), ("read", [4]), ("save", 5),
-                      ("send", 5), ("read", [5]), ("send", 6), ("read", [6]), ("read", []), ("save", 7)]
+                      ("send", 3), ("read", []), ("send", 4), ("read", [3, 4]), ("save", 5),
+                      ("send", 5), ("read", [5]), ("send", 6), ("read", [6]), ("save", 7)]
 
 
 def test_saving_and_validating_by_the_clock_keep_their_times_over_a_resume(demo_dir, tmp_path, monkeypatch):
-    """--save_every 1min, --eval_every 0.5min, each step 10 s of a clock the test drives: saves when the run's
-    clock passes 60, 120, 180 s, validation at 30, 60, ... A run stopped at step 8 and resumed in a process whose
-    clock starts elsewhere continues the run's clock from its checkpoint: the same steps save and validate."""
+    """--save_every 1min, --eval_every 0.5min, each step 10 s of a clock the test drives (step s sends 10 (s + 1)):
+    a step's decisions read the clock of the values read before it, the step before's (a step late), so saves
+    follow the clock's passing 60, 120, 180 s a step later, at steps 7, 13, 19; validation 30, 60, ... at steps
+    4, 7, ... A run stopped at step 8 and resumed in a process whose clock starts elsewhere continues the run's
+    clock from its checkpoint: the same steps save and validate."""
     now = [0.0]
     monkeypatch.setattr(runtime, "clock", lambda: now[0])
 
@@ -756,10 +759,10 @@ def test_saving_and_validating_by_the_clock_keep_their_times_over_a_resume(demo_
     train.main(common + ["--out_dir", str(tmp_path / "resumed"), "--stop_at", "8"])
     now[0] = 1000.0  # a new process: another clock
     train.main(common + ["--out_dir", str(tmp_path / "resumed")])
-    assert saves == {"straight": [6, 12, 18, 20], "resumed": [6, 8, 12, 18, 20]}  # 8: --stop_at
+    assert saves == {"straight": [7, 13, 19, 20], "resumed": [7, 8, 13, 19, 20]}  # 8: --stop_at
     for run in ("straight", "resumed"):
         validated = [r["step"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "val" in r]
-        assert validated == [3, 6, 9, 12, 15, 18], run  # not at the last step: the final test is there
+        assert validated == [4, 7, 10, 13, 16, 19], run  # not at the last step: the final test is there
         assert load(tmp_path / run / "ckpt.pt")["clock"] == 200.0
 
 

@@ -160,6 +160,21 @@ def test_gpu_busy_time_is_the_union_of_kernels_within_the_steps():
     assert profile_train.busy_time(kernels, 1.5, 5.5) == 1.5 + 0.5
 
 
+def test_a_profiled_window_cut_short_by_the_runs_end_counts_only_whole_steps():
+    """profile_train's Recorder, stepped as train.py's optimizer steps it. A run that ends inside the window (skip 1,
+    a warm-up step, 5 to profile; 3 steps taken) leaves the profiler a last span from its third step to its end
+    (the final save, test and teardown): no step, so one whole step is left. A window the run completes counts
+    its steps; one the run ends before, none."""
+    for skip, steps, taken, whole in [(1, 5, 3, 1), (8, 10, 20, 10), (0, 1, 2, 1), (1, 3, 2, 0), (5, 3, 2, 0)]:
+        recorder = profile_train.Recorder(skip, steps, cuda=False)
+        recorder.profiler.start()
+        for _ in range(taken):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            recorder.after_step(None, (), {})
+        recorder.profiler.stop()
+        assert recorder.result.get("steps", 0) == whole, (skip, steps, taken, recorder.result)
+
+
 def test_readme_row_from_a_runs_json():
     table = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "passed": True, "seconds": 420,
              "speed": {"eager": {"step_ms": 81.2, "mfu": 0.312, "gpu_idle": 0.34, "peak_memory_gib": 20.6},

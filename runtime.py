@@ -157,25 +157,42 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
               + (f"  problems: {problems}" if problems else ""))
     for line in guard_lines(args, names, train_sets):
         print(line)
-    line = shm_warning(args, [local_batch[n] * 3 * tr.frames * args.img_size ** 2 for n, tr in zip(names, train_sets)])
+    clips = [local_batch[n] * tr.frames * 3 * args.img_size ** 2 for n, tr in zip(names, train_sets)]  # uint8
+    # a test batch holds local_batch samples of every view: the final test's, one view in periodic validation
+    views = [tr.spec.test_crops * (tr.spec.test_clips if tr.spec.kind == "video" else 1)
+             if args.final_eval == "multiview" else 1 for tr in train_sets]
+    line = shm_warning(args, max(clips), max(c * v for c, v in zip(clips, views)), pinned=rt.device.type == "cuda")
     if line:
         print(line)
 
 
-def shm_warning(args, batch_bytes, shm="/dev/shm"):
-    """One line when `shm`, through which DataLoader workers hand their batches over, has no room for the batches
-    this node's workers prefetch (a container's default is 64 MB), with the fix; None when it has."""
+def shm_warning(args, train_batch, test_batch, pinned, shm="/dev/shm"):
+    """One line when `shm` has no room for the batches this node's DataLoader workers hand over through it (a
+    container's default is 64 MB), with the fix; None when it has. A batch sits there from its worker's hand-over
+    until the training process lets it go. Without pinned memory (CPU runs) that is after its use: each worker's
+    prefetched batches and the one in use, of the training loader and, while validating or testing beside it, of
+    the evaluation loader. With pin_memory (CUDA runs) a thread copies each batch into pinned memory as it arrives,
+    so about one batch a worker of each loader sits there. Batch sizes in bytes, the largest of each loader."""
     if not args.workers or not os.path.isdir(shm):
         return None
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need = processes * (args.workers * loaders.TRAIN_PREFETCH + 2) * max(batch_bytes)  # + the one in use, pinned
-    free = shutil.disk_usage(shm).free
+    train_mib, test_mib = train_batch / 2**20, test_batch / 2**20
+    if pinned:  # each worker's newest batch, until the pin-memory thread has copied it
+        per_process = args.workers * (train_batch + test_batch)
+        what = (f"about one batch a worker of each loader, on its way into pinned memory: {args.workers} training "
+                f"batches of up to {train_mib:.1f} MiB and {args.workers} test batches of up to {test_mib:.1f} MiB")
+    else:  # each worker's prefetched batches, and the one in use
+        per_process = ((args.workers * loaders.TRAIN_PREFETCH + 1) * train_batch
+                       + (args.workers * loaders.EVAL_PREFETCH + 1) * test_batch)
+        what = (f"{args.workers} workers x {loaders.TRAIN_PREFETCH} prefetched training batches of up to "
+                f"{train_mib:.1f} MiB and the one in use, and while testing {args.workers} x "
+                f"{loaders.EVAL_PREFETCH} test batches of up to {test_mib:.1f} MiB and one more")
+    need, free = processes * per_process, shutil.disk_usage(shm).free
     if free >= need:
         return None
-    return (f"warning: {shm} has {free / 2**20:.0f} MiB free, and the loaders of this node's {processes} process(es) "
-            f"hand over about {need / 2**20:.0f} MiB of prefetched batches through it ({args.workers} workers x "
-            f"{loaders.TRAIN_PREFETCH} batches of up to {max(batch_bytes) / 2**20:.1f} MiB each); they would crash "
-            f"with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
+    return (f"warning: {shm} has {free / 2**20:.0f} MiB free, and the DataLoaders of this node's {processes} "
+            f"process(es) keep up to about {need / 2**20:.0f} MiB of batches there ({what} a process); they would "
+            f"crash with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
 
 
 def guard_lines(args, names, train_sets):

@@ -66,7 +66,7 @@ FAST = {
     "test_runtime.py": ["test_published_peak_by_device_name",
                         "test_step_values_are_read_one_step_late_unless_all_are_asked_for",
                         "test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple",
-                        "test_shm_too_small_for_the_prefetched_batches_is_one_line_with_the_fix"],
+                        "test_shm_too_small_for_the_batches_kept_there_is_one_line_with_the_fix"],
     "test_selfcheck.py": ["test_gradient_error_and_cosine_report_the_worst_parameter",
                           "test_nan_gradient_from_a_backend_fails_and_names_the_rows",
                           "test_cpu_launch_count_takes_each_kernel_once_and_no_view_allocation_or_decomposition",

@@ -198,26 +198,31 @@ def test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple():
     assert not any(runtime.due(0, s, 0.0, 1e9) for s in range(1, 10))  # --eval_every 0: only at the end
 
 
-@pytest.mark.parametrize("free_mib, processes, says", [
-    (64, 1, "--shm-size=1g"),      # a container's default shm, one process
-    (64, 8, "--shm-size=5g"),      # eight processes on the node
-    (2 ** 14, 8, None),            # 16 GiB: room
+@pytest.mark.parametrize("pinned, free_mib, processes, says", [
+    (False, 64, 1, "--shm-size=2g"),     # a CPU run in a container's default shm
+    (True, 64, 1, "--shm-size=1g"),      # a GPU
+    (True, 64, 8, "--shm-size=5g"),      # eight GPUs on the node
+    (True, 2 ** 12, 8, None),            # 4 GiB: room
+    (False, 2 ** 12, 8, "--shm-size=13g"),
 ])
-def test_shm_too_small_for_the_prefetched_batches_is_one_line_with_the_fix(tmp_path, monkeypatch, free_mib,
-                                                                          processes, says):
-    """The cover recipe's 8 workers a process, each 4 batches ahead, 8 clips of 3x8x224x224 bytes (9.2 MiB):
-    34 batches a process (and the one in use, and the one pinned): 312 MiB a process, 2.4 GiB for 8."""
+def test_shm_too_small_for_the_batches_kept_there_is_one_line_with_the_fix(tmp_path, monkeypatch, pinned, free_mib,
+                                                                           processes, says):
+    """The cover recipe's 8 workers a process, 8 training clips of 3x8x224x224 bytes (9.2 MiB) a batch, test batches
+    of 3 views (27.6 MiB). Without pinned memory (CPU) the batches stay in shm until used: 8 x 4 prefetched and the
+    one in use, and beside them while testing 8 x 2 and one: 33 + 17 x 3 = 84 training batches' worth, 772 MiB a
+    process. With pinned memory (GPU) a thread copies each out as it comes: one a worker of each, 8 + 8 x 3 = 32,
+    294 MiB a process, 2.3 GiB for 8."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: usage._replace(free=free_mib * 2**20)
                         if path == str(tmp_path) else usage)
     args = train.get_args(["--datasets", "k400,ssv2,in21k"])
     batch = 8 * 3 * 8 * 224 * 224
-    line = runtime.shm_warning(args, [batch, 4 * batch // 8], shm=str(tmp_path))
+    line = runtime.shm_warning(args, batch, 3 * batch, pinned, shm=str(tmp_path))
     if says is None:
         assert line is None
     else:
-        need = processes * (8 * 4 + 2) * batch / 2**20
+        need = processes * (32 if pinned else 84) * batch / 2**20
         assert line.startswith(f"warning: {tmp_path} has {free_mib} MiB free") and "\n" not in line
-        assert f"about {need:.0f} MiB" in line and "--ipc=host" in line and says in line
-    assert runtime.shm_warning(argparse.Namespace(workers=0), [batch], shm=str(tmp_path)) is None
+        assert f"about {need:.0f} MiB" in line and "--ipc=host" in line and says in line, line
+    assert runtime.shm_warning(argparse.Namespace(workers=0), batch, batch, pinned, shm=str(tmp_path)) is None

@@ -215,6 +215,7 @@ class ClipDataset(torch.utils.data.Dataset):
         # images have no temporal clips: their views are the spatial crops
         self.num_views = 1 if train else spec.test_crops * (spec.test_clips if spec.kind == 'video' else 1)
         self.lengths = {}  # path -> (true frame count, fps), filled in each worker as it reads
+        self.before_read = None  # loaders.py's: a quarantined path raises; in a loader worker it notes the read
 
     def __len__(self):
         return len(self.samples)
@@ -235,6 +236,8 @@ class ClipDataset(torch.utils.data.Dataset):
             # indices) gives the same bytes as a read with the true length cached
             seeds = rng.integers(0, 2**63, size=(num_sample, 2))
             try:
+                if self.before_read:
+                    self.before_read(index, path)
                 x = torch.from_numpy(self.train_clips(path, seeds))  # (R, T, H, W, C)
                 return {'x': x.permute(0, 4, 1, 2, 3).contiguous(), 'y': label, 'failed': failed}
             except READ_ERRORS as e:  # never stop training: take another sample of this dataset
@@ -266,6 +269,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def eval_item(self, index):
         path = self.samples.path(index)
         try:
+            if self.before_read:
+                self.before_read(index, path)
             x, ok = self.views(path), True
         except READ_ERRORS as e:
             warn_once(path, e)

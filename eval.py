@@ -12,6 +12,7 @@ Features for linear probes or retrieval: features.py, with the same flags.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -72,8 +73,14 @@ def test_all(model, datasets, *, batch_sizes, out=None, rank=0, **kw):
             print(f"  {n:16s} {top1:6.1f} {top5:6.1f} {mean_class:10.1f} {r['clips']:6d} {r['views']:5d} "
                   f"{r['failed']:6d}")
         if out:
-            with open(out, "w") as f:
-                json.dump(results, f, indent=1)
+            try:  # a temporary file, renamed: a full disk leaves no eval.json cut short
+                with open(f"{out}.tmp", "w") as f:
+                    json.dump(results, f, indent=1)
+                os.replace(f"{out}.tmp", out)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(f"{out}.tmp")
+                sys.exit(f"error: cannot write {out}: {e.strerror or e} (the results are printed above)")
     return results
 
 
@@ -128,6 +135,7 @@ def open_datasets(args, rt, run, label_maps, names, split="val"):
         sys.exit(f"error: {e}")
     if any(ds.classes != label_maps[n] for n, ds in datasets.items()):
         sys.exit("error: the classes on disk differ from the ones the checkpoint was trained with")
+    loaders.guard(datasets.values(), os.path.dirname(os.path.abspath(args.ckpt)))  # quarantined: failed, unread
     return datasets
 
 

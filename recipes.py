@@ -87,6 +87,8 @@ def parse(argv, description):
     a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
+    a("--sample_time_limit", type=float, default=120.0, help="seconds a loader worker may read one sample; "
+      "longer, it is ended, the sample quarantined and the loader started again (docs/cluster.md)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
     recipe = known.recipe or pick(known.datasets)
@@ -142,6 +144,9 @@ def check(args):
     if not 0 <= args.ema < 1 or not 0 < args.layer_decay <= 1:
         errors.append(f"--ema {args.ema} must lie in [0, 1) (0: off), --layer_decay {args.layer_decay} "
                       "in (0, 1] (1: off)")
+    if not 0 < args.sample_time_limit < 540:  # a rank's recovery must end before NCCL's 10-minute timeout
+        errors.append(f"--sample_time_limit {args.sample_time_limit:g}: seconds in (0, 540): under DDP the other "
+                      "ranks wait for a stuck one in a collective that NCCL ends after 600 s")
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     if args.init and not os.path.exists(args.init):

@@ -207,7 +207,8 @@ class RunLog:
     so a resumed run continues the same curves (W&B: the run id is kept in out_dir)."""
 
     def __init__(self, out_dir, enabled, args):
-        self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if enabled else None
+        self.path, self.enabled, self.file = os.path.join(out_dir, "log.jsonl"), enabled, None
+        self.failed = None  # why log.jsonl cannot be written: the loop stops on it, after a checkpoint
         self.tensorboard = self.wandb = None
         if enabled and args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # an opt-in extra: pip install tensorboard
@@ -223,9 +224,13 @@ class RunLog:
                                     config=vars(args))
 
     def write(self, record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        if self.enabled and not self.failed:
+            try:  # opened at the first write: a folder that refuses it is met here, as a full disk is
+                self.file = self.file or open(self.path, "a")
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.failed = f"cannot write {self.path}: {e.strerror or e}"
         values = scalars(record) if self.tensorboard or self.wandb else {}
         if self.tensorboard:
             for name, value in values.items():
@@ -235,16 +240,20 @@ class RunLog:
             self.wandb.log(values, step=record["step"])
 
     def say(self, message):
-        if self.file:
+        if self.enabled:
             tqdm.write(message)
 
     def close(self):
+        """Close the loggers; a write that failed since the loop last looked ends the run here, in one line."""
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk refuses the last flush again
+                self.file.close()
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+        if self.failed:
+            sys.exit(f"error: {self.failed}")
 
 
 def scalars(record, prefix=""):

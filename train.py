@@ -100,11 +100,12 @@ def train(args, rt):
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=len(names) > 1) if rt.world > 1 else model
-    loader = loaders.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
-                                     num_sample=[num_sample[n] for n in names],
-                                     grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
-                                     workers=args.workers, start_micro=step * args.grad_accum,
-                                     pin_memory=device.type == "cuda")
+    # the batches; a loader worker that dies or sticks costs a restart, and its sample is quarantined
+    batches = loaders.TrainBatches(train_sets, names, [local_batch[n] for n in names], weights=weights,
+                                   num_sample=[num_sample[n] for n in names], grad_accum=args.grad_accum,
+                                   rank=rt.rank, world=rt.world, seed=args.seed, workers=args.workers,
+                                   start_micro=step * args.grad_accum, pin_memory=device.type == "cuda",
+                                   out_dir=args.out_dir, time_limit=args.sample_time_limit)
     normalize = data.Normalize(args.mean, args.std, device)
     mixing = {n: recipes.mixing(args, n) for n in names}  # (mixup, cutmix) alphas
     smoothing = {n: 0.0 if any(mixing[n]) else args.label_smoothing for n in names}  # mixed targets have it
@@ -124,7 +125,6 @@ def train(args, rt):
     log = runtime.RunLog(args.out_dir, rt.master, args)
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
-    batches = iter(loader)
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
@@ -159,8 +159,10 @@ def train(args, rt):
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss averaged over ranks, and whether any rank got SIGTERM (> 0), in one collective
-        stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set()))])
+        # the loss averaged over ranks, and flags, > 0 where any rank raised them, in one collective: SIGTERM,
+        # samples quarantined, a stop with an error (the loader gave up, log.jsonl cannot be written)
+        flags = (sigterm.is_set(), bool(batches.new), bool(batches.failed or log.failed))
+        stats = torch.stack([step_loss, *(torch.full_like(step_loss, float(f)) for f in flags)])
         if rt.world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         # clip the gradient, step the optimizer
@@ -173,7 +175,9 @@ def train(args, rt):
         if ema is not None:  # the moving average follows every optimizer step
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
-        loss_value, stop = stats.tolist()  # the step's one wait for the GPU
+        loss_value, stop, quarantined, halt = stats.tolist()  # the step's one wait for the GPU
+        if quarantined:  # from the next step on, every rank skips what any rank quarantined
+            batches.share(rt)
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
             bar.close()
             sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
@@ -193,8 +197,12 @@ def train(args, rt):
             val = test_all(tested, dict(zip(names, val_sets)), **test_kw)
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
-        if step % args.save_every == 0 or step == args.max_steps or stop:
+        if step % args.save_every == 0 or step == args.max_steps or stop or halt:
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
+        if halt:  # after the checkpoint: each rank's line, the one that stopped the run saying why
+            bar.close()
+            why = batches.failed or log.failed or f"rank {rt.rank} stops: another rank stopped the run"
+            sys.exit(f"error: {why}. Saved {files.path} at step {step}: the same command continues from it")
         if stop:
             log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
             break

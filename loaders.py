@@ -114,11 +114,11 @@ class TrainBatches:
         for ds in self.datasets:
             ds.before_read = Guard(self.quarantine)
         self.applied = set(self.quarantine)
-        self.table = torch.zeros(workers, 4, dtype=torch.float64).share_memory_() if workers else None
-        self.rows = self.table.numpy() if workers else None  # this process's view of the workers' rows
+        table = torch.zeros(workers, 4, dtype=torch.float64).share_memory_() if workers else None
+        self.rows = table.numpy() if workers else None  # this process's view of the workers' rows
         self.ended = {}  # pid -> why the watchdog ended that worker
         self.loader = build_train_loader(self.datasets, self.batch_sizes, rank=self.rank, workers=workers,
-                                         start_micro=self.micro, table=self.table, **self.kw)
+                                         start_micro=self.micro, table=table, **self.kw)
         self.batches = None
 
     def __iter__(self):
@@ -149,7 +149,9 @@ class TrainBatches:
 
     def fault(self):
         """-> (what happened, [(d, index) the dead workers were reading]) when a worker has died, else None."""
-        workers = getattr(self.batches, "_workers", [])  # DataLoader's processes; none when loading in-process
+        workers = getattr(self.batches, "_workers", None)  # DataLoader's processes
+        if not workers:  # loading in this process
+            return None
         multiprocessing.connection.wait([w.sentinel for w in workers], timeout=POLL)  # an exit may lag its signs
         for process in workers:
             if process.pid in self.ended:  # SIGKILLed by the watchdog: gone in a moment

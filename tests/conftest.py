@@ -31,6 +31,7 @@ FAST = {
                      "test_views_override_and_single_file_views", "test_mixup_targets_sum_to_one_and_match_lambda"],
     "test_demo.py": ["test_unknown_demo_name_is_refused"],
     "test_eval.py": ["test_not_a_checkpoint_is_one_line"],
+    "test_faults.py": ["test_log_jsonl_refused_stops_in_one_line_after_a_checkpoint"],
     "test_fork.py": ["test_your_own_dataset_trains_and_tests_with_kinetics_sampling",
                      "test_change_the_mix_and_see_each_datasets_epochs_before_training",
                      "test_a_new_attention_type_trains_and_is_counted",

@@ -563,18 +563,64 @@ def test_log_jsonl_refused_stops_in_one_line_after_a_checkpoint(demo_dir, tmp_pa
     assert step == len(written) + 2 and load(out / "ckpt.pt")["step"] == step  # the write of step len + 1 failed
 
 
+RANK0_CANNOT_LOG = """
+import errno, os, sys
+sys.path.insert(0, {root!r})
+import runtime, train
+
+def refuse(path, *args, **kwargs):  # rank 0's log.jsonl, refused as by a folder that turned read-only
+    if os.path.basename(str(path)) == "log.jsonl":
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    return open(path, *args, **kwargs)
+
+if os.environ["RANK"] == "0":
+    runtime.open = refuse
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_log_jsonl_refused_stops_every_rank_after_a_checkpoint(demo_dir, tmp_path):
+    """Rank 0 alone writes log.jsonl: the other rank learns of the failure on the next step's all-reduce, and
+    both stop after the checkpoint, each with one line, instead of one going on alone into a collective."""
+    script = tmp_path / "launch.py"
+    script.write_text(RANK0_CANNOT_LOG.format(root=ROOT))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)] + FAST + [
+        "--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "6", "--save_every", "100"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        text = p.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the agent and every worker: nothing may outlive the test
+        raise AssertionError("a rank did not exit:\n" + p.communicate()[0][-4000:]) from None
+    assert p.returncode != 0, text[-4000:]  # (torchrun's agent reports a failed rank with a traceback of its own)
+    errors = sorted(line[line.index("error: "):] for line in text.replace("\r", "\n").splitlines() if "error: " in line)
+    tail = f". Saved {out}/ckpt.pt at step 2: the same command continues from it"
+    assert errors == [f"error: cannot write {out}/log.jsonl: Read-only file system" + tail,
+                      "error: rank 1 stops: another rank stopped the run" + tail], errors
+    assert load(out / "ckpt.pt")["step"] == 2
+
+
 @pytest.mark.parametrize("fault", ["ENOSPC", "read-only"])
 def test_eval_json_refused_is_one_line_and_leaves_nothing(demo_dir, tmp_path, monkeypatch, mount, fault):
+    """A full disk, injected; a real read-only folder where this machine can mount one (eval.py in a process
+    of its own, whose memory-mapped listings end with it and leave the mount free to go)."""
     out = tmp_path / "run"
     train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "1"])
     before = sorted(os.listdir(out))
-    if fault == "read-only":  # a real read-only folder, where this machine can mount one
+    if fault == "read-only":
         mount("--bind", str(out), where=out)
         mount("-o", "remount,bind,ro", where=out)
+        r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "ckpt.pt"), "--workers", "0"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        msg = r.stderr.strip()
     else:
         monkeypatch.setattr(evaluate, "open", refusing("eval.json.tmp", "ENOSPC", room=100), raising=False)
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0"])
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0"])
+        msg = str(e.value)
     says = "No space left on device" if fault == "ENOSPC" else "Read-only file system"
-    assert str(e.value) == f"error: cannot write {out}/eval.json: {says} (the results are printed above)"
+    assert msg == f"error: cannot write {out}/eval.json: {says} (the results are printed above)"
     assert sorted(os.listdir(out)) == before  # no eval.json, whole or cut short, no temporary file

@@ -3,8 +3,10 @@ never returns (a FIFO, as a stalled network mount) costs a restart and that one 
 quarantined; the batches are the batches of a loader that never read the sample, bit for bit."""
 
 import itertools
+import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -50,3 +52,27 @@ def test_a_worker_lost_mid_read_costs_that_sample_and_nothing_else(tmp_path, cap
             "stuck": "sleeping (S); --sample_time_limit 2): ended"}[fault] in said[0]
     assert [(e["dataset"], e["path"]) for e in batches.new] == [("mine", fifo)]
     assert batches.failed is None and len(batches.restarts) == 1
+
+
+def test_a_worker_killed_between_samples_costs_no_sample(tmp_path, capsys):
+    """Killed while it waits with its batches made (a full prefetch): nothing named or quarantined, and the
+    batches are those of a loader without the fault."""
+    fifo, datasets = stall_set(tmp_path)
+    os.remove(fifo)  # listed, not on disk: left out of the listing
+    reference = datasets()
+    reference[0].before_read = loaders.Guard([])
+    expected = list(itertools.islice(loaders.build_train_loader(reference, [4], workers=0, **KW), 3))
+    batches = loaders.TrainBatches(datasets(), ["mine"], [4], out_dir=str(tmp_path), time_limit=60, workers=2, **KW)
+    got = [next(batches)]
+    deadline = time.monotonic() + 120
+    while not (batches.rows[:, loaders.PID].all() and not batches.rows[:, loaders.SINCE].any()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # both workers have made their batches and wait
+    os.kill(int(batches.rows[0, loaders.PID]), signal.SIGKILL)
+    got += [next(batches), next(batches)]
+    for a, b in zip(expected, got):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"]) and a["failed"] == b["failed"] == []
+    said = [line for line in capsys.readouterr().out.splitlines() if "] loader worker " in line]
+    assert len(said) == 1 and "killed by SIGKILL; the loader starts again at micro-batch " in said[0], said
+    assert batches.new == [] and batches.quarantine == {}

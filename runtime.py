@@ -29,6 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
 STARTUP_TIMEOUT = datetime.timedelta(hours=2)
 ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
+UNREADABLE_STEPS = 10  # a dataset none of whose first steps read one sample is taken for unreadable
 
 
 @dataclass
@@ -119,7 +120,8 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
 def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
            weights):
     """Rank 0's start-up report: the run, the recipe's values, and per dataset its size, batch, steps and
-    epochs in this run, how it samples frames, and whether one process's loader workers keep up."""
+    epochs in this run (samples read over all ranks / size: the sampler reads each epoch whole), how it
+    samples frames, whether one process's loader workers keep up, and what listing each split left out."""
     if not rt.master:
         return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
@@ -140,10 +142,47 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
         takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
         loads, R = loader_rate(tr, num_sample[n]), num_sample[n]
         frames = f"kinetics/{tr.spec.rate}" if tr.spec.sampling == "kinetics" else tr.spec.sampling
+        problems = {split: ds.problems for split, ds in (("train", tr), ("val", va)) if ds.problems}
         print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {R:3d} {weights[d]:6g} "
               f"{steps:7d} {steps * batch / R / len(tr):6.1f} {frames:>11s} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
-              + (f"  problems: {tr.problems}" if tr.problems else ""))
+              + (f"  problems: {problems}" if problems else ""))
+    for line in guard_lines(args, names, train_sets):
+        print(line)
+
+
+def guard_lines(args, names, train_sets):
+    """What the guard left out of each training set, and whose validation videos they were; or that it is off."""
+    if args.train_on_val_videos:
+        return ["validation videos: NOT left out of training (--train_on_val_videos): a training set may hold "
+                "validation videos of another (Kinetics versions share YouTube videos), and test numbers may "
+                "include training videos"]
+    lines = ["validation videos: the training samples whose YouTube video is a validation video of a set in "
+             "--datasets are left out of training (--train_on_val_videos keeps them):"]
+    for n, tr in zip(names, train_sets):
+        left = tr.samples.left_out
+        if left is None:
+            lines.append(f"    {n}: not checked (its file names give no YouTube id)")
+            continue
+        whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
+        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else ""))
+    return lines
+
+
+def guard_record(args, names, train_sets):
+    """The guard for log.jsonl: on or off, and per training set what it left out (None: no YouTube ids)."""
+    if args.train_on_val_videos:
+        return {"on": False}
+    return {"on": True, "left_out": {n: tr.samples.left_out for n, tr in zip(names, train_sets)}}
+
+
+def guard_state(config):
+    """'on' if the run with this config left validation videos out of training, else 'off' ('not recorded' for
+    a run from before the guard)."""
+    flag = config.get("train_on_val_videos")
+    if flag is None:
+        return "not recorded"
+    return "off" if flag else "on"
 
 
 def loader_rate(dataset, num_sample, samples=4):
@@ -181,24 +220,53 @@ class Meter:
 
 
 class Failures:
-    """Samples replaced because their file could not be read: counted per dataset, each path told once."""
+    """Samples replaced because their file could not be read, each path told once, and samples dropped
+    because no substitute could be read either, each told in a line: counted per dataset. And blank steps:
+    steps whose every sample was dropped on every rank, which train nothing, each told in a line."""
 
     def __init__(self, names, rank):
-        self.counts, self.told, self.rank = dict.fromkeys(names, 0), set(), rank
+        self.counts, self.dropped = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        self.blank = dict.fromkeys(names, 0)  # the same on every rank: each learns it from the step's collective
+        self.told, self.rank = set(), rank
 
-    def add(self, name, paths):
+    def add(self, name, paths, dropped=()):
         for path in paths:
             self.counts[name] += 1
             if path not in self.told:
                 self.told.add(path)
                 tqdm.write(f"[rank {self.rank}] unreadable sample replaced ({name}): {path}")
+        for line in dropped:
+            self.dropped[name] += 1
+            tqdm.write(f"[rank {self.rank}] warning: {name}: {line}")
+
+    def blank_step(self, name, step, steps):
+        """Step `step`, the steps-th of dataset `name`, lost every sample on every rank: counted and told.
+        -> the line that stops the run, on every rank, when none of the dataset's first UNREADABLE_STEPS
+        steps read a sample, else None."""
+        self.blank[name] += 1
+        if self.blank[name] == steps == UNREADABLE_STEPS:
+            return (f"error: no sample of {name} could be read in its first {steps} steps (see the lines above); "
+                    f"check its files, the codecs your video reader supports, and disk access")
+        if self.rank == 0:
+            tqdm.write(f"warning: step {step} trained nothing: every sample of {name} was dropped, on every rank")
+
+    def restore(self, ckpt):
+        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on;
+        every rank carries on the blank steps."""
+        if self.rank == 0:
+            self.counts.update(ckpt["failed"])
+            self.dropped.update(ckpt.get("dropped", {}))
+        self.blank.update(ckpt.get("blank_steps", {}))
 
     def totals(self, rt):
-        if rt.world == 1:
-            return dict(self.counts)
-        t = torch.tensor(list(self.counts.values()), dtype=torch.float64, device=rt.device)
-        dist.all_reduce(t)
-        return dict(zip(self.counts, t.long().tolist()))
+        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks, and 'blank_steps'."""
+        counts = list(self.counts.values()) + list(self.dropped.values())
+        if rt.world > 1:  # int64: exact, and on every device (MPS has no float64)
+            t = torch.tensor(counts, dtype=torch.int64, device=rt.device)
+            dist.all_reduce(t)
+            counts = t.tolist()
+        return {"failed": dict(zip(self.counts, counts)),
+                "dropped": dict(zip(self.dropped, counts[len(self.counts):])), "blank_steps": dict(self.blank)}
 
 
 class RunLog:

@@ -4,8 +4,8 @@ each optimizer step to one dataset; images train as single-frame videos.
 
     python train.py                                       # the demo: built-in data, CPU, minutes
     python train.py --datasets demo_ssv2                  # the demo recipe on one demo set
-    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth \\
-        --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5             # the cover recipe on real data
+    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k \\
+        --init hf-hub:google/vit-base-patch16-224-in21k   # the cover recipe on real data
 
 Naming only demo sets (or none) runs the `demo` recipe, real ones `cover` (recipes.py); flags given win.
 The same command again continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import data
 import demo
 import loaders
 import model as M
 import recipes
 import runtime
-from eval import test_all
+from eval import test_all, test_heads
 
 
 def get_args(argv=None):
@@ -63,20 +64,24 @@ def main(argv=None):
 
 def train(args, rt):
     names, device, dtype = args.datasets.split(","), rt.device, runtime.DTYPES[args.dtype]
-    weights = recipes.dataset_weights(args, names)
     os.makedirs(args.out_dir, exist_ok=True)
     files = runtime.CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt"))  # and the one before, ckpt.prev.pt
 
-    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
-    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
+    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings.
+    # No validation video in training: a training sample that is one (by YouTube id) is left out.
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
+    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train", guard=val_sets)
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
+    weights, args.max_steps = recipes.budgets(args, names, train_sets, local_batch, num_sample, rt.world)
+    lr_factor = {n: recipes.per_dataset(args, "lr_factor", float).get(n, 1.0) for n in names}
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
+    # kept in ckpt.pt; a resumed run's are its own
+    args.mean, args.std = recipes.normalization(args, model.normalization, rt.master, resumed=ckpt is not None)
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -91,8 +96,7 @@ def train(args, rt):
         step = ckpt["step"]
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
-        if rt.master:  # the saved counts are totals over the ranks
-            failures.counts.update(ckpt["failed"])
+        failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
     if args.compile:
         model.compile_trunk()
@@ -116,13 +120,15 @@ def train(args, rt):
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
-    runtime.report(args, recipes.RECIPES[args.recipe], model, source, rt, peak, names, train_sets, val_sets,
-                   local_batch, num_sample, weights)
+    recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
+    runtime.report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
+                   weights)
 
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
     log = runtime.RunLog(args.out_dir, rt.master, args)
+    log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     wrapped.train()
@@ -135,16 +141,18 @@ def train(args, rt):
         name = names[d]
         # drop path draws from torch's RNG: seeded per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
-        lr = get_lr(step, args)
+        lr = get_lr(step, args) * lr_factor[name]  # x the factor of the step's dataset (--lr_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
+        blank = True  # whether every sample of this rank's step was dropped
         for micro in range(args.grad_accum):
             with meter.waiting():
                 batch = next(batches)
             if batch["dataset"] != d:  # one schedule: the sampler's must be the loop's (an int: no GPU sync)
                 sys.exit(f"error: step {step}: the loop trains {name}, the batch is {names[batch['dataset']]}")
-            failures.add(name, batch["failed"])
+            failures.add(name, batch["failed"], batch["dropped"])
+            blank = blank and batch["blank"]
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
             # mixup / cutmix where on: soft targets, smoothing included, drawn per step (resume is exact)
@@ -156,12 +164,13 @@ def train(args, rt):
                 with runtime.autocast(device, dtype):
                     logits = wrapped(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing[name])
+                loss = loss * 0 if batch["blank"] else loss  # no sample left: no gradient, yet in DDP's backward
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss averaged over ranks, and flags, > 0 where any rank raised them, in one collective: SIGTERM,
-        # samples quarantined, a stop with an error (the loader gave up, log.jsonl cannot be written)
-        flags = (sigterm.is_set(), bool(batches.new), bool(batches.failed or log.failed))
+        # the loss averaged over ranks and flags, in one collective: whether any rank got SIGTERM, kept a sample
+        # (0 if none), quarantined samples, or must stop with an error (its loader gave up, log.jsonl is refused)
+        flags = (sigterm.is_set(), not blank, bool(batches.new), bool(batches.failed or log.failed))
         stats = torch.stack([step_loss, *(torch.full_like(step_loss, float(f)) for f in flags)])
         if rt.world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
@@ -175,19 +184,25 @@ def train(args, rt):
         if ema is not None:  # the moving average follows every optimizer step
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
-        loss_value, stop, quarantined, halt = stats.tolist()  # the step's one wait for the GPU
+        loss_value, stop, kept, quarantined, halt = stats.tolist()  # the step's one wait for the GPU
         if quarantined:  # from the next step on, every rank skips what any rank quarantined
             batches.share(rt)
         if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
             bar.close()
             sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
                      f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
-        loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
+        if kept == 0:  # every rank lost every sample: the step trained nothing, and the run goes on
+            error = failures.blank_step(name, step - 1, data.steps_before(step, d, weights))
+            if error:  # unless the dataset never read a sample
+                bar.close()
+                sys.exit(error)
+        else:
+            loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
 
         # log, validate, save
         if step % args.log_every == 0 or step == args.max_steps:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
-                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, "failed": failures.totals(rt)}
+                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt)}
             bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + " | "
                                 f"{record['clips_per_s']:.0f} clips/s, data {record['data_wait']:.0%}, "
                                 f"MFU {record['mfu']:.1%}")
@@ -210,21 +225,25 @@ def train(args, rt):
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        val = dict(zip(names, open_datasets(args, names, "val")))
+        heads = test_heads(names, label_maps, args.data_dir)  # k710: each Kinetics version, on its rows
+        val = dict(zip(heads, open_datasets(args, list(heads), "val")))
         log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
-        results = test_all(tested, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        results = test_all(tested, val, heads=heads, label_maps=label_maps, guard=runtime.guard_state(vars(args)),
+                           out=os.path.join(args.out_dir, "eval.json"), **test_kw)
         log.write({"step": step, "test": results, "weights": which})
     log.close()
 
 
-def open_datasets(args, names, split, views=None):
-    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named."""
+def open_datasets(args, names, split, views=None, guard=None):
+    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named.
+    guard: the validation sets, whose videos training leaves out unless --train_on_val_videos."""
     try:
         demo.prepare(args.data_dir, names)
         listings = os.path.join(args.out_dir, "listings")
+        validation = {n: ds.samples for n, ds in zip(names, guard)} if guard and not args.train_on_val_videos else None
         return [data.build_dataset(n, args.data_dir, split, frames=args.frames, img_size=args.img_size,
-                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings)
-                for n in names]
+                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings,
+                                   validation=validation) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
 
@@ -241,12 +260,19 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         if ckpt["config"]["datasets"] != args.datasets:
             sys.exit(f"error: the checkpoint in {args.out_dir} was trained on other --datasets "
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
+        kept = ckpt["config"].get("train_on_val_videos", True)  # a run from before the guard kept them
+        if kept != args.train_on_val_videos:
+            sys.exit(f"error: the checkpoint in {args.out_dir} was trained {'with' if kept else 'without'} validation "
+                     f"videos; resume it {'with' if kept else 'without'} --train_on_val_videos, or use a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
+        run = ckpt["config"]
+        model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
+        asked = {"attention": args.attention} if args.attention else {}  # a ViT's; video weights keep theirs
         try:
-            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides)
+            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides, **asked)
         except (ValueError, KeyError, ImportError) as e:
             sys.exit(f"error: --init {args.init}: {e}")
         source = f"initialised from {args.init}"
@@ -254,6 +280,7 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         model = M.TimeSformer(M.make_config(args.model, attention=args.attention, **overrides), heads=heads)
         source = "training from scratch"
     model.grad_checkpointing = args.grad_checkpoint
+    args.attention = model.cfg.attention  # kept in ckpt.pt: the weights' own where --init did not say
     return model.to(rt.device), source
 
 
@@ -270,12 +297,11 @@ def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_
     was written (runtime.save_on_rank0). Once a step, though --stop_at, --save_every and SIGTERM may all ask."""
     if files.step == step:  # ckpt.pt holds this step already
         return
-    failed = failures.totals(rt)
     runtime.save_on_rank0(rt, files, {
         "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-        "failed": failed, **({"ema": ema.state_dict()} if ema else {})})
+        **failures.totals(rt), **({"ema": ema.state_dict()} if ema else {})})
 
 
 if __name__ == "__main__":

@@ -195,9 +195,10 @@ def test_dataset_with_no_readable_sample_stops_clearly(tmp_path):
         (root / split / "a").mkdir(parents=True)
         for i in range(3):
             (root / split / "a" / f"{i}.mp4").write_bytes(b"\x00" * 64)
-    with pytest.raises(Exception, match="no readable sample"):
+    # a step that reads nothing trains nothing and the run goes on, unless the dataset never read a sample
+    with pytest.raises(SystemExit, match="no sample of broken could be read in its first 10 steps"):  # every rank
         train.main(FAST + ["--datasets", "broken", "--data_dir", str(tmp_path / "data"), "--out_dir",
-                           str(tmp_path / "out"), "--model", "demo", "--img_size", "32", "--max_steps", "2"])
+                           str(tmp_path / "out"), "--model", "demo", "--img_size", "32", "--max_steps", "12"])
 
 
 # ---- the disk: a spoilt ckpt.pt falls back to ckpt.prev.pt; a save the disk refuses stops in one line
@@ -560,7 +561,8 @@ def test_log_jsonl_refused_stops_in_one_line_after_a_checkpoint(demo_dir, tmp_pa
     msg = str(e.value)
     assert msg.startswith(f"error: cannot write {out}/log.jsonl: {says}. Saved {out}/ckpt.pt at step ") and "\n" not in msg
     step = int(msg.split(" at step ")[1].split(":")[0])
-    assert step == len(written) + 2 and load(out / "ckpt.pt")["step"] == step  # the write of step len + 1 failed
+    # no room: the record of step len + 1 failed; no permission: the first, the run's start-up record
+    assert step == (len(written) + 2 if fault == "ENOSPC" else 1) and load(out / "ckpt.pt")["step"] == step
 
 
 RANK0_CANNOT_LOG = """

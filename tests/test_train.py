@@ -20,7 +20,8 @@ import model as M
 import recipes
 import runtime
 import train
-from helpers import spoil
+from helpers import hub_cache, spoil
+from media import tiny_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -133,6 +134,51 @@ def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
         assert g["lr"] == train.get_lr(1, args) * g["lr_scale"]
 
 
+def test_epochs_set_the_weights_and_the_steps():
+    """Steps = epochs x samples / samples a step (the global batch over R clips a sample), by hand: 30 x 240,000 /
+    (64 / 2) = 225,000; 20 x 169,600 / 64 = 53,000; 1 x 11,060,000 / 256 = 43,203.125, rounded."""
+    def budgets(*flags):
+        args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
+        return recipes.budgets(args, ["a", "b", "c"], [range(240_000), range(169_600), range(11_060_000)],
+                               {"a": 64, "b": 64, "c": 256}, {"a": 2, "b": 1, "c": 1}, world=1)
+
+    assert budgets() == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    assert budgets("--max_steps", "321203", "--weights", "225000,53000,43203") == budgets()  # agreeing: fine
+    for flags, says in [(["--max_steps", "1000"], "makes 321203 steps in all, not --max_steps 1000"),
+                        (["--weights", "c=2"], "not in the ratio of --weights c=2")]:
+        with pytest.raises(SystemExit, match=says):
+            budgets(*flags)
+
+
+def test_lr_factor_scales_the_lr_of_the_steps_that_train_its_dataset(demo_dir, tmp_path):
+    """The lr of step s is get_lr(s) x the factor of s's dataset x the group's layer-decay scale; the log says it."""
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "8", "--workers", "0",
+                     "--lr_factor", "demo_ssv2=0.25,demo_imagenet=3", "--layer_decay", "0.5", "--weights", "1,1,1"]
+    args, factor = train.get_args(common), {"demo_kinetics": 1.0, "demo_ssv2": 0.25, "demo_imagenet": 3.0}
+    for stop in (1, 2, 3):  # the last step taken is stop - 1: round robin, one of each dataset
+        train.main(common + ["--stop_at", str(stop)])
+        lr = train.get_lr(stop - 1, args) * factor[demo.NAMES[stop - 1]]
+        for group in load(tmp_path / "ckpt.pt")["optimizer"]["param_groups"]:
+            assert group["lr"] == lr * group["lr_scale"]
+        logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line][-1]
+        assert logged["step"] == stop and logged["lr"] == lr
+
+
+def test_budgets_and_lr_factors_resume_to_the_bit(demo_dir, tmp_path):
+    """--epochs sets the run's length from the listed sizes (demo: 36 / 36 / 48 samples, batches of 4 / 4 / 8):
+    0.25 epoch each is 2 + 2 + 2 steps (2.25 -> 2, 2.25 -> 2, 1.5 -> 2); straight == stopped at 3 and resumed."""
+    common = FAST + ["--data_dir", demo_dir, "--workers", "0", "--save_every", "100", "--epochs", "0.25",
+                     "--lr_factor", "demo_imagenet=0.1,demo_ssv2=3"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == a["config"]["max_steps"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for i in a["optimizer"]["state"]
+               for x, y in zip(a["optimizer"]["state"][i].values(), b["optimizer"]["state"][i].values()))
+
+
 def torchrun(args, timeout=300, launcher=(), script="train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher, script] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -229,6 +275,151 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     assert log[-1]["step"] == n // 2
 
 
+def mostly_unreadable(tmp_path):
+    """<tmp_path>/data/mine: 16 training videos, 14 of them empty files, so that some samples and all their
+    substitutes fail (seed 0: a micro-batch of 2 loses both); its val split lists a file that is not there
+    and a label that train does not have."""
+    root = tmp_path / "data" / "mine"
+    for i in range(16):
+        if i < 2:
+            tiny_video(root / f"{i}.mp4")
+        else:
+            (root / f"{i}.mp4").write_bytes(b"")
+    (root / "train.csv").write_text("".join(f"{i}.mp4 {i % 2}\n" for i in range(16)))
+    (root / "val.csv").write_text("0.mp4 0\n1.mp4 1\ngone.mp4 0\n0.mp4 5\n")
+    return str(tmp_path / "data")
+
+
+def dropped_in(data_dir, keys):
+    """Which of the sample keys (d, index, seed) the dataset drops, asked of the dataset itself."""
+    ds = data.build_dataset("mine", data_dir, "train", frames=8, img_size=32)
+    return [bool(ds[tuple(key[1:3])]["dropped"]) for key in keys]
+
+
+def test_a_sample_with_no_readable_substitute_is_dropped_counted_and_dropped_again_on_resume(tmp_path, capsys):
+    """The run goes on one sample short (a micro-batch that lost both takes part as one blank clip at zero
+    weight); log.jsonl and the checkpoint count the dropped samples; a resume drops the same ones and ends
+    on the same weights. The start-up table shows the val split's problems, listed anew or from the cache."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "8", "--grad_accum", "2",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    listed = capsys.readouterr().out
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    cached = capsys.readouterr().out
+    smp = data.MultiDatasetBatchSampler([16], [2], grad_accum=2)  # batch 4: 2 samples a micro-batch, seed 0
+    dropped = [dropped_in(data_dir, smp.batch(m)) for m in range(16)]
+    assert any(all(d) for d in dropped) and not any(all(dropped[m] + dropped[m + 1]) for m in range(0, 16, 2))
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["dropped"]["mine"] for r in log] == [sum(map(sum, dropped[:2 * s])) for s in range(1, 9)]
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["dropped"] == b["dropped"] == {"mine": sum(map(sum, dropped))} and a["failed"] == b["failed"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for out in (listed, cached):
+        [row] = [line for line in out.splitlines() if line.startswith("  mine ")]
+        assert row.endswith("problems: {'val': {'missing': 1, 'unknown_label': 1}}"), row
+
+
+def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(tmp_path, monkeypatch):
+    """3 steps on 2 processes (seed 0: a rank whose micro-batch lost both samples takes part in the step as
+    one blank clip), then 3 on one process: the samples read, with their seeds, are the ones a single
+    process reads in 6 steps. Each dataset's position is the samples read over all ranks."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--workers", "0"]
+    script = tmp_path / "launch.py"
+    script.write_text(LOG_KEYS.format(root=ROOT, out=str(tmp_path)))
+    log = torchrun(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"], script=str(script))
+    two = [json.loads(line)[:3] for r in (0, 1) for line in open(tmp_path / f"rank{r}")]
+    rank1 = [json.loads(line)[:3] for line in open(tmp_path / "rank1")]
+    assert any(all(dropped_in(data_dir, rank1[m:m + 2])) for m in range(0, 6, 2)) and "[rank 1] warning: mine:" in log
+    read, logged = [], loaders.MultiDataset.__getitem__
+    monkeypatch.setattr(loaders.MultiDataset, "__getitem__", lambda self, key: read.append(list(key)) or
+                        logged(self, key))
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    resumed = list(read)
+    read.clear()
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
+
+
+def blank_steps(data_dir, steps, world=1):
+    """The steps, one sample on each of `world` ranks, whose every sample the dataset drops."""
+    ranks = [data.MultiDatasetBatchSampler([16], [1], rank=r, world=world) for r in range(world)]
+    return [m for m in range(steps) if all(dropped_in(data_dir, [s.batch(m)[0] for s in ranks]))]
+
+
+def test_a_step_that_lost_every_sample_trains_nothing_and_the_run_goes_on(tmp_path, capsys):
+    """--batch_size 1 on a mostly unreadable set: a step whose one sample was dropped trains nothing (zero
+    loss; the loss curve skips it), says so in a line and is counted (log.jsonl, ckpt.pt); the run reaches
+    --max_steps, and stopped at such a step and resumed it ends on the same weights, bit for bit."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 12)
+    assert blank[:3] == [1, 6, 7] and len(blank) < 12  # seed 0: the first step reads, step 1 loses its sample
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "12", "--batch_size", "1",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    said = capsys.readouterr().out
+    told = re.findall(r"warning: step (\d+) trained nothing: every sample of mine was dropped, on every rank", said)
+    assert [int(s) for s in told] == blank
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [sum(m < s for m in blank) for s in range(1, 13)]
+    assert all(log[m]["loss"] == log[m - 1]["loss"] for m in blank)  # record m is after step m
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", str(blank[1])])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])  # resumed at a step that trains nothing
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == 12 and a["blank_steps"] == b["blank_steps"] == {"mine": len(blank)}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = [(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"]]
+    assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
+
+
+NCCL_AVG = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+
+reduce = dist.all_reduce
+
+
+def nccl_avg(tensor, op=dist.ReduceOp.SUM, **kw):
+    # NCCL averages floats as a PreMulSum: each rank's value times float(1 / ranks), summed in float. As
+    # {ranks} ranks would: each of the 2 stands for {ranks} // 2 of them.
+    if op != dist.ReduceOp.AVG or not tensor.is_floating_point():
+        return reduce(tensor, op=op, **kw)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    total, scale = torch.zeros_like(tensor), torch.tensor(1 / {ranks}, dtype=tensor.dtype)
+    for part in parts:
+        for _ in range({ranks} // len(parts)):
+            total = total + part * scale
+    tensor.copy_(total)
+
+
+dist.all_reduce = nccl_avg
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backend_rounds(tmp_path):
+    """The ranks tell each other in the step's one all_reduce (AVG) whether they kept a sample. NCCL averages
+    floats as a sum of values each times 1/ranks, so an average of 1s is not 1.0 for many numbers of ranks
+    (12: 0.99999988): a flag must be read as 0 or not 0. Two processes whose AVG rounds as 12 ranks' would:
+    the steps where both ranks lost their sample are the ones counted."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 6, world=2)
+    assert blank == [3, 5]  # seed 0, one sample a rank
+    script = tmp_path / "launch.py"
+    script.write_text(NCCL_AVG.format(root=ROOT, ranks=12))
+    out = torchrun(FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--batch_size", "2",
+                           "--workers", "0", "--out_dir", str(tmp_path / "o")], script=str(script))
+    assert [int(s) for s in re.findall(r"warning: step (\d+) trained nothing", out)] == blank
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [0, 0, 0, 1, 1, 2] and log[-1]["step"] == 6
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),
@@ -249,6 +440,16 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
     (["--sample_time_limit", "600"], "--sample_time_limit 600: seconds in (0, 540)"),
+    (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
+    (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
+                                  "for demo_kinetics, demo_imagenet too)"),
+    (["--epochs", "k400=3"], "--epochs k400=3: a name not in --datasets"),
+    (["--lr_factor", "demo_ssv2=-1"], "--lr_factor demo_ssv2=-1: each factor must be a number > 0"),
+    (["--lr_factor", "k400=0.1"], "--lr_factor k400=0.1: a name not in --datasets"),
+    (["--epochs", "1", "--max_steps", "5"], "steps in all, not --max_steps 5: drop one of the two"),
+    (["--epochs", "1", "--weights", "1,1,3"], "not in the ratio of --weights 1,1,3: drop one of the two"),
+    (["--mean", "0.5,0.5"], "--mean 0.5,0.5: three numbers, one per RGB channel"),
+    (["--std", "0.2,0,0.2"], "--std 0.2,0,0.2: three numbers, one per RGB channel (std > 0)"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -270,6 +471,48 @@ def test_init_that_is_not_a_checkpoint_is_one_line(demo_dir, tmp_path, kind, say
     assert "\n" not in msg and "weights_only" not in msg
 
 
+def test_init_by_hub_name_uses_the_weights_normalisation_and_says_so(demo_dir, tmp_path, capsys):
+    """--init hf-hub:<org>/<name> in a new process with HF_HOME and HF_HUB_OFFLINE=1, as a user runs it: the
+    start-up says the mean and std are the weights' own and where from, and ckpt.pt keeps them; a resume keeps
+    the run's; a given --mean that differs from the weights' own is a warning, and is used."""
+    pytest.importorskip("huggingface_hub")
+    from test_checkpoints import hf_vit
+
+    hf_vit(tmp_path / "vit", classifier=False)  # and Google's preprocessor config: mean = std = 0.5
+    hub_cache(tmp_path / "hf" / "hub", "google/vit-tiny", tmp_path / "vit")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    common = FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0", "--max_steps", "4"]
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(out), "--stop_at", "1",
+                        "--init", "hf-hub:google/vit-tiny"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ("normalisation: mean 0.5,0.5,0.5, std 0.5,0.5,0.5: the weights' own (hf-hub:google/vit-tiny, "
+            "preprocessor_config.json)") in r.stdout
+    assert "hf-hub:google/vit-tiny from huggingface_hub's cache" in r.stdout
+    assert (load(out / "ckpt.pt")["config"]["mean"], load(out / "ckpt.pt")["config"]["std"]) == ("0.5,0.5,0.5",) * 2
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(out), "--stop_at", "2", "--init", "hf-hub:google/vit-tiny"])  # resumes
+    assert f"std 0.5,0.5,0.5: the weights' own ({out}/ckpt.pt, the run's)" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["config"]["mean"] == "0.5,0.5,0.5"
+    train.main(common + ["--out_dir", str(tmp_path / "o2"), "--stop_at", "0", "--init", str(tmp_path / "vit"),
+                         "--mean", "0.45,0.45,0.45"])
+    said = capsys.readouterr().out
+    assert (f"warning: --mean 0.45,0.45,0.45 differs from the weights' own 0.5,0.5,0.5 ({tmp_path / 'vit'}, "
+            "preprocessor_config.json); using --mean") in said
+    assert ("normalisation: mean 0.45,0.45,0.45 (--mean), std 0.5,0.5,0.5 (the weights' own "
+            f"({tmp_path / 'vit'}, preprocessor_config.json))") in said
+    assert load(tmp_path / "o2" / "ckpt.pt")["config"]["mean"] == "0.45,0.45,0.45"
+
+
+def test_a_hub_name_without_huggingface_hub_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out_dir", str(tmp_path / "o"), "--init", "hf-hub:google/vit-base-patch16-224-in21k"])
+    assert str(e.value) == ("error: --init hf-hub:google/vit-base-patch16-224-in21k: a Hub name needs the "
+                            "huggingface_hub package: pip install huggingface_hub")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("datasets, recipe", [
     ([], "demo"), (["--datasets", "demo_ssv2"], "demo"), (["--datasets", "demo_kinetics,demo_imagenet"], "demo"),
     (["--datasets", "k400,ssv2,in21k"], "cover"), (["--datasets", "my_own_clips"], "cover"),
@@ -279,7 +522,8 @@ def test_the_named_datasets_pick_the_recipe(datasets, recipe):
     args = train.get_args(datasets)
     assert args.recipe == recipe
     for k, v in recipes.RECIPES[recipe].items():
-        assert k == "datasets" or getattr(args, k) == v, k
+        assert k in ("datasets", "mean", "std") or getattr(args, k) == v, k
+    assert args.mean is args.std is None  # not given: the weights' own, else the recipe's (recipes.normalization)
     assert args.model == ("demo" if recipe == "demo" else "base")
 
 
@@ -365,6 +609,46 @@ def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):
     with pytest.raises(SystemExit, match="different architecture"):
         train.main(FAST + ["--data_dir", demo_dir, "--out_dir", out, "--max_steps", "2", "--workers", "0",
                            "--frames", "4"])
+
+
+def test_a_resumed_run_keeps_its_normalisation(demo_dir, tmp_path):
+    """A run's mean and std are fixed for its life: a resume given others is one line, and the checkpoint keeps
+    the run's; given the run's own, it goes on."""
+    out, common = str(tmp_path / "o"), FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0",
+                                               "--max_steps", "2", "--stop_at", "1"]
+    train.main(common + ["--out_dir", out])
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--out_dir", out, "--stop_at", "2", "--std", "0.5,0.5,0.5"])
+    assert str(e.value) == (f"error: --std 0.5,0.5,0.5: the run in {out} trained with --std 0.225,0.225,0.225, "
+                            "which it keeps for its life; drop --std or use a new --out_dir")
+    assert (load(f"{out}/ckpt.pt")["step"], load(f"{out}/ckpt.pt")["config"]["std"]) == (1, "0.225,0.225,0.225")
+    train.main(common + ["--out_dir", out, "--std", "0.225,0.225,0.225"])  # the run's own: at its --stop_at step
+
+
+def build(argv):
+    """train.build_model for a command line, on the CPU, with one head of 4 classes."""
+    args = train.get_args(["--datasets", "demo_kinetics"] + argv)
+    rt = argparse.Namespace(master=False, device=torch.device("cpu"))
+    return args, train.build_model(args, {"demo_kinetics": 4}, None, None, rt)[0]
+
+
+def test_attention_with_init_is_the_flags_for_a_vit_and_the_weights_own_for_video(tmp_path):
+    """--init <a ViT> builds the --attention asked for (divided when not given); --init <video weights> builds their
+    own, and an --attention that differs is one line. ckpt.pt's config records what was built."""
+    from test_checkpoints import hf_model, hf_vit
+
+    hf_vit(tmp_path / "vit")
+    for given in M.ATTENTION_TYPES:
+        args, model = build(["--init", str(tmp_path / "vit"), "--attention", given])
+        assert model.cfg.attention == args.attention == given
+    assert build(["--init", str(tmp_path / "vit")])[1].cfg.attention == "divided_space_time"
+    hf_model(tmp_path / "joint", 4, "joint_space_time")
+    args, model = build(["--init", str(tmp_path / "joint")])
+    assert model.cfg.attention == args.attention == "joint_space_time"
+    with pytest.raises(SystemExit) as e:
+        build(["--init", str(tmp_path / "joint"), "--attention", "divided_space_time"])
+    assert str(e.value) == (f"error: --init {tmp_path / 'joint'}: these huggingface weights have joint_space_time "
+                            "attention, not divided_space_time: only image (ViT) weights take the attention asked for")
 
 
 def test_lr_schedule():

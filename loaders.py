@@ -29,7 +29,6 @@ POLL = 1.0  # seconds between the watchdog's looks at the workers
 RESTARTS, WINDOW = 3, 600.0  # more restarts than this within the window: not one bad file, the machine
 QUARANTINE = "quarantine.jsonl"
 PID, DATASET, INDEX, SINCE = range(4)  # the columns of a watched loader's table, a row per worker
-
 TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm)
 
 

@@ -196,3 +196,43 @@ def test_bad_input_is_one_line(tmp_path, kinetics_dir):
         ["--datasets", "k710", "--data_dir", clash])
     with pytest.raises(layouts.DatasetError, match="trained without k700"):
         kinetics.label_rows("k700", ["abseiling", "zumba"], MERGED)
+
+
+def test_the_guard_leaves_out_every_video_a_validation_list_names_on_disk_or_not(tmp_path):
+    """K400's val.csv names v2 (its file missing, as 1-3% are) and v3 (a class K400 does not train): both are
+    validation videos, and K700's training copies of them are left out; so in k710, whose merged validation
+    set lists neither as a sample."""
+    root = tmp_path / "d"
+    lists = {"k400": {"train": [("abseiling", "a1"), ("zumba", "a2")],
+                      "val": [("abseiling", "v1"), ("zumba", "v2"), ("yoga", "v3")]},
+             "k700": {"train": [("abseiling", "c1"), ("abseiling", "v1"), ("zumba", "v2"), ("yoga", "v3")],
+                      "val": [("yoga", "c9")]}}
+    for v, splits in lists.items():
+        for split, rows in splits.items():
+            write_kinetics_csv(root / v / "annotations" / f"{split}.csv",
+                               [[label, yid(t), 10, 20, split] for label, t in rows])
+            for _, t in rows:
+                if (v, t) != ("k400", "v2"):
+                    tiny_video(root / v / ("train" if split == "train" else "val") / f"{yid(t)}_000010_000020.mp4")
+    val = {v: data.build_dataset(v, str(root), "val", cache_dir=str(tmp_path / "cache")).samples for v in lists}
+    assert ids_of_listing(val["k400"]) == ["v1"] and val["k400"].problems == {"missing": 1, "unknown_label": 1}
+    assert sorted(val["k400"].absent_ids.tolist()) == [yid("v2").encode(), yid("v3").encode()]
+    k700 = data.build_dataset("k700", str(root), "train", validation=val)
+    assert ids_of(k700) == ["c1"] and k700.samples.left_out == {"total": 3, "of": {"k400": 3, "k700": 0}}
+    cached = data.build_dataset("k400", str(root), "val", cache_dir=str(tmp_path / "cache")).samples
+    assert cached.absent_ids.tolist() == val["k400"].absent_ids.tolist()  # kept with the saved listing
+    k710_val = data.build_dataset("k710", str(root), "val").samples
+    k710 = data.build_dataset("k710", str(root), "train", validation={"k710": k710_val})
+    assert sorted(ids_of(k710)) == ["a1", "a2", "c1"] and k710.samples.left_out["total"] == 3
+
+
+def ids_of_listing(samples):
+    return sorted(i.decode().rstrip("-") for i in samples.ids.tolist())
+
+
+def test_the_versions_of_a_k710_listing_saved_before_it_recorded_them(kinetics_dir, tmp_path):
+    merged = data.build_dataset("k710", kinetics_dir, "train").samples
+    assert merged.parts == ["k400", "k600", "k700"] == kinetics.versions(merged)
+    merged.parts = None  # as saved before the record: the folders of its paths
+    assert kinetics.versions(merged.subset(np.flatnonzero(merged.paths < b"k600"))) == ["k400"]
+    assert kinetics.versions(merged) == ["k400", "k600", "k700"]

@@ -310,7 +310,11 @@ def mixing(args, name):
 
 def sampling(args, name):
     """How dataset `name` samples frames if --sampling says (mine=kinetics, mine=kinetics:8 for rate 8,
-    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}."""
+    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}. A Kinetics version
+    tested through a k710 head samples as k710 trained."""
+    names = args.datasets.split(",")
+    if name in kinetics.VERSIONS and name not in names and "k710" in names:
+        name = "k710"
     value = per_dataset(args, "sampling").get(name)
     if value is None:
         return {}

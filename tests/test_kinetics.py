@@ -2,6 +2,7 @@
 training sets that hold validation videos of another version and of their own, renamed classes, a video in
 two versions; real train.py and eval.py runs."""
 
+import argparse
 import json
 import os
 
@@ -13,6 +14,7 @@ import data
 import eval as evaluate_mod
 import kinetics
 import layouts
+import recipes
 import train
 from media import tiny_video, write_kinetics_csv
 
@@ -228,6 +230,43 @@ def test_the_guard_leaves_out_every_video_a_validation_list_names_on_disk_or_not
 
 def ids_of_listing(samples):
     return sorted(i.decode().rstrip("-") for i in samples.ids.tolist())
+
+
+def test_a_k710_run_is_tested_on_the_versions_it_was_built_from(tmp_path):
+    """A k710 run built from K400 and K700 records them; K600 appears mid-run (its validation video v600a is
+    in K700's training list, so k710 trained on it, and its 'yoga' is no class of the head): the final test and
+    eval.py test K400 and K700 only, at k710's --sampling; K600 asked for, or a version missing, is one line."""
+    root = write_versions(tmp_path / "d", ["k400", "k700"], spoil=False)
+    out = tmp_path / "run"
+    run = RUN + ["--datasets", "k710", "--data_dir", root, "--out_dir", str(out), "--max_steps", "2",
+                 "--final_eval", "multiview", "--sampling", "k710=kinetics:4"]
+    train.main(run + ["--stop_at", "1"])
+    write_versions(tmp_path / "d", ["k600"], spoil=False)
+    with open(os.path.join(root, "k600", "annotations", "train.csv"), "a") as f:
+        f.write(f"yoga,{yid('b9')},10,20,train,0\n")
+    tiny_video(os.path.join(root, "k600", "train", f"{yid('b9')}_000010_000020.mp4"))
+    train.main(run)  # resumed: its listing is the one it started with
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["k710_versions"] == ["k400", "k700"]
+    assert set(json.load(open(out / "eval.json"))) == {"k400", "k700"}
+    evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0", "--out", str(out / "again.json")])
+    assert set(json.load(open(out / "again.json"))) == {"k400", "k700"}
+    run_config = ckpt["config"]
+    for v in ("k400", "k700"):  # tested as k710 trained: --sampling k710=kinetics:4
+        assert recipes.sampling(argparse.Namespace(**run_config), v) == {"sampling": "kinetics", "rate": 4}
+        assert evaluate_mod.sizes(argparse.Namespace(views=None), run_config, v)["sampling"]["rate"] == 4
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0", "--out", str(out / "e.json"), *argv])
+        assert "\n" not in str(e.value) and e.value.code != 0, e.value
+        return str(e.value)
+
+    assert "built from k400, k700, not k600" in error("--datasets", "k600")
+    (tmp_path / "empty").mkdir()
+    assert "has no k400/, k700/" in error("--data_dir", str(tmp_path / "empty"))
+    only = write_versions(tmp_path / "only400", ["k400"], spoil=False)
+    assert "has no k700/" in error("--data_dir", only)
 
 
 def test_the_versions_of_a_k710_listing_saved_before_it_recorded_them(kinetics_dir, tmp_path):

@@ -162,7 +162,7 @@ def test_training_never_reads_a_validation_video_and_says_what_it_left_out(kinet
         train.main(common + ["--out_dir", str(tmp_path / "off")])  # the guard on would change its training set
 
 
-def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, tmp_path):
+def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(RUN + ["--datasets", "k710", "--data_dir", kinetics_dir, "--out_dir", str(out), "--max_steps", "4",
                       "--final_eval", "multiview"])
@@ -178,6 +178,14 @@ def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, t
     evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0", "--datasets", "k600", "--out",
                        str(out / "k600.json")])
     assert json.load(open(out / "k600.json"))["k600"]["top1"] == results["k600"]["top1"]
+    assert ckpt["config"]["k710_versions"] == list(kinetics.VERSIONS)
+    del ckpt["config"]["k710_versions"]  # a checkpoint from before the record: the versions on disk, said
+    (out / "old").mkdir()
+    torch.save(ckpt, out / "old" / "ckpt.pt")
+    evaluate_mod.main(["--ckpt", str(out / "old" / "ckpt.pt"), "--workers", "0"])
+    assert "does not record which Kinetics versions" in capsys.readouterr().out
+    assert {v: r["top1"] for v, r in json.load(open(out / "old" / "eval.json")).items()} == \
+        {v: results[v]["top1"] for v in results}
 
 
 def test_bad_input_is_one_line(tmp_path, kinetics_dir):

@@ -32,12 +32,14 @@ import runtime
 
 @torch.inference_mode()
 def evaluate(model, dataset, *, head, normalize, device, dtype=torch.float32, rank=0, world=1, batch_size=8,
-             workers=2, rows=None):
-    """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode.
-    rows: the head's rows of the dataset's classes, in their order, where the head has more (a k710 head)."""
+             workers=2, rows=None, samples=0):
+    """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode; of
+    `samples` of it (fixed_subset) where given. rows: the head's rows of the dataset's classes, in their order,
+    where the head has more (a k710 head)."""
     model.eval()
     loader = loaders.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
-                                    workers=workers, pin_memory=device.type == "cuda")
+                                    workers=workers, pin_memory=device.type == "cuda",
+                                    indices=fixed_subset(len(dataset), samples))
     K = len(dataset.classes)
     rows = None if rows is None else torch.as_tensor(rows, device=device)
     # per class: top-1, top-5, decoded, failed; int32: exact, and every device adds them (MPS has no float64)
@@ -65,6 +67,12 @@ def evaluate(model, dataset, *, head, normalize, device, dtype=torch.float32, ra
             "clips": sum(decoded) + sum(failed), "failed": sum(failed), "views": dataset.num_views,
             "mean_class_top1": sum(acc.values()) / len(acc) if acc else 0.0,
             "per_class_top1": {names[k]: round(a, 4) for k, a in acc.items()}}
+
+
+def fixed_subset(n, k):
+    """k of the indices 0..n-1, evenly spaced (a listing sorted by class gives each class its share), the same
+    on every call: periodic validation compares like with like. All of them for k = 0 or k >= n."""
+    return range(n) if k <= 0 or k >= n else [i * n // k for i in range(k)]
 
 
 def test_all(model, datasets, *, batch_sizes, out=None, rank=0, heads=None, label_maps=None, guard=None, **kw):

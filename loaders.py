@@ -14,6 +14,8 @@ import torch
 
 from data import MultiDatasetBatchSampler
 
+TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm)
+
 
 class MultiDataset(torch.utils.data.Dataset):
     """Key (d, index, sample_seed) -> datasets[d][(index, sample_seed, num_sample[d])], 'dataset': d added."""
@@ -53,14 +55,14 @@ def build_train_loader(datasets, batch_sizes, *, num_sample=None, weights=None, 
     sampler = MultiDatasetBatchSampler([len(d) for d in datasets], samples, weights, grad_accum, rank, world,
                                        seed, start_micro)
     return torch.utils.data.DataLoader(MultiDataset(datasets, num_sample), batch_sampler=sampler,
-                                       collate_fn=collate_train, **loader_kwargs(workers, pin_memory, 4))
+                                       collate_fn=collate_train, **loader_kwargs(workers, pin_memory, TRAIN_PREFETCH))
 
 
-def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_memory=False):
-    """Rank r evaluates samples r, r + world, ...: no padding, every sample counted once over the ranks.
-    Batches: {'x': (B, V, C, T, H, W) uint8, 'y': (B,), 'ok': (B,) bool, 'index': (B,)}."""
+def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_memory=False, indices=None):
+    """Rank r evaluates samples r, r + world, ... of `indices` (default: all): no padding, every sample counted
+    once over the ranks. Batches: {'x': (B, V, C, T, H, W) uint8, 'y': (B,), 'ok': (B,) bool, 'index': (B,)}."""
     assert not dataset.train, "build_eval_loader needs a dataset built with train=False"
-    mine = range(rank, len(dataset), world)
+    mine = (range(len(dataset)) if indices is None else indices)[rank::world]
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=mine,
                                        **loader_kwargs(workers, pin_memory, prefetch=2))
 

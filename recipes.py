@@ -20,17 +20,18 @@ RECIPES = {
     "demo": dict(datasets="demo_kinetics,demo_ssv2,demo_imagenet", weights="demo_ssv2=2", model="demo",
                  img_size=32, frames=8, batch_size=32, optimizer="adamw", lr=1e-3, min_lr=1e-5,
                  weight_decay=0.05, warmup_steps=30, max_steps=1200, eval_every=600, save_every=600,
-                 num_sample=1, dtype="fp32", workers=2, drop_path=0.0, mean="0.45,0.45,0.45",
+                 val_samples=0, num_sample=1, dtype="fp32", workers=2, drop_path=0.0, mean="0.45,0.45,0.45",
                  std="0.225,0.225,0.225"),
     # CoVeR on real data, with the official TimeSformer K400 recipe where the paper gives one: SGD with
     # nesterov momentum, lr 0.005, weight decay 1e-4, global batch 64, 8x224 clips; round robin, long
     # enough that K400 gets the official 15 epochs (56,250 steps of 64 clips each dataset). In both
     # recipes one clip per decoded video (more cost accuracy per step on the demo: docs/performance.md),
-    # and no mixup, cutmix, EMA or layer decay (the official recipe has none).
+    # and no mixup, cutmix, EMA or layer decay (the official recipe has none). A step takes tens of
+    # milliseconds on a GPU: saving and validation go by the clock, validation on a fixed subset of each set.
     "cover": dict(datasets="k400,ssv2,in21k", weights="", model="base", img_size=224, frames=8, batch_size=64,
                   optimizer="sgd", lr=0.005, min_lr=0.0, weight_decay=1e-4, warmup_steps=1000,
-                  max_steps=168_750, eval_every=5000, save_every=1000, dtype="bf16", workers=8, num_sample=1,
-                  drop_path=0.1, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
+                  max_steps=168_750, eval_every="30min", save_every="15min", val_samples=10_000, dtype="bf16",
+                  workers=8, num_sample=1, drop_path=0.1, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
 }
 
 
@@ -81,13 +82,20 @@ def parse(argv, description):
     a("--layer_decay", type=float, default=1.0, help="layer-wise lr decay when fine-tuning, e.g. 0.75")
     a("--drop_path", type=float, help="stochastic depth at the last block")
     a("--dtype", choices=list(DTYPES), help="autocast precision (fp16 adds a GradScaler)")
-    a("--compile", action="store_true", help="torch.compile the trunk (the heads stay eager)")
+    a("--compile", nargs="?", const="inductor", metavar="BACKEND",
+      help="torch.compile the trunk for training (heads and evaluation stay eager); BACKEND e.g. aot_eager")
+    a("--ddp", action="store_true", help="join torchrun's process group and wrap the model in DDP even for one "
+                                         "process: the multi-GPU code path on one GPU (tools/selfcheck.py)")
     a("--grad_checkpoint", action="store_true", help="recompute block activations in backward (saves memory)")
     a("--mean", help="per-channel normalisation mean; not given: the weights' own (--init, or the run's "
                      "checkpoint) where their files say, else the recipe's")
     a("--std", help="per-channel normalisation std; not given: as --mean")
-    a("--eval_every", type=int, help="validate (clip-level, 1 view) every N steps; 0 = only at the end")
-    a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
+    a("--eval_every", type=cadence, help="validate (clip-level, 1 view) every N steps, or every M minutes of "
+                                         "training (30min); 0 = only at the end")
+    a("--val_samples", type=int, help="samples of each validation set that validation reads, evenly spaced, "
+                                      "the same each time (0 = all); the final test reads all")
+    a("--save_every", type=cadence, help="write <out_dir>/ckpt.pt every N steps, or every M minutes of training "
+                                         "(15min: the clock counts over resumes)")
     a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
     a("--tensorboard", action="store_true", help="log to <out_dir>/tensorboard too (pip install tensorboard)")
     a("--wandb", metavar="PROJECT", help="log to this Weights & Biases project too (pip install wandb)")
@@ -116,6 +124,17 @@ def parse(argv, description):
                 setattr(args, flag, None)
     check(args)
     return args
+
+
+def cadence(text):
+    """--save_every / --eval_every: a whole number of steps (an int), or minutes as 'Mmin' (kept as text)."""
+    minutes = number(text.removesuffix("min"), float) if text.endswith("min") else None
+    if minutes is not None and minutes > 0:
+        return f"{minutes:g}min"
+    steps = number(text, int)
+    if steps is None or steps < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: say a number of steps (1000) or of minutes (15min)")
+    return steps
 
 
 def pick(datasets):
@@ -177,6 +196,9 @@ def check(args):
     if not 0 <= args.ema < 1 or not 0 < args.layer_decay <= 1:
         errors.append(f"--ema {args.ema} must lie in [0, 1) (0: off), --layer_decay {args.layer_decay} "
                       "in (0, 1] (1: off)")
+    if args.save_every == 0 or args.val_samples < 0:
+        errors.append(f"--save_every {args.save_every} must be >= 1 (steps) or minutes (15min), --val_samples "
+                      f"{args.val_samples} >= 0 (0: all)")
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     hub = args.init and args.init.startswith(checkpoints.HUB)

@@ -1,7 +1,7 @@
 """
 What train.py and eval.py share, none of it the method: the device, the process group under torchrun,
 precision, and a run's bookkeeping (the checkpoint and the one before it, failed-read counts, meters,
-log.jsonl, the start-up report).
+log.jsonl, the start-up report, the step's values read one step late, the clock of time-based cadence).
 """
 
 import contextlib
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import checkpoints
 import data
+import loaders
 import video
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -30,6 +31,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STARTUP_TIMEOUT = datetime.timedelta(hours=2)
 ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
 UNREADABLE_STEPS = 10  # a dataset none of whose first steps read one sample is taken for unreadable
+clock = time.monotonic  # the clock of time-based cadence (a name of its own, which a test can drive)
 
 
 @dataclass
@@ -43,10 +45,14 @@ class Runtime:
     def master(self):
         return self.rank == 0
 
+    @property
+    def distributed(self):  # in a process group: several processes, or one under train.py --ddp
+        return self.startup_group is not None
 
-def setup(device="auto"):
-    """Pick the device and, when torchrun started several processes, join their group (nccl on GPUs,
-    gloo on CPUs)."""
+
+def setup(device="auto", ddp=False):
+    """Pick the device and, when torchrun started several processes (or one, with ddp), join their group
+    (nccl on GPUs, gloo on CPUs)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -55,8 +61,10 @@ def setup(device="auto"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls run as TF32 (peak_flops counts on it)
         torch.backends.cudnn.allow_tf32 = True
-    if world == 1:
+    if world == 1 and not ddp:
         return Runtime(0, 1, device)
+    if "MASTER_ADDR" not in os.environ:
+        sys.exit("error: --ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp")
     if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
             int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
         # torchrun keeps one store for all restarts, and restarted ranks read the dead ones' addresses
@@ -71,7 +79,7 @@ def rank0_first(rt, fn, *args, **kwargs):
     """fn(...) on rank 0, then on the other ranks, which find what rank 0 wrote (listings, demo data)."""
     if rt.master:
         result = fn(*args, **kwargs)
-    if rt.world > 1:
+    if rt.distributed:
         dist.barrier(group=rt.startup_group)
     if not rt.master:
         result = fn(*args, **kwargs)
@@ -81,7 +89,7 @@ def rank0_first(rt, fn, *args, **kwargs):
 def teardown(rt):
     """Leave the process group, once the DDP wrapper is gone: if its reducer held the last reference to a
     gloo group, the group's destructor could hang the exit (pytorch#56297)."""
-    if rt.world > 1:
+    if rt.distributed:
         gc.collect()
         dist.destroy_process_group()
 
@@ -149,6 +157,25 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
               + (f"  problems: {problems}" if problems else ""))
     for line in guard_lines(args, names, train_sets):
         print(line)
+    line = shm_warning(args, [local_batch[n] * 3 * tr.frames * args.img_size ** 2 for n, tr in zip(names, train_sets)])
+    if line:
+        print(line)
+
+
+def shm_warning(args, batch_bytes, shm="/dev/shm"):
+    """One line when `shm`, through which DataLoader workers hand their batches over, has no room for the batches
+    this node's workers prefetch (a container's default is 64 MB), with the fix; None when it has."""
+    if not args.workers or not os.path.isdir(shm):
+        return None
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = processes * (args.workers * loaders.TRAIN_PREFETCH + 2) * max(batch_bytes)  # + the one in use, pinned
+    free = shutil.disk_usage(shm).free
+    if free >= need:
+        return None
+    return (f"warning: {shm} has {free / 2**20:.0f} MiB free, and the loaders of this node's {processes} process(es) "
+            f"hand over about {need / 2**20:.0f} MiB of prefetched batches through it ({args.workers} workers x "
+            f"{loaders.TRAIN_PREFETCH} batches of up to {max(batch_bytes) / 2**20:.1f} MiB each); they would crash "
+            f"with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
 
 
 def guard_lines(args, names, train_sets):
@@ -221,6 +248,80 @@ class Meter:
         return stats
 
 
+class StepValues:
+    """What every rank needs from a step, in its one collective: the loss averaged over the ranks, whether any
+    rank got SIGTERM, whether any kept a sample, and rank 0's clock (seconds of training, counted over
+    resumes). Read one step late: the host queues step N+1 before it waits for step N's values, so the
+    GPU does not idle while the host reads."""
+
+    def __init__(self, rt, seconds=0.0):
+        self.rt, self.pending, self.start = rt, [], clock() - seconds
+        self.stop, self.seconds = False, seconds  # as of the newest values read
+
+    def now(self):
+        """This process's clock: seconds of training over resumes (rank 0's is the run's)."""
+        return clock() - self.start
+
+    def send(self, step, dataset, loss, stop, kept=True):
+        """Queue step `step`'s values (loss: a 0-d tensor; stop, kept a sample: this rank's) into the collective
+        and, on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for
+        the work queued after it."""
+        rt = self.rt
+        seconds = self.now() * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
+        values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in (stop, kept, seconds))])
+        if rt.distributed:
+            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+        copied = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)  # into pinned memory
+            copied = torch.cuda.Event()
+            copied.record()
+        self.pending.append((step, dataset, values, copied))
+
+    def read(self, everything=False):
+        """-> [(step, dataset, loss, whether a rank kept a sample)] of the steps sent before the newest one
+        (everything: it too), in order; self.stop and self.seconds follow the values read."""
+        ready = self.pending if everything else self.pending[:-1]
+        self.pending = self.pending[len(ready):]
+        losses = []
+        for step, dataset, values, copied in ready:
+            if copied is not None:
+                copied.synchronize()
+            loss, stop, kept, self.seconds = values.tolist()  # the step's one read of the device
+            self.stop = self.stop or stop > 0
+            losses.append((step, dataset, loss, kept != 0))  # an average of 0s and 1s: 0 only if every one is
+        return losses
+
+
+class Cadence:
+    """--save_every / --eval_every: due every N steps (0: never), or whenever the run's clock (rank 0's, as every
+    rank reads it in StepValues) passes a multiple of M minutes; multiples of the clock, which counts over
+    resumes, so a resumed run keeps the times it saves at."""
+
+    def __init__(self, every, seconds=0.0):
+        self.steps = every if isinstance(every, int) else None
+        self.period = None if self.steps is not None else 60 * float(every.removesuffix("min"))
+        self.last = seconds  # the clock at the last decision
+
+    def due(self, step, seconds):
+        if self.steps is not None:
+            return self.steps > 0 and step % self.steps == 0
+        passed, self.last = seconds // self.period > self.last // self.period, seconds
+        return passed
+
+
+def compile_counts():
+    """torch.compile's work so far, for log.jsonl: graphs compiled, recompiles (a graph compiled again for new
+    guards, e.g. an input shape not seen before) and graph breaks. {} where PyTorch keeps them elsewhere."""
+    try:
+        from torch._dynamo.utils import counters, get_compilation_metrics
+        recompiles = sum(m.recompile_reason is not None for m in get_compilation_metrics())
+        return {"compile": {"graphs": counters["stats"]["unique_graphs"], "recompiles": recompiles,
+                            "graph_breaks": sum(counters["graph_break"].values())}}
+    except (ImportError, AttributeError):  # private to dynamo: a logged count is not worth a crash
+        return {}
+
+
 class Failures:
     """Samples replaced because their file could not be read, each path told once, and samples dropped
     because no substitute could be read either, each told in a line: counted per dataset. And blank steps:
@@ -263,7 +364,7 @@ class Failures:
     def totals(self, rt):
         """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks, and 'blank_steps'."""
         counts = list(self.counts.values()) + list(self.dropped.values())
-        if rt.world > 1:  # int64: exact, and on every device (MPS has no float64)
+        if rt.distributed:  # int64: exact, and on every device (MPS has no float64)
             t = torch.tensor(counts, dtype=torch.int64, device=rt.device)
             dist.all_reduce(t)
             counts = t.tolist()
@@ -430,7 +531,7 @@ def save_on_rank0(rt, files, state):
             files.save(state)
         except CheckpointError as e:
             error = f"error: {e}"
-    if rt.world > 1:  # in place of a barrier: a save step's one extra wait
+    if rt.distributed:  # in place of a barrier: a save step's one extra wait
         ok = torch.tensor(float(error is None), device=rt.device)
         dist.broadcast(ok, src=0)
         if not rt.master and not ok.item():

@@ -21,7 +21,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -51,7 +50,7 @@ def get_lr(step, args):
 
 def main(argv=None):
     args = get_args(argv)
-    rt = runtime.setup(args.device)
+    rt = runtime.setup(args.device, ddp=args.ddp)
     error = None
     try:
         train(args, rt)
@@ -90,21 +89,21 @@ def train(args, rt):
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = ema_copy(model) if args.ema else None  # a moving average of the weights, kept beside them
-    step, failures = 0, runtime.Failures(names, rt.rank)
+    step, seconds, failures = 0, 0.0, runtime.Failures(names, rt.rank)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
+        step, seconds = ckpt["step"], ckpt.get("clock", 0.0)  # the run's clock: seconds of training so far
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
     if args.compile:
-        model.compile_trunk()
+        model.compile_trunk(backend=args.compile)
     # Each step trains one head, the same on all ranks; the others get no gradient (their .grad stays
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=len(names) > 1) if rt.world > 1 else model
+                  find_unused_parameters=len(names) > 1) if rt.distributed else model
     loader = loaders.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
                                      num_sample=[num_sample[n] for n in names],
                                      grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
@@ -118,6 +117,7 @@ def train(args, rt):
     model_params = [p.detach() for p in model.parameters()] if ema else None  # detached: no graph to build
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
+    saving, validating = runtime.Cadence(args.save_every, seconds), runtime.Cadence(args.eval_every, seconds)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
     recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
@@ -132,10 +132,12 @@ def train(args, rt):
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
+    late = runtime.StepValues(rt, seconds)  # a step's loss, flags and clock, read after the next step is queued
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
             log.say(f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
@@ -161,7 +163,7 @@ def train(args, rt):
                             np.random.default_rng([args.seed, step, micro, rt.rank]))
             # forward through the shared trunk and this dataset's head, backward (DDP syncs on the last)
             last = micro == args.grad_accum - 1
-            with contextlib.nullcontext() if last or rt.world == 1 else wrapped.no_sync():
+            with contextlib.nullcontext() if last or not rt.distributed else wrapped.no_sync():
                 with runtime.autocast(device, dtype):
                     logits = wrapped(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing[name])
@@ -169,11 +171,7 @@ def train(args, rt):
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss averaged over ranks, whether any rank got SIGTERM, whether any kept a sample (flags: 0 if none)
-        stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set())),
-                             torch.full_like(step_loss, float(not blank))])
-        if rt.world > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        late.send(step, d, step_loss, sigterm.is_set(), not blank)  # over the ranks: loss, SIGTERM, a sample kept
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
@@ -184,35 +182,29 @@ def train(args, rt):
         if ema is not None:  # the moving average follows every optimizer step
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
-        loss_value, stop, kept = stats.tolist()  # the step's one wait for the GPU
-        if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
-            bar.close()
-            sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
-                     f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
-        if kept == 0:  # every rank lost every sample: the step trained nothing, and the run goes on
-            error = failures.blank_step(name, step - 1, data.steps_before(step, d, weights))
-            if error:  # unless the dataset never read a sample
-                bar.close()
-                sys.exit(error)
-        else:
-            loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
 
-        # log, validate, save
-        if step % args.log_every == 0 or step == args.max_steps:
+        # log, validate, save; the step before's values are read now, this step's too where it logs or saves
+        logs = step % args.log_every == 0 or step == args.max_steps
+        settle(late.read(everything=logs), loss_ema, failures, weights, names, args, bar)
+        if logs:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
-                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt)}
+                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt),
+                      **(runtime.compile_counts() if args.compile else {})}  # graphs, recompiles, graph breaks
             bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + " | "
                                 f"{record['clips_per_s']:.0f} clips/s, data {record['data_wait']:.0%}, "
                                 f"MFU {record['mfu']:.1%}")
             log.write(record)
         bar.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            val = test_all(tested, dict(zip(names, val_sets)), **test_kw)
+        if validating.due(step, late.seconds) and step < args.max_steps:  # a fixed subset of each set
+            # the weights validated had a finite loss
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
+            val = test_all(tested, dict(zip(names, val_sets)), samples=args.val_samples, **test_kw)
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
-        if step % args.save_every == 0 or step == args.max_steps or stop:
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
-        if stop:
+        if saving.due(step, late.seconds) or step == args.max_steps or late.stop:
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
+        if late.stop:
             log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
             break
     bar.close()
@@ -286,7 +278,26 @@ def ema_copy(model):
     return ema.to(next(model.parameters()).device).requires_grad_(False)
 
 
-def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt):
+def settle(losses, loss_ema, failures, weights, names, args, bar):
+    """Take in the steps' values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite
+    loss ends the run before anything is saved (the model in memory is lost; the last checkpoint on disk is not);
+    a step no rank kept a sample of trained nothing and is counted, and ends the run only for a dataset that
+    never read one (Failures.blank_step)."""
+    for step, d, loss, kept in losses:
+        if not math.isfinite(loss):
+            bar.close()
+            sys.exit(f"error: loss is {loss} at step {step} on dataset {names[d]}; no checkpoint written. Lower "
+                     f"--lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
+        if not kept:
+            error = failures.blank_step(names[d], step, data.steps_before(step + 1, d, weights))
+            if error:
+                bar.close()
+                sys.exit(error)
+        else:
+            loss_ema[names[d]] = loss if names[d] not in loss_ema else 0.9 * loss_ema[names[d]] + 0.1 * loss
+
+
+def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, clock):
     """Rank 0 writes it, keeping the one before; every rank counts failures with it and learns whether it
     was written (runtime.save_on_rank0). Once a step, though --stop_at, --save_every and SIGTERM may all ask."""
     if files.step == step:  # ckpt.pt holds this step already
@@ -295,7 +306,7 @@ def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_
         "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-        **failures.totals(rt), **({"ema": ema.state_dict()} if ema else {})})
+        **failures.totals(rt), "clock": clock, **({"ema": ema.state_dict()} if ema else {})})
 
 
 if __name__ == "__main__":

@@ -139,3 +139,10 @@ def test_not_a_checkpoint_is_one_line(tmp_path, kind, says):
         evaluate_mod.main(["--ckpt", str(path)])
     msg = str(e.value)
     assert msg.startswith(f"error: --ckpt {path} {says}") and "\n" not in msg and "weights_only" not in msg, msg
+
+
+@pytest.mark.parametrize("n, k, indices", [(18, 5, [0, 3, 7, 10, 14]), (10, 4, [0, 2, 5, 7]), (7, 7, range(7)),
+                                           (7, 0, range(7)), (3, 10, range(3))])
+def test_fixed_subset_is_evenly_spaced_and_the_same_every_time(n, k, indices):
+    assert evaluate_mod.fixed_subset(n, k) == indices  # i * n // k: by hand
+    assert evaluate_mod.fixed_subset(n, k) == evaluate_mod.fixed_subset(n, k)

@@ -94,8 +94,8 @@ def test_ema_is_the_moving_average_of_the_weights_after_each_step(demo_dir, tmp_
 
 
 def test_a_copy_for_the_moving_average_runs_its_own_weights_after_compile_trunk(monkeypatch):
-    """compile_trunk wraps forward_features in a function holding the live model; a deepcopy of the model
-    would keep that function, and its copy would run the live weights."""
+    """compile_trunk keeps a compiled forward_features holding the live model; a deepcopy of the model would
+    keep that function, and its copy would run the live weights in training."""
     def fake_compile(fn, **kw):
         return lambda *a: fn(*a)  # a closure over the bound method, as torch.compile's wrapper is
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -108,7 +108,7 @@ def test_a_copy_for_the_moving_average_runs_its_own_weights_after_compile_trunk(
         for p in model.parameters():
             p.add_(1.0)
     assert torch.equal(ema(x, head="a"), before) and not torch.equal(model(x, head="a"), before)
-    assert torch.equal(trap.forward_features(x), model.forward_features(x))  # the deepcopy's trap
+    assert torch.equal(trap.compiled_trunk(x), model.forward_features(x))  # the deepcopy's trap
 
 
 def test_a_checkpoint_without_lr_scales_resumes(demo_dir, tmp_path):
@@ -445,6 +445,8 @@ def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backen
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
+    (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
+    (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
     (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
     (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
                                   "for demo_kinetics, demo_imagenet too)"),
@@ -689,3 +691,89 @@ def test_one_host_sync_per_step(demo_dir, tmp_path):
                                "--workers", "1", "--log_every", "100", "--save_every", "100"])
         reads.append(counter.count)
     assert reads[1] - reads[0] == 10 - 4, reads  # set-up, the last step's log and checkpoint cancel out
+
+
+def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save(demo_dir, tmp_path, monkeypatch):
+    """The host runs ahead of the GPU: step N's values (loss, SIGTERM flag, clock) are read once step N+1 is
+    sent, which is after its forward and backward; a step that logs or saves reads its own at once."""
+    events, send, read, save = [], runtime.StepValues.send, runtime.StepValues.read, runtime.CheckpointFiles.save
+
+    def sent(self, step, *args):
+        events.append(("send", step))
+        send(self, step, *args)
+
+    def got(self, everything=False):
+        losses = read(self, everything)
+        events.append(("read", [s for s, *_ in losses]))
+        return losses
+
+    monkeypatch.setattr(runtime.StepValues, "send", sent)
+    monkeypatch.setattr(runtime.StepValues, "read", got)
+    monkeypatch.setattr(runtime.CheckpointFiles, "save", lambda self, state: events.append(("save", state["step"]))
+                        or save(self, state))
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "7", "--workers", "0",
+                       "--log_every", "3", "--save_every", "5"])
+    # step s is sent in the iteration after which s + 1 steps are done: logs after 3 and 6, saves after 5 and 7
+    assert events == [("send", 0), ("read", []), ("send", 1), ("read", [0]), ("send", 2), ("read", [1, 2]),
+                      ("send", 3), ("read", []), ("send", 4), ("read", [3]), ("read", [4]), ("save", 5),
+                      ("send", 5), ("read", [5]), ("send", 6), ("read", [6]), ("read", []), ("save", 7)]
+
+
+def test_saving_and_validating_by_the_clock_keep_their_times_over_a_resume(demo_dir, tmp_path, monkeypatch):
+    """--save_every 1min, --eval_every 0.5min, each step 10 s of a clock the test drives: saves when the run's
+    clock passes 60, 120, 180 s, validation at 30, 60, ... A run stopped at step 8 and resumed in a process whose
+    clock starts elsewhere continues the run's clock from its checkpoint: the same steps save and validate."""
+    now = [0.0]
+    monkeypatch.setattr(runtime, "clock", lambda: now[0])
+
+    class TenSecondSteps:  # data.schedule, each step 10 s later than the one before
+        def __getattr__(self, name):
+            return getattr(data, name)
+
+        def schedule(self, step, weights):
+            now[0] += 10.0
+            return data.schedule(step, weights)
+
+    monkeypatch.setattr(train, "data", TenSecondSteps())
+    saves, save = {}, runtime.CheckpointFiles.save
+    monkeypatch.setattr(runtime.CheckpointFiles, "save", lambda self, state: saves.setdefault(
+        os.path.basename(os.path.dirname(self.path)), []).append(state["step"]) or save(self, state))
+    common = FAST + ["--data_dir", demo_dir, "--max_steps", "20", "--workers", "0", "--save_every", "1min",
+                     "--eval_every", "0.5min", "--val_samples", "2"]
+    train.main(common + ["--out_dir", str(tmp_path / "straight")])
+    train.main(common + ["--out_dir", str(tmp_path / "resumed"), "--stop_at", "8"])
+    now[0] = 1000.0  # a new process: another clock
+    train.main(common + ["--out_dir", str(tmp_path / "resumed")])
+    assert saves == {"straight": [6, 12, 18, 20], "resumed": [6, 8, 12, 18, 20]}  # 8: --stop_at
+    for run in ("straight", "resumed"):
+        validated = [r["step"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "val" in r]
+        assert validated == [3, 6, 9, 12, 15, 18], run  # not at the last step: the final test is there
+        assert load(tmp_path / run / "ckpt.pt")["clock"] == 200.0
+
+
+def test_periodic_validation_reads_the_same_evenly_spaced_samples_also_after_a_resume(demo_dir, tmp_path,
+                                                                                      monkeypatch):
+    """--val_samples 5 of each 18-clip validation set: indices i * 18 // 5 = 0, 3, 7, 10, 14, every time, in a
+    resumed run too; the final multi-view test reads all of them."""
+    reads, build = [], loaders.build_eval_loader
+    monkeypatch.setattr(loaders, "build_eval_loader", lambda dataset, indices=None, **kw: reads.append(
+        (dataset.spec.name, list(indices))) or build(dataset, indices=indices, **kw))
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "6", "--workers", "0",
+                     "--eval_every", "2", "--val_samples", "5"]
+    train.main(common + ["--stop_at", "3"])
+    train.main(common + ["--final_eval", "multiview"])
+    assert reads == ([(n, [0, 3, 7, 10, 14]) for _ in (2, 4) for n in demo.NAMES]  # steps 2 and 4 (resumed)
+                     + [(n, list(range(18))) for n in demo.NAMES])  # the final test
+    vals = [r["val"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "val" in r]
+    assert [v[n]["clips"] for v in vals for n in demo.NAMES] == [5] * 6
+
+
+@pytest.mark.parametrize("text, value", [("1000", 1000), ("0", 0), ("15min", "15min"), ("0.5min", "0.5min"),
+                                         ("15m", None), ("-1", None), ("0min", None), ("min", None)])
+def test_save_and_eval_cadence_is_steps_or_minutes(text, value):
+    if value is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="steps .* or of minutes"):
+            recipes.cadence(text)
+    else:
+        assert recipes.cadence(text) == value
+    assert isinstance(recipes.RECIPES["demo"]["save_every"], int) and recipes.RECIPES["cover"]["save_every"] == "15min"

@@ -100,7 +100,7 @@ def steps_before(step, d, weights):
 def steps_of(weights):
     """The steps of one period of the schedule that train each dataset, in order: a search, not a count."""
     order = np.frombuffer(interleave(weights), np.uint8)
-    return [np.flatnonzero(order == d) for d in range(len(weights))]
+    return [np.flatnonzero(order == d).astype(np.int32) for d in range(len(weights))]  # 4 bytes a step in all
 
 
 @functools.cache

@@ -93,7 +93,7 @@ def steps_before(step, d, weights):
     weights = tuple(float(w) for w in weights)
     full, rest = divmod(step, len(interleave(weights)))
     mine = steps_of(weights)[d]
-    return full * len(mine) + int(np.searchsorted(mine, rest))
+    return full * len(mine) + int(np.searchsorted(mine, np.int32(rest)))  # of mine's type: no copy of mine
 
 
 @functools.cache

@@ -104,18 +104,33 @@ def test_all(model, datasets, *, batch_sizes, out=None, rank=0, heads=None, labe
     return results
 
 
-def test_heads(names, label_maps, data_dir):
-    """{test set: the head it is tested on}: a dataset on its own; k710 as each Kinetics version in data_dir,
-    and a version with no head of its own on the k710 head (each through its rows: kinetics.label_rows)."""
+def test_heads(names, label_maps, versions, data_dir):
+    """{test set: the head it is tested on}: a dataset on its own; k710 as each Kinetics version it was merged
+    from (`versions`: those whose validation videos the run kept out of training), and such a version named
+    alone on the k710 head (each through its rows: kinetics.label_rows). Another version, or one of them not
+    in data_dir, is one line of error."""
     heads = {}
     for n in names:
         if n == "k710":
-            heads.update(dict.fromkeys(kinetics.present(data_dir), n))
+            heads.update(dict.fromkeys(versions, n))
         elif n in kinetics.VERSIONS and n not in label_maps and "k710" in label_maps:
+            if n not in versions:  # its validation videos may be among k710's training videos
+                sys.exit(f"error: the k710 run was built from {', '.join(versions)}, not {n}: {n}'s validation "
+                         f"videos were not kept out of its training, so it is not tested on that head")
             heads[n] = "k710"
         else:
             heads[n] = n
+    missing = [n for n, head in heads.items() if head == "k710" and not os.path.isdir(os.path.join(data_dir, n))]
+    if missing or ("k710" in names and not versions):
+        folders = ", ".join(f"{v}/" for v in missing or kinetics.VERSIONS)
+        sys.exit(f"error: the k710 head is tested on {', '.join(versions) or 'the Kinetics versions'}, and {data_dir} "
+                 f"has no {folders}: point --data_dir at the folder that holds them")
     return heads
+
+
+def k710_versions(names, train_sets):
+    """The Kinetics versions a k710 training set was merged from, recorded in the run's config; None without k710."""
+    return kinetics.versions(train_sets[names.index("k710")].samples) if "k710" in names else None
 
 
 def arguments(description):
@@ -204,7 +219,13 @@ def main(argv=None):
         for p, i in zip(*prob.topk(min(5, len(prob)))):
             print(f"{p.item():7.2%}  {label_maps[names[0]][i]}")
         return
-    heads = test_heads(names, label_maps, args.data_dir or run["data_dir"])
+    data_dir = args.data_dir or run["data_dir"]
+    versions = run.get("k710_versions")
+    if "k710" in label_maps and versions is None:  # a run from before the record: the versions on disk
+        versions = kinetics.present(data_dir)
+        print(f"warning: the checkpoint does not record which Kinetics versions k710 trained on; testing those in "
+              f"{data_dir} ({', '.join(versions) or 'none'}): one it did not train on may hold its training videos")
+    heads = test_heads(names, label_maps, versions, data_dir)
     datasets = open_datasets(args, rt, run, label_maps, list(heads), args.split)
     try:
         test_all(model, datasets, batch_sizes=dict.fromkeys(label_maps, args.batch_size), rank=rt.rank,

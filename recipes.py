@@ -120,6 +120,10 @@ def parse(argv, description):
             setattr(args, flag, None)
     if args.init and known.attention is None:  # None: the weights' own, read by train.build_model
         args.attention = None
+    if args.epochs:  # --max_steps and --weights follow from the budgets; None: not typed (budgets)
+        for flag in ("max_steps", "weights"):
+            if getattr(known, flag) is None:
+                setattr(args, flag, None)
     check(args)
     return args
 
@@ -297,21 +301,23 @@ def dataset_weights(args, names):
 def budgets(args, names, train_sets, local_batch, num_sample, world):
     """(the schedule's weights, --max_steps): as given, or from --epochs: a dataset's steps are its epochs x
     its samples / the samples of its global batch (a sample's R clips count once), the weights those steps,
-    max_steps their sum. Beside --epochs, a --weights or --max_steps of the command line that says otherwise
-    is an error (one line)."""
+    max_steps their sum; the schedule then gives each dataset exactly its steps (data.integer_ratio). Beside
+    --epochs, a --weights or --max_steps typed on the command line (parse: None if not) that says otherwise
+    is an error (one line); not typed, --weights becomes the steps, as the run's config records."""
     weights = dataset_weights(args, names)
     if not args.epochs:
         return weights, args.max_steps
-    epochs, recipe = per_dataset(args, "epochs", float), RECIPES[args.recipe]
+    epochs = per_dataset(args, "epochs", float)
     steps = [max(1, round(epochs[n] * len(ds) * num_sample[n] / (local_batch[n] * world * args.grad_accum)))
              for n, ds in zip(names, train_sets)]
-    if args.max_steps != recipe["max_steps"] and args.max_steps != sum(steps):
+    if args.max_steps is not None and args.max_steps != sum(steps):
         sys.exit(f"error: --epochs {args.epochs} makes {sum(steps)} steps in all, not --max_steps {args.max_steps}: "
                  "drop one of the two")
-    if args.weights != recipe["weights"] and any(abs(w / sum(weights) - s / sum(steps)) > 0.01 * s / sum(steps)
-                                                 for w, s in zip(weights, steps)):
+    if args.weights is not None and any(abs(w / sum(weights) - s / sum(steps)) > 0.01 * s / sum(steps)
+                                        for w, s in zip(weights, steps)):
         sys.exit(f"error: --epochs {args.epochs} makes the steps {dict(zip(names, steps))}, not in the ratio of "
                  f"--weights {args.weights}: drop one of the two")
+    args.weights = args.weights or ",".join(f"{n}={s}" for n, s in zip(names, steps))
     return [float(s) for s in steps], sum(steps)
 
 
@@ -331,7 +337,11 @@ def mixing(args, name):
 
 def sampling(args, name):
     """How dataset `name` samples frames if --sampling says (mine=kinetics, mine=kinetics:8 for rate 8,
-    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}."""
+    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}. A Kinetics version
+    tested through a k710 head samples as k710 trained."""
+    names = args.datasets.split(",")
+    if name in kinetics.VERSIONS and name not in names and "k710" in names:
+        name = "k710"
     value = per_dataset(args, "sampling").get(name)
     if value is None:
         return {}

@@ -192,7 +192,9 @@ def guard_lines(args, names, train_sets):
             lines.append(f"    {n}: not checked (its file names give no YouTube id)")
             continue
         whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
-        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else ""))
+        unchecked = left.get("unchecked", 0)  # the samples whose file names give no id, where others do
+        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else "")
+                     + (f"; {unchecked} not checked (their file names give no YouTube id)" if unchecked else ""))
     return lines
 
 

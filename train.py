@@ -32,7 +32,7 @@ import loaders
 import model as M
 import recipes
 import runtime
-from eval import test_all, test_heads
+from eval import k710_versions, test_all, test_heads
 
 
 def get_args(argv=None):
@@ -71,6 +71,7 @@ def train(args, rt):
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
     train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train", guard=val_sets)
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
+    args.k710_versions = k710_versions(names, train_sets)  # in ckpt.pt: the versions tested on its head
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
     weights, args.max_steps = recipes.budgets(args, names, train_sets, local_batch, num_sample, rt.world)
@@ -218,7 +219,7 @@ def train(args, rt):
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        heads = test_heads(names, label_maps, args.data_dir)  # k710: each Kinetics version, on its rows
+        heads = test_heads(names, label_maps, args.k710_versions, args.data_dir)  # k710: each version it holds
         val = dict(zip(heads, open_datasets(args, list(heads), "val")))
         log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
         results = test_all(tested, val, heads=heads, label_maps=label_maps, guard=runtime.guard_state(vars(args)),

@@ -137,14 +137,20 @@ def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
 def test_epochs_set_the_weights_and_the_steps():
     """Steps = epochs x samples / samples a step (the global batch over R clips a sample), by hand: 30 x 240,000 /
     (64 / 2) = 225,000; 20 x 169,600 / 64 = 53,000; 1 x 11,060,000 / 256 = 43,203.125, rounded."""
-    def budgets(*flags):
-        args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
+    def budgets(*flags, args=None):
+        args = args or train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
         return recipes.budgets(args, ["a", "b", "c"], [range(240_000), range(169_600), range(11_060_000)],
                                {"a": 64, "b": 64, "c": 256}, {"a": 2, "b": 1, "c": 1}, world=1)
 
-    assert budgets() == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1"])
+    assert budgets(args=args) == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    assert args.weights == "a=225000,b=53000,c=43203"  # the run's config records the weights it ran
+    weights, steps = budgets()
+    assert [data.steps_before(steps, d, weights) for d in range(3)] == [225_000, 53_000, 43_203]  # the table's
     assert budgets("--max_steps", "321203", "--weights", "225000,53000,43203") == budgets()  # agreeing: fine
+    cover_steps = str(recipes.RECIPES["cover"]["max_steps"])  # typed, the recipe's value is compared too
     for flags, says in [(["--max_steps", "1000"], "makes 321203 steps in all, not --max_steps 1000"),
+                        (["--max_steps", cover_steps], f"makes 321203 steps in all, not --max_steps {cover_steps}"),
                         (["--weights", "c=2"], "not in the ratio of --weights c=2")]:
         with pytest.raises(SystemExit, match=says):
             budgets(*flags)

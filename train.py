@@ -75,7 +75,7 @@ def train(args, rt):
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
-    ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
+    ckpt, ckpt_path = runtime.resume_on_every_rank(rt, files)  # rank 0's choice: the newest that reads
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":

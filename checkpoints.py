@@ -1,29 +1,30 @@
 """
-Checkpoints from elsewhere, translated to model.py's key layout: ImageNet ViTs in timm's layout,
-official TimeSformer .pyth files (PySlowFast), Hugging Face Timesformer folders, and this project's
-ckpt.pt. load() returns plain values (a state dict and config fields); model.TimeSformer.from_pretrained
-builds the model from them, so this file never imports model.py.
+Checkpoints from elsewhere, translated to model.py's key layout: ImageNet ViTs in timm's layout, official
+TimeSformer .pyth files (PySlowFast), Hugging Face Transformers' Timesformer and ViT folders, Hub models by
+name (hf-hub:<org>/<name>), and this project's ckpt.pt. load() returns plain values (a state dict, config
+fields, and what the weights say of themselves: class names, their normalisation); model.TimeSformer.
+from_pretrained builds the model from them, so this file never imports model.py.
 """
 
 import json
 import math
 import os
-import pickle
 import re
 import warnings
 import zipfile
 
 import torch
 
-# Hugging Face Timesformer names -> ours (which are the official TimeSformer / timm names)
-HF_TOP = {"timesformer.embeddings.cls_token": "cls_token",
-          "timesformer.embeddings.position_embeddings": "pos_embed",
-          "timesformer.embeddings.time_embeddings": "time_embed",
-          "timesformer.embeddings.patch_embeddings.projection": "patch_embed.proj",
-          "timesformer.layernorm": "norm",
-          "classifier": "head"}
+# Transformers' names -> ours (which are the official TimeSformer / timm names); tools/export.py reads the
+# same tables backwards. Top-level modules sit under the model's prefix (timesformer., vit., or none for a
+# bare ViTModel), a block's under <prefix>encoder.layer.<i>., the classifier at the top.
+HF_TOP = {"embeddings.cls_token": "cls_token",
+          "embeddings.position_embeddings": "pos_embed",
+          "embeddings.time_embeddings": "time_embed",
+          "embeddings.patch_embeddings.projection": "patch_embed.proj",
+          "layernorm": "norm"}
 HF_LAYER = {"layernorm_before": "norm1",
-            "attention.attention.qkv": "attn.qkv",
+            "attention.attention.qkv": "attn.qkv",  # Transformers' ViT keeps query, key, value apart: join_qkv
             "attention.output.dense": "attn.proj",
             "temporal_layernorm": "temporal_norm1",
             "temporal_attention.attention.qkv": "temporal_attn.qkv",
@@ -32,7 +33,11 @@ HF_LAYER = {"layernorm_before": "norm1",
             "layernorm_after": "norm2",
             "intermediate.dense": "mlp.fc1",
             "output.dense": "mlp.fc2"}
+HF_HEAD = "classifier"
+HF_PREFIXES = {"timesformer": "timesformer.", "vit": "vit."}  # model_type -> the prefix of its trunk's keys
 VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H: heads by width
+HUB = "hf-hub:"  # timm's spelling of a Hugging Face Hub model id
+HUB_FILES = ["config.json", "preprocessor_config.json"]  # and one weights file: hub_folder
 
 
 def read_file(path):
@@ -52,7 +57,7 @@ def read_file(path):
         with warnings.catch_warnings():  # torch's note on a pickle's protocol: the error below says more
             warnings.filterwarnings("ignore", "Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # a file of other bytes fails the unpickler in many ways; the bytes say what it is
         raise ValueError(f"{path} {what_it_is(path, e)}") from None
 
 
@@ -88,45 +93,146 @@ def what_it_is(path, error):
     return f"is not a PyTorch checkpoint (it begins {head!r})"
 
 
-def hf_key(key):
-    """A Hugging Face Timesformer key -> ours, or None if it has no place in our model."""
+def hub_folder(name):
+    """'hf-hub:<org>/<name>' -> a local folder of its config files and one weights file, through
+    huggingface_hub (an optional package) and its cache, so HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE=1 work
+    as they do for any Hub user. Only files that hold no code are fetched. ImportError or ValueError, one line."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError(f"{name}: a Hub name needs the huggingface_hub package (pip install huggingface_hub)") \
+            from None
+    repo = name.removeprefix(HUB)
+    try:
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=HUB_FILES + ["model.safetensors"])
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # older repos hold a torch file only
+            folder = huggingface_hub.snapshot_download(repo, allow_patterns=HUB_FILES + ["pytorch_model.bin"])
+    except (OSError, ValueError) as e:  # huggingface_hub's errors are of both kinds
+        raise ValueError(f"{name}: {hub_trouble(e, repo)}") from None
+    return folder
+
+
+def hub_trouble(error, repo):
+    """What went wrong in huggingface_hub, as a clause that names the fix."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError)
+
+    if isinstance(error, LocalEntryNotFoundError):
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        return (f"not in the Hugging Face cache {constants.HF_HUB_CACHE}, and the Hub cannot be reached{offline}: "
+                f"download it where there is internet (hf download {repo}) and copy that cache here, or point "
+                "HF_HOME at one that has it")
+    if isinstance(error, GatedRepoError):
+        return f"a gated model: accept its terms at https://huggingface.co/{repo}, then hf auth login"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such model on the Hugging Face Hub (a private one needs hf auth login)"
+    if isinstance(error, HFValidationError):
+        return "not a Hub model id; say hf-hub:<org>/<name>"
+    first_line = str(error).partition("\n")[0]
+    return f"huggingface_hub could not fetch it ({type(error).__name__}: {first_line})"
+
+
+def hf_key(key, prefix):
+    """A Transformers key (Timesformer's or ViT's trunk under `prefix`) -> ours, or None if it has no place."""
+    if key.startswith(HF_HEAD + "."):
+        return "head." + key.removeprefix(HF_HEAD + ".")
+    if not key.startswith(prefix):
+        return None
+    key = key.removeprefix(prefix)
     if key in HF_TOP:
         return HF_TOP[key]
     module, param = key.rsplit(".", 1)
     if module in HF_TOP:
         return f"{HF_TOP[module]}.{param}"
-    parts = module.split(".", 4)  # timesformer, encoder, layer, i, rest
-    if parts[:3] == ["timesformer", "encoder", "layer"] and len(parts) == 5 and parts[4] in HF_LAYER:
-        return f"blocks.{parts[3]}.{HF_LAYER[parts[4]]}.{param}"
+    parts = module.split(".", 3)  # encoder, layer, i, rest
+    if parts[:2] == ["encoder", "layer"] and len(parts) == 4 and parts[3] in HF_LAYER:
+        return f"blocks.{parts[2]}.{HF_LAYER[parts[3]]}.{param}"
     return None
 
 
-def read_hf_folder(path):
-    """A folder as save_pretrained writes it -> (state dict, config fields, class names or None)."""
+def from_transformers(sd, prefix):
+    """A Transformers state dict (trunk keys under `prefix`) -> (ours, notes on what was dropped)."""
+    sd, notes = dict(sd), []
+    for key in [k for k in sd if ".attention.attention.query." in k]:  # ViT: one qkv, rows q, k, v (timm's)
+        sd[key.replace(".query.", ".qkv.")] = torch.cat([sd.pop(key.replace(".query.", f".{part}."))
+                                                         for part in ("query", "key", "value")])
+    pooler = [k for k in sd if k.startswith(prefix + "pooler.")]
+    if pooler:  # no head reads it: ours, as ViTForImageClassification's, read the final-normed CLS token
+        notes.append(f"dropped {', '.join(pooler)} (ViTModel's pooler, a tanh layer on the CLS token, which no "
+                     "head reads)")
+    unplaced = [k for k in sd if k not in pooler and hf_key(k, prefix) is None]
+    if unplaced:
+        raise ValueError(f"Transformers checkpoint has keys we cannot place: {first_few(unplaced)}")
+    return {hf_key(k, prefix): v for k, v in sd.items() if k not in pooler}, notes
+
+
+def read_folder(path, where):
+    """A model folder (Transformers' save_pretrained, timm's push_to_hub, a Hub snapshot) -> (state dict,
+    config fields, extra: the class names and the normalisation its config files give). `where` names it."""
     weights = [w for w in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, w))]
     if not os.path.exists(os.path.join(path, "config.json")) or not weights:
-        raise ValueError(f"{path} is a folder but not a Hugging Face model folder "
+        raise ValueError(f"{where} is a folder but not a Hugging Face model folder "
                          "(expected config.json and model.safetensors or pytorch_model.bin)")
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
-    config = {"num_heads": hf.get("num_attention_heads"), "attention": hf.get("attention_type"),
-              "eps": hf.get("layer_norm_eps")}
-    labels = hf.get("id2label")
-    classes = [labels[str(i)] for i in range(len(labels))] if labels else None
-    return read_file(os.path.join(path, weights[0])), config, classes
+    hf = read_json(path, "config.json")
+    if "model_type" in hf:  # Transformers
+        kind = hf["model_type"]
+        if kind not in HF_PREFIXES:
+            raise ValueError(f"{where} holds a Transformers {kind} model ({', '.join(hf.get('architectures') or [])}),"
+                             " not a ViT or a Timesformer")
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r}; our MLP has the exact gelu")
+        config = {"model_type": kind, "num_heads": hf.get("num_attention_heads"),
+                  "attention": hf.get("attention_type"), "eps": hf.get("layer_norm_eps")}
+        labels = hf.get("id2label")
+        classes = [labels[str(i)] for i in range(len(labels))] if labels else None
+        pre = read_json(path, "preprocessor_config.json")
+        norm = mean_std(pre.get("image_mean"), pre.get("image_std"), f"{where}, preprocessor_config.json")
+    elif "architecture" in hf:  # timm
+        if not hf["architecture"].startswith(("vit_", "deit")):
+            raise ValueError(f"{where} holds timm's {hf['architecture']}, not a ViT")
+        config, pretrained = {}, hf.get("pretrained_cfg", hf)  # older files keep its fields at the top
+        classes = hf.get("label_names") or pretrained.get("label_names")
+        norm = mean_std(pretrained.get("mean"), pretrained.get("std"), f"{where}, config.json pretrained_cfg")
+    else:
+        raise ValueError(f"{where}: config.json is neither Transformers' (model_type) nor timm's (architecture)")
+    return read_file(os.path.join(path, weights[0])), config, {"classes": classes, "normalization": norm}
+
+
+def read_json(folder, name):
+    """A folder's JSON file as a dict; {} when it is absent."""
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def mean_std(mean, std, source):
+    """{'mean', 'std': three floats each, 'from': source}, from lists or "0.5,0.5,0.5"; None without both."""
+    values = [v.split(",") if isinstance(v, str) else v for v in (mean, std)]
+    if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in values):
+        return None
+    return {"mean": [float(v) for v in values[0]], "std": [float(v) for v in values[1]], "from": source}
 
 
 def load(src, overrides=None):
-    """A path (file or folder) or an in-memory checkpoint -> (format, state dict, config, extra).
+    """A path (file or folder), a Hub name (hf-hub:<org>/<name>) or an in-memory checkpoint -> (format,
+    state dict, config, extra).
 
-    format: 'cover' (ours), 'timesformer' (official), 'huggingface' or 'vit' (timm). The state dict
-    uses our keys, a foreign classifier as heads.default. config holds TimeSformerConfig fields, the
-    `overrides` applied; extra may hold 'label_maps' {head: class names}.
+    format: 'cover' (ours), 'timesformer' (official), 'huggingface' (Transformers' Timesformer) or 'vit'
+    (timm's or Transformers' layout). The state dict uses our keys, a foreign classifier as heads.default.
+    config holds TimeSformerConfig fields, the `overrides` applied. extra may hold 'label_maps' {head: class
+    names}, 'normalization' (the weights' own: mean_std()) and 'notes' (what was dropped, and why).
     """
-    hf_config, classes = {}, None
+    where = str(src) if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+    hf_config, found, notes = {}, {}, []
+    if isinstance(src, str) and src.startswith(HUB):
+        src = hub_folder(src)
+        notes.append(f"{where} from huggingface_hub's cache, {src}")
     if isinstance(src, (str, os.PathLike)):
         if os.path.isdir(src):
-            src, hf_config, classes = read_hf_folder(src)
+            src, hf_config, found = read_folder(src, where)
         elif os.path.isfile(src):
             src = read_file(src)
         else:
@@ -139,7 +245,9 @@ def load(src, overrides=None):
         flatten_patch_weight(state)
         config = {**sd["model_config"], **(overrides or {})}
         fmt = "cover (the moving average, --ema)" if sd.get("ema") else "cover"
-        return fmt, state, config, {"label_maps": sd.get("label_maps")}
+        run = sd.get("config") or {}
+        norm = mean_std(run.get("mean"), run.get("std"), f"{where}, its run's --mean/--std")
+        return fmt, state, config, {"label_maps": sd.get("label_maps"), "normalization": norm}
     if "model_state" in sd:  # official TimeSformer .pyth
         sd = sd["model_state"]
     for wrapper in ("state_dict", "model"):  # DeiT and others wrap a timm state dict
@@ -148,11 +256,14 @@ def load(src, overrides=None):
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError("unknown checkpoint format: expected a state dict of tensors, an official "
                          "TimeSformer '.pyth' (with 'model_state'), a Hugging Face folder, or our ckpt.pt")
-    if any(k.startswith("timesformer.") for k in sd):
-        unplaced = [k for k in sd if hf_key(k) is None]
-        if unplaced:
-            raise ValueError(f"Hugging Face checkpoint has keys we cannot place: {first_few(unplaced)}")
-        fmt, sd = "huggingface", {hf_key(k): v for k, v in sd.items()}
+    prefix = next((p for p in ("timesformer.", "vit.", "") if p + "embeddings.cls_token" in sd), None)
+    if prefix is not None:  # Transformers' layout: Timesformer, or ViT (an image model, made a video one below)
+        # a Timesformer by its prefix, its config, or (a bare TimesformerModel) its temporal parts
+        video = (prefix == "timesformer." or hf_config.get("model_type") == "timesformer"
+                 or "embeddings.time_embeddings" in sd or any(".temporal_" in k for k in sd))
+        sd, dropped = from_transformers(sd, prefix)
+        notes += dropped
+        fmt = "huggingface" if video else "vit"
     else:
         sd = {k.removeprefix("model."): v for k, v in sd.items()}  # PySlowFast prefixes every key
         if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
@@ -160,6 +271,7 @@ def load(src, overrides=None):
                              "ViT weights in timm's layout, an official TimeSformer .pyth or a Hugging Face "
                              "folder")
         fmt = "timesformer" if any(".temporal_attn." in k for k in sd) or "time_embed" in sd else "vit"
+    classes = found.get("classes") if "head.weight" in sd else None  # names of a classifier that came along
     if "head.weight" in sd:
         sd["heads.default.weight"], sd["heads.default.bias"] = sd.pop("head.weight"), sd.pop("head.bias")
     config = {**infer_config(sd, fmt, hf_config), **(overrides or {})}
@@ -169,7 +281,11 @@ def load(src, overrides=None):
     flatten_patch_weight(sd)
     if fmt == "vit" and config.get("attention", "divided_space_time") == "divided_space_time":
         inflate_vit(sd)
-    extra = {"label_maps": {"default": classes}} if classes else {}
+    extra = {"notes": notes} if notes else {}
+    if classes:
+        extra["label_maps"] = {"default": classes}
+    if found.get("normalization"):
+        extra["normalization"] = found["normalization"]
     return fmt, sd, config, extra
 
 

@@ -214,6 +214,7 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
         self.heads = nn.ModuleDict({name: nn.Linear(D, n) for name, n in (heads or {}).items()})
         self.grad_checkpointing = False
+        self.normalization = None  # the mean and std the weights were trained with: from_pretrained
         self.init_weights()
 
     @torch.no_grad()
@@ -308,11 +309,12 @@ class TimeSformer(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_pretrained(cls, src, heads=None, verbose=True, **overrides):
-        """A TimeSformer from a checkpoint path (file or Hugging Face folder) or a state dict: a timm
-        ImageNet ViT, an official TimeSformer .pyth, a Hugging Face Timesformer or our ckpt.pt. The shapes
-        give the architecture; `overrides` give what they cannot, or change frames / img_size (the
-        embeddings are resized). heads=None keeps the source's classifiers; heads={name: classes} makes
-        new heads, keeping a head of ours with the same name and size."""
+        """A TimeSformer from a checkpoint path (file or folder), a Hub name (hf-hub:<org>/<name>) or a state
+        dict: a timm or Transformers ImageNet ViT, an official TimeSformer .pyth, a Transformers Timesformer or
+        our ckpt.pt. The shapes give the architecture; `overrides` give what they cannot, or change frames /
+        img_size (the embeddings are resized). heads=None keeps the source's classifiers; heads={name: classes}
+        makes new heads, keeping a head of ours with the same name and size. model.normalization: the mean and
+        std the weights were trained with, where their files say ({'mean', 'std', 'from'}), else None."""
         fmt, sd, config, extra = checkpoints.load(src, overrides)
         cfg = TimeSformerConfig(**config)
         saved = {k.split(".")[1]: v.shape[0] for k, v in sd.items() if k.startswith("heads.") and "bias" in k}
@@ -335,8 +337,11 @@ class TimeSformer(nn.Module):
         new_heads = [n for n in heads if f"heads.{n}.weight" not in sd]
         if new_heads:
             report.append(f"new heads: {new_heads}")
-        model.load_report = [f"loaded {fmt} weights ({len(sd)} tensors)"] + report
-        model.label_maps = extra.get("label_maps")
+        model.load_report = [f"loaded {fmt} weights ({len(sd)} tensors)"] + extra.get("notes", []) + report
+        model.label_maps, model.normalization = extra.get("label_maps"), extra.get("normalization")
+        if model.normalization:
+            mean, std = (",".join(map(str, model.normalization[k])) for k in ("mean", "std"))
+            model.load_report.append(f"their normalisation: mean {mean}, std {std} ({model.normalization['from']})")
         if verbose:
             print("from_pretrained: " + "; ".join(model.load_report))
         return model

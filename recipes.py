@@ -10,6 +10,7 @@ import math
 import os
 import sys
 
+import checkpoints
 import data
 import model as M
 from runtime import DTYPES
@@ -51,8 +52,9 @@ def parse(argv, description):
     a("--attention", default="divided_space_time", choices=M.ATTENTION_TYPES, help="TimeSformer attention")
     a("--frames", type=int, help="frames per video clip (images are always 1)")
     a("--img_size", type=int, help="crop size in pixels, a multiple of the patch size")
-    a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors), official TimeSformer .pyth, "
-                     "a Hugging Face Timesformer folder, or a ckpt.pt of this project")
+    a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors, a timm or Transformers folder), "
+                     "official TimeSformer .pyth, a Transformers Timesformer folder, a ckpt.pt of this project, or "
+                     "a Hub name, hf-hub:<org>/<name> (pip install huggingface_hub)")
     a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
     a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x, demo 2x)")
     a("--sampling", default="", help="a video set's frames, by name: mine=kinetics (a window, 1/32 at 30 fps), "
@@ -77,8 +79,9 @@ def parse(argv, description):
     a("--dtype", choices=list(DTYPES), help="autocast precision (fp16 adds a GradScaler)")
     a("--compile", action="store_true", help="torch.compile the trunk (the heads stay eager)")
     a("--grad_checkpoint", action="store_true", help="recompute block activations in backward (saves memory)")
-    a("--mean", help="per-channel normalisation mean, e.g. 0.5,0.5,0.5 for Google ViT weights")
-    a("--std", help="per-channel normalisation std")
+    a("--mean", help="per-channel normalisation mean; not given: the weights' own (--init, or the run's "
+                     "checkpoint) where their files say, else the recipe's")
+    a("--std", help="per-channel normalisation std; not given: as --mean")
     a("--eval_every", type=int, help="validate (clip-level, 1 view) every N steps; 0 = only at the end")
     a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
     a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
@@ -95,6 +98,9 @@ def parse(argv, description):
     p.set_defaults(recipe=recipe, **RECIPES[recipe])
     a("-h", "--help", action="help", help=f"show this help; the defaults shown are the {recipe} recipe's")
     args = p.parse_args(argv)
+    for flag in ("mean", "std"):  # None: not given, decided by normalization() once the weights are read
+        if getattr(known, flag) is None:
+            setattr(args, flag, None)
     check(args)
     return args
 
@@ -152,10 +158,53 @@ def check(args):
                       "in (0, 1] (1: off)")
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
-    if args.init and not os.path.exists(args.init):
+    hub = args.init and args.init.startswith(checkpoints.HUB)
+    if hub and importlib.util.find_spec("huggingface_hub") is None:
+        errors.append(f"--init {args.init}: a Hub name needs the huggingface_hub package: pip install huggingface_hub")
+    if args.init and not hub and not os.path.exists(args.init):
         errors.append(f"--init: no file or folder at {args.init}")
+    for flag in ("mean", "std"):
+        given = getattr(args, flag)
+        values = floats(given) if given is not None else [1.0] * 3
+        if values is None or len(values) != 3 or (flag == "std" and min(values) <= 0):
+            errors.append(f"--{flag} {given}: three numbers, one per RGB channel (std > 0)")
     if errors:
         sys.exit("error: " + "\nerror: ".join(errors))
+
+
+def normalization(args, own, verbose=True):
+    """The run's mean and std as flag values: each --mean / --std as given, else the weights' own (own:
+    {'mean', 'std', 'from'} from their files, or None), else the recipe's. With verbose, a line saying which
+    and from where, after a warning for a given value that differs from the weights' own."""
+    values, sources = [], []
+    for flag in ("mean", "std"):
+        given = getattr(args, flag)
+        if given is not None:
+            values.append(given)
+            sources.append(f"--{flag}")
+            if own and floats(given) != own[flag] and verbose:
+                print(f"warning: --{flag} {given} differs from the weights' own {as_flag(own[flag])} "
+                      f"({own['from']}); using --{flag}")
+        elif own:
+            values.append(as_flag(own[flag]))
+            sources.append(f"the weights' own ({own['from']})")
+        else:
+            values.append(RECIPES[args.recipe][flag])
+            sources.append(f"the {args.recipe} recipe's")
+    if verbose and sources[0] == sources[1]:
+        print(f"normalisation: mean {values[0]}, std {values[1]}: {sources[0]}")
+    elif verbose:
+        print(f"normalisation: mean {values[0]} ({sources[0]}), std {values[1]} ({sources[1]})")
+    return values
+
+
+def floats(text):  # "0.5,0.5,0.5" -> [0.5, 0.5, 0.5]; None where it is not finite numbers
+    values = [number(v, float) for v in text.split(",")]
+    return None if None in values or not all(map(math.isfinite, values)) else values
+
+
+def as_flag(values):  # [0.5, 0.5, 0.5] -> "0.5,0.5,0.5", every digit kept
+    return ",".join(str(v) for v in values)
 
 
 def per_dataset(args, flag, kind=str):

@@ -4,8 +4,8 @@ each optimizer step to one dataset; images train as single-frame videos.
 
     python train.py                                       # the demo: built-in data, CPU, minutes
     python train.py --datasets demo_ssv2                  # the demo recipe on one demo set
-    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k --init vit_base.pth \\
-        --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5             # the cover recipe on real data
+    torchrun --nproc_per_node=8 train.py --datasets k400,ssv2,in21k \\
+        --init hf-hub:google/vit-base-patch16-224-in21k   # the cover recipe on real data
 
 Naming only demo sets (or none) runs the `demo` recipe, real ones `cover` (recipes.py); flags given win.
 The same command again continues from <out_dir>/ckpt.pt (also after SIGTERM / preemption).
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import data
 import demo
 import loaders
@@ -77,6 +78,7 @@ def train(args, rt):
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = runtime.resume_on_every_rank(rt, files)  # rank 0's choice: the newest that reads
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
+    args.mean, args.std = recipes.normalization(args, model.normalization, verbose=rt.master)  # kept in ckpt.pt
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -115,8 +117,9 @@ def train(args, rt):
                    world=rt.world, workers=args.workers)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
-    runtime.report(args, recipes.RECIPES[args.recipe], model, source, rt, peak, names, train_sets, val_sets,
-                   local_batch, num_sample, weights)
+    recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
+    runtime.report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
+                   weights)
 
     # ---- the training loop
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
@@ -235,6 +238,8 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
+        run = ckpt["config"]
+        model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
         try:

@@ -25,12 +25,14 @@ def demo_dir(tmp_path_factory):
 # so the lane is read in one place.
 FAST = {
     "test_bench.py": ["test_data_section"],
-    "test_checkpoints.py": ["test_official_pyth", "test_load_errors", "test_own_checkpoint_roundtrip"],
+    "test_checkpoints.py": ["test_official_pyth", "test_load_errors", "test_own_checkpoint_roundtrip",
+                            "test_a_hub_name_that_does_not_load_is_one_line"],
     "test_data.py": ["test_schedule_round_robin_and_weighted", "test_grad_accum_micro_batches_share_a_dataset",
                      "test_kinetics_indices_hand_computed", "test_segment_indices_hand_computed",
                      "test_views_override_and_single_file_views", "test_mixup_targets_sum_to_one_and_match_lambda"],
     "test_demo.py": ["test_unknown_demo_name_is_refused"],
     "test_eval.py": ["test_not_a_checkpoint_is_one_line"],
+    "test_export.py": ["test_the_key_tables_read_both_ways"],
     "test_fork.py": ["test_your_own_dataset_trains_and_tests_with_kinetics_sampling",
                      "test_change_the_mix_and_see_each_datasets_epochs_before_training",
                      "test_a_new_attention_type_trains_and_is_counted",
@@ -43,13 +45,19 @@ FAST = {
     "test_runtime.py": ["test_published_peak_by_device_name"],
     "test_selfcheck.py": ["test_gradient_error_reports_the_worst_parameter",
                           "test_nan_gradient_from_a_backend_fails_and_names_the_rows"],
-    "test_train.py": ["test_bad_arguments_fail_fast", "test_help_shows_the_values_of_the_recipe_the_command_would_run",
+    "test_faults.py": ["test_a_file_system_that_cannot_sync_a_folder_still_saves",
+                       "test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line"],
+    "test_train.py": ["test_bad_arguments_fail_fast", "test_a_hub_name_without_huggingface_hub_fails_before_any_work",
+                      "test_help_shows_the_values_of_the_recipe_the_command_would_run",
                       "test_every_per_dataset_flag_reads_one_value_one_per_dataset_or_some_by_name",
                       "test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step",
-                      "test_lr_schedule"],
+                      "test_lr_schedule", "test_flags_that_slipped_past_the_checks_are_one_line_before_any_listing"],
     "test_video.py": ["test_read_video_is_frame_exact", "test_read_video_past_end_and_bad_files",
                       "test_load_image_modes", "test_pyav_decodes_from_the_keyframe_before_each_frame",
-                      "test_pyav_seeks_land_on_the_keyframe_itself"],
+                      "test_pyav_seeks_land_on_the_keyframe_itself", "test_rotation_as_opencv_shows_it",
+                      "test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows",
+                      "test_any_file_reads_or_is_a_read_error",
+                      "test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_again"],
 }
 
 

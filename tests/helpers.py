@@ -1,7 +1,10 @@
 """Shared by the model and checkpoint tests: a small config, random weights, foreign key layouts, a
-plain ViT written out with no code shared with model.py, and checkpoint files spoilt as disks leave them."""
+plain ViT written out with no code shared with model.py, checkpoint files spoilt as disks leave them, and a
+Hugging Face Hub cache laid out as huggingface_hub lays out a download."""
 
+import hashlib
 import math
+import os
 import zipfile
 
 import torch
@@ -82,7 +85,25 @@ def spoil(path, kind):
         path.mkdir()
         return
     path.write_bytes({"truncated": good[:len(good) // 2], "empty": b"", "garbage": b"\x13\x37 not a checkpoint" * 50,
-                      "text": b"# a README given by mistake\n"}.get(kind, b""))
+                      "text": b"# a README given by mistake\n",
+                      "note": b"a note given by mistake\n"}.get(kind, b""))  # 'a': a pickle opcode
     if kind == "zip":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("notes.txt", "a zip archive of something else")
+
+
+def hub_cache(cache, repo, folder):
+    """The files of `folder` as huggingface_hub caches a download of model `repo` in `cache` (HF_HUB_CACHE,
+    or HF_HOME/hub): models--<org>--<name>/ with blobs/<sha256>, snapshots/<commit>/<file> linking to its
+    blob, and refs/main naming the commit."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    (root / "blobs").mkdir(parents=True)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (root / "snapshots" / commit / f.name).symlink_to(os.path.relpath(blob, root / "snapshots" / commit))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)

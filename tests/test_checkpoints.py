@@ -1,6 +1,7 @@
 """checkpoints.py and TimeSformer.from_pretrained: Hugging Face transformers' Timesformer as the peer
 implementation, a plain ViT written out for timm weights, and the official and our own layouts."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 import checkpoints
 import model as M
-from helpers import conv_layout, randomize_, reference_vit, small_cfg, spoil, timm_state_dict
+from helpers import conv_layout, hub_cache, randomize_, reference_vit, small_cfg, spoil, timm_state_dict
 
 torch.set_num_threads(2)
 load = M.TimeSformer.from_pretrained
@@ -163,7 +164,8 @@ def test_checkpoint_cannot_run_code(tmp_path, capsys, write, says):
 
 @pytest.mark.parametrize("kind, says", [
     ("truncated", "is cut short"), ("empty", "is empty (0 bytes)"), ("garbage", "is not a PyTorch checkpoint (it begins"),
-    ("text", "is not a PyTorch checkpoint (it begins b'# a README"), ("zip", "is a zip archive, not a PyTorch checkpoint"),
+    ("text", "is not a PyTorch checkpoint (it begins b'# a README"),
+    ("note", "is not a PyTorch checkpoint (it begins b'a note"), ("zip", "is a zip archive, not a PyTorch checkpoint"),
     ("folder", "is a folder"), ("missing", "does not exist"),
 ])
 def test_a_file_that_does_not_read_is_one_line_saying_what_it_is(tmp_path, kind, says):
@@ -212,3 +214,130 @@ def test_load_returns_plain_values_in_our_layout(tmp_path):
                           mlp_ratio=4.0, qkv_bias=True, num_heads=3) and extra == {}
     code = "import sys, checkpoints; assert 'model' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(checkpoints.__file__), check=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transformers' ViT layout, and Hub names (hf-hub:<org>/<name>) through huggingface_hub's cache
+
+GOOGLE_PREPROCESSOR = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 224}
+
+
+def hf_vit(path, classifier=True, seed=0):
+    """A random Transformers ViT as save_pretrained writes it, and the preprocessor config that
+    google/vit-base-patch16-224-in21k has beside it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                 num_attention_heads=3, intermediate_size=192, num_labels=7)
+    vit = transformers.ViTForImageClassification(cfg) if classifier else transformers.ViTModel(cfg)
+    randomize_(vit, seed).eval().save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(GOOGLE_PREPROCESSOR))
+    return vit
+
+
+def timm_vit(path):
+    """A timm ViT as timm's push_to_hub writes it: config.json with its pretrained_cfg, model.safetensors."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    path.mkdir()
+    safetensors.save_file(timm_state_dict(small_cfg()), str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch8_32.test", "num_classes": 10, "num_features": 48, "global_pool": "token",
+        "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
+
+
+def hf_timesformer(path):
+    """A Transformers Timesformer and the preprocessor config of facebook/timesformer-base-finetuned-k400."""
+    hf_model(path, 4, "divided_space_time")
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "VideoMAEImageProcessor", "image_mean": [0.45, 0.45, 0.45],
+        "image_std": [0.225, 0.225, 0.225], "size": {"shortest_edge": 32}}))
+
+
+@pytest.mark.parametrize("classifier", [True, False])
+def test_transformers_vit_matches_their_logits(tmp_path, classifier):
+    """ViTForImageClassification: our logits are theirs. ViTModel: our feature is their final-normed CLS token;
+    its pooler has no place here and the load report says it was dropped. Their separate query, key and value
+    become one qkv; their layer norm eps (1e-12) is read; the preprocessor's mean and std come along."""
+    hf = hf_vit(tmp_path, classifier)
+    ours = load(tmp_path, verbose=False).eval()
+    assert (ours.cfg.eps, ours.cfg.num_heads, ours.cfg.attention) == (1e-12, 3, "divided_space_time")
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf(pixel_values=img)
+        if classifier:
+            assert (ours(img.unsqueeze(2)) - theirs.logits).abs().max() < 1e-4
+            assert ours.label_maps == {"default": [f"LABEL_{i}" for i in range(7)]}
+        else:
+            assert (ours.forward_features(img.unsqueeze(2)) - theirs.last_hidden_state[:, 0]).abs().max() < 1e-4
+            assert list(ours.heads) == [] and ours.label_maps is None
+            assert any(r.startswith("dropped pooler.dense.") for r in ours.load_report)
+        # inflated to divided space-time: a video of one repeated frame is that image (temporal_fc is zero)
+        video = img.unsqueeze(2).expand(-1, -1, 4, -1, -1)
+        assert (ours.forward_features(video) - ours.forward_features(img.unsqueeze(2))).abs().max() < 1e-4
+    assert ours.normalization == {"mean": [0.5] * 3, "std": [0.5] * 3,
+                                  "from": f"{tmp_path}, preprocessor_config.json"}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """huggingface_hub offline, its cache in tmp_path/hub: what HF_HOME=<tmp_path> HF_HUB_OFFLINE=1 give a
+    new process (tests/test_train.py runs one so)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("make, mean, source", [
+    (timm_vit, [0.485, 0.456, 0.406], "config.json pretrained_cfg"),
+    (hf_vit, [0.5] * 3, "preprocessor_config.json"),
+    (hf_timesformer, [0.45] * 3, "preprocessor_config.json"),
+])
+def test_a_hub_name_loads_as_its_files_with_their_normalisation(tmp_path, hub, make, mean, source):
+    make(tmp_path / "files")
+    hub_cache(hub, "org/model", tmp_path / "files")
+    by_name = load("hf-hub:org/model", num_heads=3, verbose=False).eval()
+    by_path = load(tmp_path / "files", num_heads=3, verbose=False).eval()
+    x = torch.randn(2, 3, by_path.cfg.frames, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(by_name(x), by_path(x))
+    assert by_name.normalization == {**by_path.normalization, "from": f"hf-hub:org/model, {source}"}
+    assert by_name.normalization["mean"] == mean
+    assert f"hf-hub:org/model from huggingface_hub's cache, {hub}" in "; ".join(by_name.load_report)
+
+
+def bert(path):
+    """A Transformers model of another architecture: the config.json fields we read, and its weights."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    path.mkdir()
+    safetensors.save_file({"embeddings.word_embeddings.weight": torch.zeros(50, 12)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert",
+                                                  "hidden_size": 12, "num_attention_heads": 2}))
+
+
+def timm_resnet(path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    path.mkdir()
+    safetensors.save_file({"conv1.weight": torch.zeros(8, 3, 7, 7)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"architecture": "resnet18.a1_in1k", "num_classes": 1000,
+                                                  "pretrained_cfg": {"mean": [0.485, 0.456, 0.406]}}))
+
+
+@pytest.mark.parametrize("case, says", [
+    ("not cached", "hf-hub:org/model: not in the Hugging Face cache {hub}, and the Hub cannot be reached "
+                   "(HF_HUB_OFFLINE is set): download it where there is internet (hf download org/model)"),
+    ("bert", "hf-hub:org/model holds a Transformers bert model (BertModel), not a ViT or a Timesformer"),
+    ("timm resnet", "hf-hub:org/model holds timm's resnet18.a1_in1k, not a ViT"),
+    ("not an id", "hf-hub:org/a/b: not a Hub model id; say hf-hub:<org>/<name>"),
+    ("no huggingface_hub", "hf-hub:org/model: a Hub name needs the huggingface_hub package (pip install "
+                           "huggingface_hub)"),
+])
+def test_a_hub_name_that_does_not_load_is_one_line(tmp_path, hub, monkeypatch, case, says):
+    if case in ("bert", "timm resnet"):
+        (bert if case == "bert" else timm_resnet)(tmp_path / "files")
+        hub_cache(hub, "org/model", tmp_path / "files")
+    if case == "no huggingface_hub":
+        monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises((ValueError, ImportError)) as e:
+        load("hf-hub:org/a/b" if case == "not an id" else "hf-hub:org/model", verbose=False)
+    assert str(e.value).startswith(says.format(hub=hub)) and "\n" not in str(e.value), str(e.value)

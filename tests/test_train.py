@@ -20,7 +20,7 @@ import model as M
 import recipes
 import runtime
 import train
-from helpers import spoil
+from helpers import hub_cache, spoil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -248,6 +248,8 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
+    (["--mean", "0.5,0.5"], "--mean 0.5,0.5: three numbers, one per RGB channel"),
+    (["--std", "0.2,0,0.2"], "--std 0.2,0,0.2: three numbers, one per RGB channel (std > 0)"),
 ])
 def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -262,6 +264,7 @@ def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     (["--mixup", "nan"], "--mixup nan: finite numbers expected"),
     (["--lr", "inf"], "--lr inf: a finite number expected"),
     (["--label_smoothing", "nan"], "--label_smoothing nan: a finite number expected"),
+    (["--std", "0.2,inf,0.2"], "--std 0.2,inf,0.2: three numbers, one per RGB channel (std > 0)"),
     (["--weights", "0.0004,1,1"], "--weights 0.0004,1,1: demo_kinetics would get no step in --max_steps 1200; "
                                   "raise the weight or --max_steps"),
     # periods of 12 steps: 10 to demo_imagenet, and one each to demo_kinetics (step 3) and demo_ssv2 (step 7)
@@ -293,6 +296,48 @@ def test_init_that_is_not_a_checkpoint_is_one_line(demo_dir, tmp_path, kind, say
     assert "\n" not in msg and "weights_only" not in msg
 
 
+def test_init_by_hub_name_uses_the_weights_normalisation_and_says_so(demo_dir, tmp_path, capsys):
+    """--init hf-hub:<org>/<name> in a new process with HF_HOME and HF_HUB_OFFLINE=1, as a user runs it: the
+    start-up says the mean and std are the weights' own and where from, and ckpt.pt keeps them; a resume keeps
+    the run's; a given --mean that differs from the weights' own is a warning, and is used."""
+    pytest.importorskip("huggingface_hub")
+    from test_checkpoints import hf_vit
+
+    hf_vit(tmp_path / "vit", classifier=False)  # and Google's preprocessor config: mean = std = 0.5
+    hub_cache(tmp_path / "hf" / "hub", "google/vit-tiny", tmp_path / "vit")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    common = FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0", "--max_steps", "4"]
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(out), "--stop_at", "1",
+                        "--init", "hf-hub:google/vit-tiny"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ("normalisation: mean 0.5,0.5,0.5, std 0.5,0.5,0.5: the weights' own (hf-hub:google/vit-tiny, "
+            "preprocessor_config.json)") in r.stdout
+    assert "hf-hub:google/vit-tiny from huggingface_hub's cache" in r.stdout
+    assert (load(out / "ckpt.pt")["config"]["mean"], load(out / "ckpt.pt")["config"]["std"]) == ("0.5,0.5,0.5",) * 2
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(out), "--stop_at", "2", "--init", "hf-hub:google/vit-tiny"])  # resumes
+    assert f"std 0.5,0.5,0.5: the weights' own ({out}/ckpt.pt, the run's)" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["config"]["mean"] == "0.5,0.5,0.5"
+    train.main(common + ["--out_dir", str(tmp_path / "o2"), "--stop_at", "0", "--init", str(tmp_path / "vit"),
+                         "--mean", "0.45,0.45,0.45"])
+    said = capsys.readouterr().out
+    assert (f"warning: --mean 0.45,0.45,0.45 differs from the weights' own 0.5,0.5,0.5 ({tmp_path / 'vit'}, "
+            "preprocessor_config.json); using --mean") in said
+    assert ("normalisation: mean 0.45,0.45,0.45 (--mean), std 0.5,0.5,0.5 (the weights' own "
+            f"({tmp_path / 'vit'}, preprocessor_config.json))") in said
+    assert load(tmp_path / "o2" / "ckpt.pt")["config"]["mean"] == "0.45,0.45,0.45"
+
+
+def test_a_hub_name_without_huggingface_hub_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out_dir", str(tmp_path / "o"), "--init", "hf-hub:google/vit-base-patch16-224-in21k"])
+    assert str(e.value) == ("error: --init hf-hub:google/vit-base-patch16-224-in21k: a Hub name needs the "
+                            "huggingface_hub package: pip install huggingface_hub")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("datasets, recipe", [
     ([], "demo"), (["--datasets", "demo_ssv2"], "demo"), (["--datasets", "demo_kinetics,demo_imagenet"], "demo"),
     (["--datasets", "k400,ssv2,in21k"], "cover"), (["--datasets", "my_own_clips"], "cover"),
@@ -302,7 +347,8 @@ def test_the_named_datasets_pick_the_recipe(datasets, recipe):
     args = train.get_args(datasets)
     assert args.recipe == recipe
     for k, v in recipes.RECIPES[recipe].items():
-        assert k == "datasets" or getattr(args, k) == v, k
+        assert k in ("datasets", "mean", "std") or getattr(args, k) == v, k
+    assert args.mean is args.std is None  # not given: the weights' own, else the recipe's (recipes.normalization)
     assert args.model == ("demo" if recipe == "demo" else "base")
 
 

@@ -69,7 +69,8 @@ def open_video(path):
     stat = os.stat(path)
     if stat.st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
-    return PyAVVideo(path, (path, stat.st_size, stat.st_mtime_ns)) if BACKEND == 'pyav' else OpenCVVideo(path)
+    key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)  # a file written again is another file
+    return PyAVVideo(path, key) if BACKEND == 'pyav' else OpenCVVideo(path)
 
 
 def read_video(path, indices):
@@ -411,7 +412,7 @@ class PacketList:
 
 class Known:
     """What videos taught this process (a DataLoader worker has its own): their PacketLists by (path, size,
-    mtime), up to `limit` bytes, the least recently used let go first. A video read again (another clip,
+    mtime, inode), up to `limit` bytes, the least recently used let go first. A video read again (another clip,
     another epoch) is not listed again, and one that proved unseekable is not tried again."""
 
     def __init__(self, limit):

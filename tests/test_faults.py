@@ -475,8 +475,8 @@ def test_torchrun_ranks_resume_from_rank0s_checkpoint_or_all_stop(two_runs, tmp_
     before = {f: (out / f).read_bytes() for f in os.listdir(out) if f.startswith("ckpt")}
     script = tmp_path / "launch.py"
     script.write_text(RANK1_READS_OTHERWISE.format(root=ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)] + common + [
-        "--out_dir", str(out), "--workers", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *common, "--out_dir", str(out), "--workers", "0"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}, start_new_session=True)
     try:

@@ -36,8 +36,10 @@ HF_LAYER = {"layernorm_before": "norm1",
 HF_HEAD = "classifier"
 HF_PREFIXES = {"timesformer": "timesformer.", "vit": "vit."}  # model_type -> the prefix of its trunk's keys
 VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H: heads by width
-HUB = "hf-hub:"  # timm's spelling of a Hugging Face Hub model id
-HUB_FILES = ["config.json", "preprocessor_config.json"]  # and one weights file: hub_folder
+HUB = ("hf-hub:", "hf_hub:")  # timm's spelling of a Hub model id, <org>/<name>[@<revision>], and its older one
+HUB_FILES = ["config.json", "preprocessor_config.json"]  # and one weights file, whole or sharded: hub_folder
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a folder's weights; a sharded one has <name>.index.json
+EPS = {"vit": 1e-12, "timesformer": 1e-6}  # Transformers' layer_norm_eps where a config.json leaves it out
 
 
 def read_file(path):
@@ -94,7 +96,7 @@ def what_it_is(path, error):
 
 
 def hub_folder(name):
-    """'hf-hub:<org>/<name>' -> a local folder of its config files and one weights file, through
+    """'hf-hub:<org>/<name>[@<revision>]' -> a local folder of its config files and one weights file, through
     huggingface_hub (an optional package) and its cache, so HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE=1 work
     as they do for any Hub user. Only files that hold no code are fetched. ImportError or ValueError, one line."""
     try:
@@ -102,33 +104,41 @@ def hub_folder(name):
     except ImportError:
         raise ImportError(f"{name}: a Hub name needs the huggingface_hub package (pip install huggingface_hub)") \
             from None
-    repo = name.removeprefix(HUB)
+    repo, _, revision = name.split(":", 1)[1].partition("@")
     try:
-        folder = huggingface_hub.snapshot_download(repo, allow_patterns=HUB_FILES + ["model.safetensors"])
-        if not os.path.exists(os.path.join(folder, "model.safetensors")):  # older repos hold a torch file only
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=HUB_FILES + ["pytorch_model.bin"])
+        for weights in weights_order():  # the first the repo holds (older repos hold a torch file only)
+            stem, ext = os.path.splitext(weights)
+            folder = huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES + [
+                weights, weights + ".index.json", f"{stem}-*-of-*{ext}"])
+            if any(os.path.exists(os.path.join(folder, f)) for f in (weights, weights + ".index.json")):
+                break
     except (OSError, ValueError) as e:  # huggingface_hub's errors are of both kinds
-        raise ValueError(f"{name}: {hub_trouble(e, repo)}") from None
+        raise ValueError(f"{name}: {hub_trouble(e, repo, revision)}") from None
     return folder
 
 
-def hub_trouble(error, repo):
+def hub_trouble(error, repo, revision):
     """What went wrong in huggingface_hub, as a clause that names the fix."""
-    from huggingface_hub import constants
+    from huggingface_hub import __version__, constants
     from huggingface_hub.utils import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError)
+                                       RepositoryNotFoundError, RevisionNotFoundError)
 
+    new_cli = tuple(int(v) for v in re.findall(r"\d+", __version__)[:2]) >= (0, 34)  # its command line
+    cli, login = ("hf", "hf auth login") if new_cli else ("huggingface-cli", "huggingface-cli login")
     if isinstance(error, LocalEntryNotFoundError):
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        at = f" --revision {revision}" if revision else ""
         return (f"not in the Hugging Face cache {constants.HF_HUB_CACHE}, and the Hub cannot be reached{offline}: "
-                f"download it where there is internet (hf download {repo}) and copy that cache here, or point "
-                "HF_HOME at one that has it")
+                f"download it where there is internet ({cli} download {repo}{at}) and copy that cache here, or "
+                "point HF_HOME at one that has it")
     if isinstance(error, GatedRepoError):
-        return f"a gated model: accept its terms at https://huggingface.co/{repo}, then hf auth login"
+        return f"a gated model: accept its terms at https://huggingface.co/{repo}, then {login}"
     if isinstance(error, RepositoryNotFoundError):
-        return "no such model on the Hugging Face Hub (a private one needs hf auth login)"
+        return f"no such model on the Hugging Face Hub (a private one needs {login})"
+    if isinstance(error, RevisionNotFoundError):
+        return f"the model has no revision {revision!r} (a branch, tag or commit)"
     if isinstance(error, HFValidationError):
-        return "not a Hub model id; say hf-hub:<org>/<name>"
+        return "not a Hub model id; say hf-hub:<org>/<name> or hf-hub:<org>/<name>@<revision>"
     first_line = str(error).partition("\n")[0]
     return f"huggingface_hub could not fetch it ({type(error).__name__}: {first_line})"
 
@@ -169,12 +179,11 @@ def from_transformers(sd, prefix):
 
 def read_folder(path, where):
     """A model folder (Transformers' save_pretrained, timm's push_to_hub, a Hub snapshot) -> (state dict,
-    config fields, extra: the class names and the normalisation its config files give). `where` names it."""
-    weights = [w for w in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, w))]
-    if not os.path.exists(os.path.join(path, "config.json")) or not weights:
-        raise ValueError(f"{where} is a folder but not a Hugging Face model folder "
-                         "(expected config.json and model.safetensors or pytorch_model.bin)")
-    hf = read_json(path, "config.json")
+    config fields, extra: the class names and the normalisation its config files give, and notes on what they
+    leave unsaid). `where` names it."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{where} is a folder but not a Hugging Face model folder (expected config.json)")
+    hf, notes = read_json(path, "config.json"), []
     if "model_type" in hf:  # Transformers
         kind = hf["model_type"]
         if kind not in HF_PREFIXES:
@@ -183,47 +192,109 @@ def read_folder(path, where):
         if hf.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r}; our MLP has the exact gelu")
         config = {"model_type": kind, "num_heads": hf.get("num_attention_heads"),
-                  "attention": hf.get("attention_type"), "eps": hf.get("layer_norm_eps")}
-        labels = hf.get("id2label")
-        classes = [labels[str(i)] for i in range(len(labels))] if labels else None
-        pre = read_json(path, "preprocessor_config.json")
-        norm = mean_std(pre.get("image_mean"), pre.get("image_std"), f"{where}, preprocessor_config.json")
+                  "attention": hf.get("attention_type"), "eps": hf.get("layer_norm_eps", EPS[kind])}
+        classes = class_names(hf.get("id2label"), f"{where}: config.json's id2label", notes)
+        pre, source = read_json(path, "preprocessor_config.json"), f"{where}, preprocessor_config.json"
+        if not pre:
+            notes.append(f"{where} has no preprocessor_config.json: their normalisation is not known")
+        if pre.get("do_normalize", True) is False:  # the processor passes pixels on as they are, in [0, 1]
+            norm = mean_std(0.0, 1.0, f"{source} (do_normalize false)")
+        else:
+            norm = said_normalization(pre, ("image_mean", "image_std"), source, notes) if pre else None
     elif "architecture" in hf:  # timm
         if not hf["architecture"].startswith(("vit_", "deit")):
             raise ValueError(f"{where} holds timm's {hf['architecture']}, not a ViT")
         config, pretrained = {}, hf.get("pretrained_cfg", hf)  # older files keep its fields at the top
         classes = hf.get("label_names") or pretrained.get("label_names")
-        norm = mean_std(pretrained.get("mean"), pretrained.get("std"), f"{where}, config.json pretrained_cfg")
+        norm = said_normalization(pretrained, ("mean", "std"), f"{where}, config.json pretrained_cfg", notes)
     else:
         raise ValueError(f"{where}: config.json is neither Transformers' (model_type) nor timm's (architecture)")
-    return read_file(os.path.join(path, weights[0])), config, {"classes": classes, "normalization": norm}
+    return read_weights(path, where), config, {"classes": classes, "normalization": norm, "notes": notes}
+
+
+def weights_order():
+    """WEIGHTS in the order a folder's are read: pytorch_model.bin first where safetensors is not installed."""
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return WEIGHTS[::-1]
+    return WEIGHTS
+
+
+def read_weights(folder, where):
+    """A folder's state dict: the first of weights_order() it holds, whole or in the shards its index names."""
+    for name in weights_order():
+        if os.path.exists(os.path.join(folder, name)):
+            return read_file(os.path.join(folder, name))
+        shards = read_json(folder, name + ".index.json").get("weight_map")
+        if shards:
+            sd = {}
+            for shard in sorted(set(shards.values())):
+                sd.update(read_file(os.path.join(folder, shard)))
+            return sd
+    raise ValueError(f"{where} is a folder but not a Hugging Face model folder (expected model.safetensors or "
+                     "pytorch_model.bin beside config.json, whole or sharded with its .index.json)")
 
 
 def read_json(folder, name):
-    """A folder's JSON file as a dict; {} when it is absent."""
+    """A folder's JSON file as a dict; {} when it is absent; ValueError, one line naming it, if it does not read."""
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"{path} does not read as JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not the object of fields a config is")
+    return fields
+
+
+def class_names(labels, what, notes):
+    """Transformers' id2label ({"0": name, ...}) as names in class order; None, and a note, where it does not
+    number the classes 0..n-1."""
+    if not labels:
+        return None
+    if not isinstance(labels, dict) or set(labels) != {str(i) for i in range(len(labels))}:
+        notes.append(f"{what} does not number the classes 0..{len(labels) - 1}: their names are not kept")
+        return None
+    return [str(labels[str(i)]) for i in range(len(labels))]
+
+
+def said_normalization(fields, keys, source, notes):
+    """mean_std() of the fields named by keys (mean, std); None, and a note saying so, where both are not known."""
+    norm = mean_std(*(fields.get(k) for k in keys), source)
+    if norm is None:
+        said = ", ".join(f"{k} {fields[k]!r}" if k in fields else f"no {k}" for k in keys)
+        notes.append(f"{source} gives {said}: their normalisation is not known")
+    return norm
 
 
 def mean_std(mean, std, source):
-    """{'mean', 'std': three floats each, 'from': source}, from lists or "0.5,0.5,0.5"; None without both."""
-    values = [v.split(",") if isinstance(v, str) else v for v in (mean, std)]
-    if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in values):
+    """{'mean', 'std': three floats each, 'from': source}, from lists, "0.5,0.5,0.5" or one number for all three
+    channels (as Transformers' processors take it); None unless both are given, std > 0."""
+    values = []
+    for v in (mean, std):
+        v = v.split(",") if isinstance(v, str) else [v] * 3 if isinstance(v, (int, float)) else v
+        try:
+            values.append([float(x) for x in v] if isinstance(v, (list, tuple)) and len(v) == 3 else None)
+        except (TypeError, ValueError):  # not numbers
+            return None
+    if None in values or min(values[1]) <= 0:
         return None
-    return {"mean": [float(v) for v in values[0]], "std": [float(v) for v in values[1]], "from": source}
+    return {"mean": values[0], "std": values[1], "from": source}
 
 
 def load(src, overrides=None):
-    """A path (file or folder), a Hub name (hf-hub:<org>/<name>) or an in-memory checkpoint -> (format,
-    state dict, config, extra).
+    """A path (file or folder), a Hub name (hf-hub:<org>/<name>[@<revision>]) or an in-memory checkpoint ->
+    (format, state dict, config, extra).
 
     format: 'cover' (ours), 'timesformer' (official), 'huggingface' (Transformers' Timesformer) or 'vit'
     (timm's or Transformers' layout). The state dict uses our keys, a foreign classifier as heads.default.
-    config holds TimeSformerConfig fields, the `overrides` applied. extra may hold 'label_maps' {head: class
-    names}, 'normalization' (the weights' own: mean_std()) and 'notes' (what was dropped, and why).
+    config holds TimeSformerConfig fields, the `overrides` applied (attention: only a ViT's is chosen, video
+    weights keep theirs). extra may hold 'label_maps' {head: class names}, 'normalization' (the weights' own:
+    mean_std()) and 'notes' (what was dropped or not known, and why).
     """
     where = str(src) if isinstance(src, (str, os.PathLike)) else "the checkpoint"
     hf_config, found, notes = {}, {}, []
@@ -233,6 +304,7 @@ def load(src, overrides=None):
     if isinstance(src, (str, os.PathLike)):
         if os.path.isdir(src):
             src, hf_config, found = read_folder(src, where)
+            notes += found["notes"]
         elif os.path.isfile(src):
             src = read_file(src)
         else:
@@ -243,8 +315,8 @@ def load(src, overrides=None):
     if "model_config" in sd and "model" in sd:  # a ckpt.pt of train.py: its moving average if kept (--ema)
         state = dict(sd.get("ema") or sd["model"])
         flatten_patch_weight(state)
-        config = {**sd["model_config"], **(overrides or {})}
         fmt = "cover (the moving average, --ema)" if sd.get("ema") else "cover"
+        config = {**sd["model_config"], **check_attention("cover", sd["model_config"]["attention"], overrides)}
         run = sd.get("config") or {}
         norm = mean_std(run.get("mean"), run.get("std"), f"{where}, its run's --mean/--std")
         return fmt, state, config, {"label_maps": sd.get("label_maps"), "normalization": norm}
@@ -272,9 +344,13 @@ def load(src, overrides=None):
                              "folder")
         fmt = "timesformer" if any(".temporal_attn." in k for k in sd) or "time_embed" in sd else "vit"
     classes = found.get("classes") if "head.weight" in sd else None  # names of a classifier that came along
+    if classes and len(classes) != len(sd["head.weight"]):
+        notes.append(f"{where}: {len(classes)} class names for {len(sd['head.weight'])} classes: names not kept")
+        classes = None
     if "head.weight" in sd:
         sd["heads.default.weight"], sd["heads.default.bias"] = sd.pop("head.weight"), sd.pop("head.bias")
-    config = {**infer_config(sd, fmt, hf_config), **(overrides or {})}
+    config = infer_config(sd, fmt, hf_config)
+    config.update(check_attention(fmt, config["attention"], overrides))
     if config["num_heads"] is None:
         raise ValueError(f"cannot infer the number of attention heads for width {config['width']}: "
                          "pass num_heads=...")
@@ -287,6 +363,15 @@ def load(src, overrides=None):
     if found.get("normalization"):
         extra["normalization"] = found["normalization"]
     return fmt, sd, config, extra
+
+
+def check_attention(fmt, theirs, overrides):
+    """The overrides, if they leave video weights the attention they were trained with (a ViT takes any)."""
+    overrides = overrides or {}
+    if fmt != "vit" and overrides.get("attention", theirs) != theirs:
+        raise ValueError(f"these {fmt} weights have {theirs} attention, not {overrides['attention']}: only image "
+                         "(ViT) weights take the attention asked for")
+    return overrides
 
 
 def inflate_vit(sd):

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, listing
+import kinetics
+from layouts import IMAGE_EXTS, VIDEO_EXTS, DatasetError, Listing, leave_out, listing
 from video import (READ_ERRORS, VideoError, crop_resize, eval_image_box, eval_video_boxes, hflip, image_crops,
                    image_size, open_video, random_resized_box, train_video_box)
 from video import read_video  # noqa: F401  (`from data import read_video` is public)
@@ -60,6 +61,7 @@ def register(*specs):
 register(DatasetSpec('k400', 'video', 'kinetics', 'kinetics'),
          DatasetSpec('k600', 'video', 'kinetics', 'kinetics'),
          DatasetSpec('k700', 'video', 'kinetics', 'kinetics'),
+         DatasetSpec('k710', 'video', 'kinetics', 'k710'),  # the three as one (kinetics.py)
          DatasetSpec('ssv2', 'video', 'segment', 'ssv2', flip=False),  # "left to right" is a label
          DatasetSpec('mit', 'video', 'kinetics', 'mit', rate=8),  # 3-second clips: 8x8 spans 2.1 s
          image_spec('in1k', 'imagenet'),
@@ -131,41 +133,37 @@ class MultiDatasetBatchSampler:
     """Yields forever, for micro-batch m = start_micro, start_micro + 1, ...: batch_sizes[d] keys
     (d, index, sample_seed) of dataset d = schedule(m // grad_accum).
 
-    Dataset d has its own endless stream: epoch e is a permutation seeded by (seed, d, e), the same on
-    all ranks; rank r reads perm[r::world][:len // world] (equal shards, like DistributedSampler with
-    drop_last), batch after batch, into the next epoch without a seam. Where d's stream stands at
-    micro-batch m is a function of m alone, so m is the whole state of the sampler.
+    Dataset d has one endless stream for all ranks: position g is sample perm[g % n] of epoch g // n, perm
+    a permutation seeded by (seed, d, epoch), and the sample's seed comes from its position. Each
+    micro-batch of d reads the next world x batch_sizes[d] positions, rank r the r-th slice of them, into
+    the next epoch without a seam. Where d's stream stands is the samples read over all ranks, a function
+    of m alone: m is the whole state of the sampler, also for a run resumed with another world size.
     """
 
     def __init__(self, lengths, batch_sizes, weights=None, grad_accum=1, rank=0, world=1, seed=0,
                  start_micro=0):
         assert len(lengths) == len(batch_sizes) == len(weights or lengths)
         assert 0 <= rank < world and grad_accum >= 1
-        self.shard_len = [n // world for n in lengths]
-        if min(self.shard_len) == 0:
-            raise DatasetError(f"a dataset has fewer samples ({min(lengths)}) than there are ranks ({world})")
         self.lengths, self.batch_sizes = list(lengths), list(batch_sizes)
         self.weights = [1.0] * len(lengths) if weights is None else [float(w) for w in weights]
         self.grad_accum, self.rank, self.world, self.seed = grad_accum, rank, world, seed
         self.start_micro = start_micro
-        self.shards = {}  # d -> (epoch, this rank's shard of that epoch's permutation)
+        self.perms = {}  # d -> (epoch, that epoch's permutation)
 
     def batch(self, m):
         step, micro = divmod(m, self.grad_accum)
         d = schedule(step, self.weights)
         # micro-batches of d before m: all micro-batches of a step read the step's dataset
         before = steps_before(step, d, self.weights) * self.grad_accum + micro
-        start = before * self.batch_sizes[d]  # position in d's stream
-        return [self.key(d, p) for p in range(start, start + self.batch_sizes[d])]
+        start = (before * self.world + self.rank) * self.batch_sizes[d]  # this rank's slice of d's stream
+        return [self.key(d, g) for g in range(start, start + self.batch_sizes[d])]
 
-    def key(self, d, p):
-        epoch, j = divmod(p, self.shard_len[d])
-        if self.shards.get(d, (None,))[0] != epoch:
-            perm = np.random.default_rng([self.seed, d, epoch]).permutation(self.lengths[d])
-            self.shards[d] = (epoch, perm[self.rank::self.world][:self.shard_len[d]])
-        # position j of rank r's shard is position j*world + r of the epoch's permutation
-        ss = np.random.SeedSequence([self.seed, d, epoch, j * self.world + self.rank])
-        return d, int(self.shards[d][1][j]), int(ss.generate_state(1, np.uint64)[0] >> 1)
+    def key(self, d, g):
+        epoch, j = divmod(g, self.lengths[d])
+        if self.perms.get(d, (None,))[0] != epoch:
+            self.perms[d] = (epoch, np.random.default_rng([self.seed, d, epoch]).permutation(self.lengths[d]))
+        ss = np.random.SeedSequence([self.seed, d, epoch, j])
+        return d, int(self.perms[d][1][j]), int(ss.generate_state(1, np.uint64)[0] >> 1)
 
     def __iter__(self):
         m = self.start_micro
@@ -178,14 +176,21 @@ class MultiDatasetBatchSampler:
 
 
 def build_dataset(name, data_dir, split, *, frames=8, img_size=224, train=None, views=None, sampling=None,
-                  cache_dir=None):
+                  cache_dir=None, validation=None):
     """The dataset <data_dir>/<name>, its listing kept in cache_dir (layouts.listing). views: (clips, crops)
-    in eval mode instead of the spec's, e.g. (1, 1); sampling: spec fields instead, {'sampling': 'kinetics'}."""
+    in eval mode instead of the spec's, e.g. (1, 1); sampling: spec fields instead, {'sampling': 'kinetics'};
+    validation: {name: Listing}, whose videos are left out (the guard, layouts.leave_out)."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name.startswith('demo_') and name not in SPECS:
         raise DatasetError(f"unknown demo dataset '{name}': import demo to register the demo sets")
-    samples = listing(name, data_dir, split, SPECS[name].layout if name in SPECS else 'custom', cache_dir)
+    layout = SPECS[name].layout if name in SPECS else 'custom'
+    if layout == 'k710':
+        samples = kinetics.listing(data_dir, split, cache_dir)
+    else:
+        samples = listing(name, data_dir, split, layout, cache_dir)
+    if validation is not None:  # the kept samples saved beside the listing
+        samples = leave_out(samples, validation, samples.file + '-guarded' if samples.file else None)
     spec = changed(SPECS.get(name) or custom_spec(name, samples.paths), views, sampling)
     train = split == 'train' if train is None else train
     return ClipDataset(spec, samples, frames=frames, img_size=img_size, train=train)
@@ -201,9 +206,10 @@ def changed(spec, views=None, sampling=None):
 
 class ClipDataset(torch.utils.data.Dataset):
     """Train mode: key (index, sample_seed[, R]) -> {'x': uint8 (R, C, T, H, W), 'y', 'failed': [paths
-    replaced]}: R training clips of one sample (repeated sampling; R = 1 by default), each with its own
-    window, crop and flip, a video decoded once for all R. Every random draw comes from sample_seed, so a
-    key always gives the same bytes, and clip 0 of R is the clip of R = 1.
+    replaced], 'dropped': []}: R training clips of one sample (repeated sampling; R = 1 by default), each
+    with its own window, crop and flip, a video decoded once for all R. Every random draw comes from
+    sample_seed, so a key always gives the same bytes, and clip r of R is the clip of R = 1 from its seeds.
+    A sample whose substitutes all fail is dropped: no clips (R = 0), and 'dropped' says why in one line.
     Eval mode: key index -> {'x': uint8 (V, C, T, H, W), 'y', 'ok', 'index'}, V = clips x crops views,
     clip-major; an unreadable sample is not replaced: x is zeros and ok is False."""
 
@@ -214,7 +220,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.img_size = img_size
         # images have no temporal clips: their views are the spatial crops
         self.num_views = 1 if train else spec.test_crops * (spec.test_clips if spec.kind == 'video' else 1)
-        self.lengths = {}  # path -> (true frame count, fps), filled in each worker as it reads
+        self.lengths = {}  # path -> true frame count where a read found the header's too large
 
     def __len__(self):
         return len(self.samples)
@@ -228,22 +234,23 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def train_item(self, index, seed, num_sample=1):
         rng = np.random.default_rng(seed)
-        failed, err = [], None
+        failed, err, first = [], None, index
         for _ in range(MAX_TRIES):
             path, label = self.samples.path(index), int(self.samples.labels[index])
-            # per clip, one seed for time and one for space: a re-read after a lying header (new temporal
-            # indices) gives the same bytes as a read with the true length cached
+            # per clip, one seed for time and one for space: a window drawn again after a lying header
+            # leaves the crop and flip as they were
             seeds = rng.integers(0, 2**63, size=(num_sample, 2))
             try:
                 x = torch.from_numpy(self.train_clips(path, seeds))  # (R, T, H, W, C)
-                return {'x': x.permute(0, 4, 1, 2, 3).contiguous(), 'y': label, 'failed': failed}
+                return {'x': x.permute(0, 4, 1, 2, 3).contiguous(), 'y': label, 'failed': failed, 'dropped': []}
             except READ_ERRORS as e:  # never stop training: take another sample of this dataset
                 warn_once(path, e)
                 failed.append(path)
                 err, index = e, int(rng.integers(len(self.samples)))
-        raise DatasetError(f"no readable sample in {self.spec.name} after {MAX_TRIES} tries (last error: "
-                           f"{err}); check the files, the codecs OpenCV's FFmpeg supports, and disk access. "
-                           f"Failed: {failed}")
+        # the same keys fail the same way: dropping the sample lets the run (and every resume) go on
+        s = self.img_size
+        return {'x': torch.zeros(0, 3, self.frames, s, s, dtype=torch.uint8), 'y': -1, 'failed': failed,
+                'dropped': [f"sample {first} dropped: no readable file in {MAX_TRIES} tries (last error: {err})"]}
 
     def train_clips(self, path, seeds):
         """(R, T, img, img, 3) uint8 for R = len(seeds): clip r's frames drawn from seeds[r, 0], its crop
@@ -289,24 +296,32 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def read_clips(self, path, t_seeds=None):
         """(T, H, W, 3) clips of one video, from one open and one decode: one per seed in t_seeds (training),
-        else the spec's test clips. A length that claims more frames than the file has is found out by the
-        read that runs off the end, which tells the true length; the same seeds then draw again."""
+        else the spec's test clips. Each clip is drawn from the length the file states; a header that
+        overstates it is found out by the read that runs off the end, which tells the true length, kept for
+        the file. A training clip that reaches past the true end is drawn again, from the same seed and the
+        true length; where one test clip does, all are, so they keep the test rule's order and spacing.
+        Either way the frames do not depend on what this process read before."""
         with open_video(path) as video:
-            if path not in self.lengths:
-                self.lengths[path] = video.length, video.fps
+            stated = self.draw(video.length, video.fps, t_seeds)
             for attempt in range(2):
-                n, fps = self.lengths[path]
-                if t_seeds is None:
-                    k = self.spec.test_clips
-                    clips = [self.indices(n, fps, clip_idx=c, num_clips=k) for c in range(k)]
-                else:
-                    clips = [self.indices(n, fps, rng=np.random.default_rng(int(s))) for s in t_seeds]
+                n = self.lengths.get(path, video.length)
+                past = [c.max() >= n for c in stated]
+                past = past if t_seeds is not None else [any(past)] * len(past)
+                redrawn = self.draw(n, video.fps, t_seeds) if any(past) else stated
+                clips = [r if p else c for c, r, p in zip(stated, redrawn, past)]
                 try:
                     return np.split(video.read(np.concatenate(clips)), len(clips))
                 except VideoError as e:
                     if attempt or not e.num_frames:
                         raise
-                    self.lengths[path] = (e.num_frames, fps)
+                    self.lengths[path] = e.num_frames
+
+    def draw(self, n, fps, t_seeds=None):
+        """The frame indices of each clip in a video of n frames: one per seed, else the test clips."""
+        if t_seeds is None:
+            k = self.spec.test_clips
+            return [self.indices(n, fps, clip_idx=c, num_clips=k) for c in range(k)]
+        return [self.indices(n, fps, rng=np.random.default_rng(int(s))) for s in t_seeds]
 
     def indices(self, n, fps, rng=None, clip_idx=0, num_clips=1):
         if self.spec.sampling == 'segment':

@@ -15,12 +15,14 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 import checkpoints
 import data
+import kinetics
 import loaders
 import demo  # noqa: F401  (registers the demo sets)
 import model as M
@@ -30,51 +32,83 @@ import runtime
 
 @torch.inference_mode()
 def evaluate(model, dataset, *, head, normalize, device, dtype=torch.float32, rank=0, world=1, batch_size=8,
-             workers=2):
-    """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode."""
+             workers=2, rows=None, samples=0):
+    """Top-1 / top-5 / per-class top-1 of `head` on `dataset` (train=False) over all ranks, in eval mode; of
+    `samples` of it (fixed_subset) where given. rows: the head's rows of the dataset's classes, in their order,
+    where the head has more (a k710 head)."""
     model.eval()
     loader = loaders.build_eval_loader(dataset, batch_size=max(1, batch_size), rank=rank, world=world,
-                                    workers=workers, pin_memory=device.type == "cuda")
+                                    workers=workers, pin_memory=device.type == "cuda",
+                                    indices=fixed_subset(len(dataset), samples))
     K = len(dataset.classes)
-    counts = torch.zeros(4, K, dtype=torch.float64, device=device)  # per class: top-1, top-5, decoded, failed
+    rows = None if rows is None else torch.as_tensor(rows, device=device)
+    # per class: top-1, top-5, decoded, failed; int32: exact, and every device adds them (MPS has no float64)
+    counts = torch.zeros(4, K, dtype=torch.int32, device=device)
     for batch in loader:
         B, V = batch["x"].shape[:2]  # (B, V, C, T, H, W) uint8
         x = normalize(batch["x"].to(device, non_blocking=True)).flatten(0, 1)  # (B*V, C, T, H, W)
         with runtime.autocast(device, dtype):
             logits = model(x, head=head)
+        logits = logits if rows is None else logits[:, rows]  # (B*V, K)
         prob = logits.float().softmax(dim=-1).view(B, V, K).mean(dim=1)  # average the views' softmax
         y, ok = batch["y"].to(device), batch["ok"].to(device)
         top = prob.topk(min(5, K), dim=-1).indices  # (B, 5)
-        counts[0].index_add_(0, y, ((top[:, 0] == y) & ok).double())
-        counts[1].index_add_(0, y, ((top == y[:, None]).any(dim=-1) & ok).double())
-        counts[2].index_add_(0, y, ok.double())
-        counts[3].index_add_(0, y, (~ok).double())
+        counts[0].index_add_(0, y, ((top[:, 0] == y) & ok).int())
+        counts[1].index_add_(0, y, ((top == y[:, None]).any(dim=-1) & ok).int())
+        counts[2].index_add_(0, y, ok.int())
+        counts[3].index_add_(0, y, (~ok).int())
     if world > 1:
         dist.all_reduce(counts)
-    top1, top5, decoded, failed = counts.sum(dim=1).tolist()
-    seen = counts[2] > 0
-    acc = counts[0] / counts[2].clamp(min=1)
-    return {"top1": top1 / max(decoded, 1), "top5": top5 / max(decoded, 1), "clips": int(decoded + failed),
-            "failed": int(failed), "views": dataset.num_views,
-            "mean_class_top1": acc[seen].mean().item() if seen.any() else 0.0,
-            "per_class_top1": {c: round(a, 4) for c, a, s in zip(dataset.classes, acc.tolist(), seen) if s}}
+    top1, top5, decoded, failed = counts.tolist()  # per class
+    acc = {k: top1[k] / decoded[k] for k in range(K) if decoded[k]}  # the classes with a decoded clip
+    repeated = {c for c, n in Counter(dataset.classes).items() if n > 1}  # e.g. ImageNet's two "crane"s
+    names = [f"{c} ({k})" if c in repeated else c for k, c in enumerate(dataset.classes)]
+    return {"top1": sum(top1) / max(sum(decoded), 1), "top5": sum(top5) / max(sum(decoded), 1),
+            "clips": sum(decoded) + sum(failed), "failed": sum(failed), "views": dataset.num_views,
+            "mean_class_top1": sum(acc.values()) / len(acc) if acc else 0.0,
+            "per_class_top1": {names[k]: round(a, 4) for k, a in acc.items()}}
 
 
-def test_all(model, datasets, *, batch_sizes, out=None, rank=0, **kw):
-    """Tests each of `datasets` ({name: dataset}); rank 0 prints a table and writes it to `out` (JSON)."""
-    results = {n: evaluate(model, ds, head=n, batch_size=batch_sizes[n], rank=rank, **kw)
-               for n, ds in datasets.items()}
+def fixed_subset(n, k):
+    """k of the indices 0..n-1, evenly spaced (a listing sorted by class gives each class its share), the same
+    on every call: periodic validation compares like with like. All of them for k = 0 or k >= n."""
+    return range(n) if k <= 0 or k >= n else [i * n // k for i in range(k)]
+
+
+def test_all(model, datasets, *, batch_sizes, out=None, rank=0, heads=None, label_maps=None, guard=None, **kw):
+    """Tests each of `datasets` ({name: dataset}) on its head, or on the head heads[name] through that head's
+    rows of its classes (a Kinetics version on a k710 head: test_heads); rank 0 prints a table and writes it
+    to `out` (JSON), each result with its head and `guard`: whether training left validation videos out."""
+    heads = {n: (heads or {}).get(n, n) for n in datasets}
+    rows = {n: None if heads[n] == n else kinetics.label_rows(n, ds.classes, label_maps[heads[n]])
+            for n, ds in datasets.items()}  # before any test: a version the head lacks is an error at once
+    results = {n: evaluate(model, ds, head=heads[n], rows=rows[n], batch_size=batch_sizes[heads[n]], rank=rank,
+                           **kw) for n, ds in datasets.items()}
     if rank == 0:
         print("\ntest, softmax averaged over each clip's views:\n"
               "  dataset           top-1  top-5 mean-class  clips views failed")
         for n, r in results.items():
             top1, top5, mean_class = (100 * r[k] for k in ("top1", "top5", "mean_class_top1"))
             print(f"  {n:16s} {top1:6.1f} {top5:6.1f} {mean_class:10.1f} {r['clips']:6d} {r['views']:5d} "
-                  f"{r['failed']:6d}")
+                  f"{r['failed']:6d}" + (f"  (on the {heads[n]} head)" if heads[n] != n else ""))
         if out:
             with open(out, "w") as f:
-                json.dump(results, f, indent=1)
+                json.dump({n: {**r, "head": heads[n], "guard": guard} for n, r in results.items()}, f, indent=1)
     return results
+
+
+def test_heads(names, label_maps, data_dir):
+    """{test set: the head it is tested on}: a dataset on its own; k710 as each Kinetics version in data_dir,
+    and a version with no head of its own on the k710 head (each through its rows: kinetics.label_rows)."""
+    heads = {}
+    for n in names:
+        if n == "k710":
+            heads.update(dict.fromkeys(kinetics.present(data_dir), n))
+        elif n in kinetics.VERSIONS and n not in label_maps and "k710" in label_maps:
+            heads[n] = "k710"
+        else:
+            heads[n] = n
+    return heads
 
 
 def arguments(description):
@@ -107,8 +141,10 @@ def load(args):
     run, label_maps = ckpt["config"], ckpt["label_maps"]
     names = (args.datasets or run["datasets"]).split(",")
     names = [args.head or names[0]] if args.video else names
-    if set(names) - set(label_maps):
-        sys.exit(f"error: the checkpoint has heads {list(label_maps)}, not {set(names) - set(label_maps)}")
+    through_k710 = set(kinetics.VERSIONS) if "k710" in label_maps and not args.video else set()
+    missing = set(names) - set(label_maps) - through_k710  # a Kinetics version is tested on a k710 head
+    if missing:
+        sys.exit(f"error: the checkpoint has heads {list(label_maps)}, not {missing}")
     if args.live:
         ckpt.pop("ema", None)
     rt = runtime.setup(args.device)
@@ -126,7 +162,7 @@ def open_datasets(args, rt, run, label_maps, names, split="val"):
                     for n in names}
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
-    if any(ds.classes != label_maps[n] for n, ds in datasets.items()):
+    if any(n in label_maps and ds.classes != label_maps[n] for n, ds in datasets.items()):
         sys.exit("error: the classes on disk differ from the ones the checkpoint was trained with")
     return datasets
 
@@ -160,10 +196,15 @@ def main(argv=None):
         for p, i in zip(*prob.topk(min(5, len(prob)))):
             print(f"{p.item():7.2%}  {label_maps[names[0]][i]}")
         return
-    datasets = open_datasets(args, rt, run, label_maps, names, args.split)
-    test_all(model, datasets, batch_sizes=dict.fromkeys(names, args.batch_size), rank=rt.rank, world=rt.world,
-             out=args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"),
-             normalize=normalize, device=rt.device, dtype=dtype, workers=args.workers)
+    heads = test_heads(names, label_maps, args.data_dir or run["data_dir"])
+    datasets = open_datasets(args, rt, run, label_maps, list(heads), args.split)
+    try:
+        test_all(model, datasets, batch_sizes=dict.fromkeys(label_maps, args.batch_size), rank=rt.rank,
+                 world=rt.world, heads=heads, label_maps=label_maps, guard=runtime.guard_state(run),
+                 out=args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"),
+                 normalize=normalize, device=rt.device, dtype=dtype, workers=args.workers)
+    except data.DatasetError as e:  # a version that the k710 head has no rows for
+        sys.exit(f"error: {e}")
     runtime.teardown(rt)
 
 

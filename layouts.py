@@ -1,15 +1,17 @@
 """
 How each dataset lies on disk, as its release ships it, and the listing of samples read from it.
 
-A listing holds one split's sample paths and class indices as compact arrays. Saved to a file it is
-memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
-it started with across restarts.
+A listing holds one split's sample paths, class indices and YouTube ids as compact arrays. Saved to a file
+it is memory-mapped, so DataLoader workers and all ranks of a node share one copy, and a run keeps the list
+it started with across restarts. The guard (leave_out) drops the training samples that are validation videos.
 """
 
 import csv
+import hashlib
 import json
 import logging
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -41,25 +43,33 @@ FOLDERS = {  # layout -> (train folder names, val folder names, extensions); the
 }
 
 
+# a clip named as Kinetics names them: <YouTube id, 11 characters>_<start:06d>_<end:06d>.<ext>
+YOUTUBE_CLIP = re.compile(rb'([A-Za-z0-9_-]{11})_[0-9]{6}_[0-9]{6}\.[A-Za-z0-9]+')
+
+
 class DatasetError(Exception):
     """A dataset cannot be used at all (missing, laid out differently, nothing readable)."""
 
 
 class Listing:
-    """One split of a dataset: sample i is the file root/paths[i] of class labels[i]."""
+    """One split of a dataset: sample i is the file root/paths[i] of class labels[i], a clip of the YouTube
+    video ids[i] (b'' where its file name does not say). left_out: what the guard left out, if it ran."""
 
-    def __init__(self, root, classes, paths, labels, problems, file=None):
+    def __init__(self, root, classes, paths, labels, problems, file=None, report='', ids=None, left_out=None):
         self.root, self.classes, self.problems, self.file = root, classes, problems, file
         self.paths, self.labels = paths, labels  # bytes (N,), int32 (N,)
+        self.report = report  # the problems in words, with an example of each
+        self.ids = youtube_ids(paths) if ids is None else ids  # bytes (N,)
+        self.left_out = left_out  # what the guard left out (leave_out)
 
     @classmethod
-    def from_pairs(cls, root, classes, pairs, problems=None):
+    def from_pairs(cls, root, classes, pairs, problems=None, report=''):
         """From [(absolute path, class index)]."""
         prefix = os.path.join(root, '')
         rel = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p, _ in pairs]
         paths = np.array([os.fsencode(p) for p in rel], dtype=bytes)
         labels = np.array([y for _, y in pairs], dtype=np.int32)
-        return cls(root, classes, paths, labels, dict(problems or {}))
+        return cls(root, classes, paths, labels, dict(problems or {}), report=report)
 
     def __len__(self):
         return len(self.labels)
@@ -69,8 +79,8 @@ class Listing:
 
     def save(self, file):
         """Write the arrays and a JSON sidecar (atomically: rename), then return the memory-mapped copy."""
-        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels],
-                                                                            names='path,label'))),
+        for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels, self.ids],
+                                                                            names='path,label,id'))),
                            ('.json', lambda f: f.write(json.dumps(self.meta()).encode()))]:
             with open(f'{file}{ext}.tmp-{os.getpid()}', 'wb') as f:
                 write(f)
@@ -78,14 +88,22 @@ class Listing:
         return Listing.load(file)
 
     def meta(self):
-        return {'root': self.root, 'classes': self.classes, 'problems': self.problems}
+        return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'report': self.report,
+                'left_out': self.left_out}
 
     @classmethod
     def load(cls, file):
         with open(file + '.json') as f:
             meta = json.load(f)
         records = np.load(file + '.npy', mmap_mode='r')
-        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file)
+        ids = records['id'] if 'id' in records.dtype.names else None  # a listing saved before ids: read anew
+        return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file,
+                   meta.get('report', ''), ids, meta.get('left_out'))
+
+    def subset(self, rows):
+        """The samples `rows` (indices), as a Listing in memory."""
+        return Listing(self.root, self.classes, self.paths[rows], self.labels[rows], self.problems,
+                       report=self.report, ids=self.ids[rows])
 
     def __getstate__(self):  # a saved listing travels to workers as its file name, not as a copy
         return self.meta() | {'file': self.file} if self.file else self.__dict__
@@ -95,14 +113,20 @@ class Listing:
 
 
 def listing(name, data_dir, split, layout, cache_dir=None):
-    """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is read from
-    <cache_dir>/<name>-<split> when that was listed from the same folder, else listed and saved there."""
+    """The Listing of <data_dir>/<name>, split 'train' or 'val'. With cache_dir it is kept in
+    <cache_dir>/<name>-<split>-<hash of the folder>: read back when there, else listed and saved there.
+    Keyed by the folder, so listing another --data_dir (eval.py, features.py) never replaces the listing
+    that a run's workers read. A <name>-<split> of the same folder, saved before the hash was in the name,
+    is read and kept: a run goes on with the list it started with."""
     root = os.path.abspath(os.path.join(data_dir, name))
-    file = os.path.join(cache_dir, f'{name}-{split}') if cache_dir else None
-    if file and os.path.exists(file + '.json'):
-        cached = Listing.load(file)
-        if cached.root == root:
-            return cached
+    key = hashlib.sha1(os.fsencode(root)).hexdigest()[:8]
+    file = os.path.join(cache_dir, f'{name}-{split}-{key}') if cache_dir else None
+    for saved in [os.path.join(cache_dir, f'{name}-{split}'), file] if cache_dir else []:
+        if os.path.exists(saved + '.json'):
+            cached = Listing.load(saved)
+            if cached.root == root:
+                say_problems(name, split, cached.report, saved)
+                return cached
     try:
         if not os.path.isdir(root):
             raise DatasetError(f"no folder {root}")
@@ -114,28 +138,86 @@ def listing(name, data_dir, split, layout, cache_dir=None):
                            f"--data_dir at the folder that holds '{name}/'.") from None
     entries = drop_missing(entries, problems, examples) if listed else entries
     index = {c: i for i, c in enumerate(classes)}
-    pairs = [(p, index[label]) for p, label in entries if label in index]
+    if len(index) < len(classes) and any(isinstance(label, str) for _, label in entries):
+        raise DatasetError(f"dataset '{name}' labels its samples by class name, and {repeated_name(classes)} "
+                           f"of its class list: each name must be one class")
+    # a custom list's integer labels are class indices as given (its names are only shown); names looked up
+    labels = [label if isinstance(label, int) else index.get(label, -1) for _, label in entries]
+    pairs = [(p, y) for (p, _), y in zip(entries, labels) if 0 <= y < len(classes)]
     if len(pairs) < len(entries):  # val labels that train does not have (no head output for them)
         problems['unknown_label'] = len(entries) - len(pairs)
-        examples['unknown_label'] = next(repr(label) for _, label in entries if label not in index)
+        examples['unknown_label'] = next(repr(label) for (_, label), y in zip(entries, labels)
+                                         if not 0 <= y < len(classes))
     problems = {k: v for k, v in sorted(problems.items()) if v}
     report = ', '.join(f"{k} {v}" + (f" (e.g. {examples[k]})" if k in examples else '')
                        for k, v in problems.items())
     if not pairs:
         raise DatasetError(f"dataset '{name}' ({split}) has no usable samples under {root} "
                            f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
-    if report:
-        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
-    result = Listing.from_pairs(root, classes, pairs, problems)
+    say_problems(name, split, report, file)
+    result = Listing.from_pairs(root, classes, pairs, problems, report)
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         result = result.save(file)
     return result
 
 
+_SAID = set()  # the saved listings whose problems this process has told
+
+
+def say_problems(name, split, report, file):
+    """What a listing left out, in a line: once per process for a saved listing (whoever opens it hears it,
+    not at every reopen), at every listing for one that is not saved."""
+    if report and file not in _SAID:
+        log.warning(f"{name}/{split}: skipped or noted while listing: {report}")
+    if file:
+        _SAID.add(file)
+
+
+def repeated_name(classes):
+    """The first class name that repeats, in words: "'crane' is at positions 134 and 517"."""
+    seen = {}
+    for i, c in enumerate(classes):
+        if c in seen:
+            return f"{c!r} is at positions {seen[c]} and {i}"
+        seen[c] = i
+
+
+def youtube_ids(paths):
+    """The YouTube id in each path's file name (Kinetics' <id>_<start:06d>_<end:06d>.<ext>), else b''."""
+    found = (YOUTUBE_CLIP.fullmatch(os.path.basename(p)) for p in paths)
+    return np.array([m.group(1) if m else b'' for m in found], dtype='S')  # 1 byte a sample where none has one
+
+
+def leave_out(samples, validation, file=None):
+    """The guard: `samples` less those whose YouTube video is a video of a validation set in `validation`
+    ({name: Listing}), with left_out = {'total': how many, 'of': {name: how many were its videos}} (a video
+    may be in several; None where no file name gives an id). When some are left out the rest is saved to
+    `file`, shared with the workers as a listing is."""
+    named = samples.ids != b''
+    if not named.any():  # not a set of YouTube clips: nothing to check
+        samples.left_out = None
+        return samples
+    hit, counts = np.zeros(len(samples), bool), {}
+    for name, val in validation.items():
+        theirs = named & np.isin(samples.ids, val.ids[val.ids != b''])
+        counts[name] = int(theirs.sum())
+        hit |= theirs
+    if hit.all():
+        raise DatasetError(f"every training sample under {samples.root} is a validation video of "
+                           f"{', '.join(n for n, c in counts.items() if c)}: train on other data, or pass "
+                           "--train_on_val_videos")
+    if hit.any():
+        samples = samples.subset(np.flatnonzero(~hit))
+    samples.left_out = {'total': int(hit.sum()), 'of': counts}
+    if hit.any() and file:
+        samples = samples.save(file)
+    return samples
+
+
 # -----------------------------------------------------------------------------
-# parsers: -> (class names in index order, [(absolute path, class name)], whether the entries come from
-# an annotation list and may name files that are not on disk)
+# parsers: -> (class names in index order, [(absolute path, class name, or class index in a custom list)],
+# whether the entries come from an annotation list and may name files that are not on disk)
 
 
 def parse(root, layout, split, problems):
@@ -163,9 +245,7 @@ def parse(root, layout, split, problems):
             classes = [str(i) for i in range(max((y for _, y in train), default=-1) + 1)]
         if split == 'val':
             listed = read_list(first(root, ['val.csv'], False), root, problems)
-        # an integer outside the map gets a name that is not in it: counted as unknown_label
-        named = [(p, classes[y] if 0 <= y < len(classes) else f'<label {y}>') for p, y in listed]
-        return classes, named, True
+        return classes, listed, True
     train_dir, val_dir, exts = FOLDERS[layout]
     classes, entries = scan_folders(first(root, train_dir), exts, train_problems)
     if split == 'val':

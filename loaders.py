@@ -14,6 +14,8 @@ import torch
 
 from data import MultiDatasetBatchSampler
 
+TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm)
+
 
 class MultiDataset(torch.utils.data.Dataset):
     """Key (d, index, sample_seed) -> datasets[d][(index, sample_seed, num_sample[d])], 'dataset': d added."""
@@ -27,17 +29,24 @@ class MultiDataset(torch.utils.data.Dataset):
 
 
 def collate_train(batch):
-    """B samples of R clips -> (B*R, C, T, H, W) uint8, a sample's clips side by side, its label repeated."""
-    return {'x': torch.cat([b['x'] for b in batch]),
-            'y': torch.tensor([b['y'] for b in batch for _ in b['x']], dtype=torch.long),
-            'dataset': batch[0]['dataset'],
-            'failed': [p for b in batch for p in b['failed']]}
+    """B samples of R clips -> (B*R, C, T, H, W) uint8, a sample's clips side by side, its label repeated.
+    A dropped sample has no clips; where none is left, 'blank' is True and x one blank clip, which the loop
+    weighs zero (a rank with no sample still takes part in the step's backward)."""
+    x = torch.cat([b['x'] for b in batch])
+    y = torch.tensor([b['y'] for b in batch for _ in b['x']], dtype=torch.long)
+    blank = len(x) == 0
+    if blank:
+        x, y = torch.zeros(1, *x.shape[1:], dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+    return {'x': x, 'y': y, 'dataset': batch[0]['dataset'], 'blank': blank,
+            'failed': [p for b in batch for p in b['failed']],
+            'dropped': [message for b in batch for message in b['dropped']]}
 
 
 def build_train_loader(datasets, batch_sizes, *, num_sample=None, weights=None, grad_accum=1, rank=0, world=1,
                        seed=0, workers=4, start_micro=0, pin_memory=False):
-    """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths]},
-    B = batch_sizes[d] clips: B / R samples of dataset d with R = num_sample[d] clips each (default 1).
+    """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths],
+    'dropped': [lines], 'blank': bool}, B = batch_sizes[d] clips: B / R samples of dataset d with
+    R = num_sample[d] clips each (default 1), fewer where a sample was dropped (collate_train).
     To resume, pass start_micro = the number of micro-batches already consumed."""
     assert all(d.train for d in datasets), "build_train_loader needs datasets built with train=True"
     num_sample = num_sample or [1] * len(datasets)
@@ -46,14 +55,14 @@ def build_train_loader(datasets, batch_sizes, *, num_sample=None, weights=None, 
     sampler = MultiDatasetBatchSampler([len(d) for d in datasets], samples, weights, grad_accum, rank, world,
                                        seed, start_micro)
     return torch.utils.data.DataLoader(MultiDataset(datasets, num_sample), batch_sampler=sampler,
-                                       collate_fn=collate_train, **loader_kwargs(workers, pin_memory, 4))
+                                       collate_fn=collate_train, **loader_kwargs(workers, pin_memory, TRAIN_PREFETCH))
 
 
-def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_memory=False):
-    """Rank r evaluates samples r, r + world, ...: no padding, every sample counted once over the ranks.
-    Batches: {'x': (B, V, C, T, H, W) uint8, 'y': (B,), 'ok': (B,) bool, 'index': (B,)}."""
+def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_memory=False, indices=None):
+    """Rank r evaluates samples r, r + world, ... of `indices` (default: all): no padding, every sample counted
+    once over the ranks. Batches: {'x': (B, V, C, T, H, W) uint8, 'y': (B,), 'ok': (B,) bool, 'index': (B,)}."""
     assert not dataset.train, "build_eval_loader needs a dataset built with train=False"
-    mine = range(rank, len(dataset), world)
+    mine = (range(len(dataset)) if indices is None else indices)[rank::world]
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=mine,
                                        **loader_kwargs(workers, pin_memory, prefetch=2))
 

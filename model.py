@@ -116,11 +116,13 @@ class Block(nn.Module):
 
     def forward(self, cls, x):
         cls, x = self.attend(cls, x)
-        # 3. MLP on every token; the CLS token and the patches share one drop-path draw
-        keep = self.keep(x)
-        cls = cls + drop_path(self.mlp(self.norm2(cls)), keep)
-        x = x + drop_path(self.mlp(self.norm2(x)), keep)
-        return cls, x
+        # 3. MLP on every token: the CLS token(s) and the patches in one sequence (one call of each layer, not
+        #    a second chain of tiny ones for the CLS token), with one drop-path draw
+        B, T, N, D = x.shape
+        tokens = torch.cat([cls, x.flatten(1, 2)], dim=1)  # (B, C + T*N, D), C CLS tokens
+        tokens = tokens + drop_path(self.mlp(self.norm2(tokens)), self.keep(x))
+        cls, x = tokens.split([cls.shape[1], T * N], dim=1)  # views; a split's gradient is one cat
+        return cls, x.unflatten(1, (T, N))
 
 
 class DividedSpaceTime(Block):
@@ -144,10 +146,10 @@ class DividedSpaceTime(Block):
         #    are averaged into the one CLS residual.
         xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), x], dim=2)  # (B, T, 1+N, D)
         xs = self.attn(self.norm1(rearrange(xs, "b t n d -> (b t) n d")))  # (B*T, 1+N, D)
-        xs = rearrange(xs, "(b t) n d -> b t n d", b=B)
+        cls_s, xs = rearrange(xs, "(b t) n d -> b t n d", b=B).split([1, N], dim=2)  # (B, T, 1, D), (B, T, N, D)
         keep = self.keep(x)
-        cls = cls + drop_path(xs[:, :, 0].mean(dim=1, keepdim=True), keep)  # (B, 1, D)
-        x = x + drop_path(xs[:, :, 1:], keep)
+        cls = cls + drop_path(cls_s.mean(dim=1), keep)  # (B, 1, D)
+        x = x + drop_path(xs, keep)
         return cls, x
 
 
@@ -157,10 +159,8 @@ class JointSpaceTime(Block):
     def attend(self, cls, x):
         B, T, N, D = x.shape
         xj = torch.cat([cls, rearrange(x, "b t n d -> b (t n) d")], dim=1)  # (B, 1+T*N, D)
-        xj = drop_path(self.attn(self.norm1(xj)), self.keep(x))
-        cls = cls + xj[:, :1]
-        x = x + rearrange(xj[:, 1:], "b (t n) d -> b t n d", t=T)
-        return cls, x
+        cls_j, xj = drop_path(self.attn(self.norm1(xj)), self.keep(x)).split([1, T * N], dim=1)
+        return cls + cls_j, x + rearrange(xj, "b (t n) d -> b t n d", t=T)
 
 
 class SpaceOnly(Block):
@@ -174,7 +174,8 @@ class SpaceOnly(Block):
         xs = torch.cat([cls.expand(B, T, D).unsqueeze(2), x], dim=2)  # (B, T, 1+N, D)
         rs = self.attn(self.norm1(rearrange(xs, "b t n d -> (b t) n d")))  # (B*T, 1+N, D)
         xs = xs + drop_path(rearrange(rs, "(b t) n d -> b t n d", b=B), self.keep(x))
-        return xs[:, :, 0], xs[:, :, 1:]
+        cls, x = xs.split([1, N], dim=2)  # (B, T, 1, D), (B, T, N, D)
+        return cls.squeeze(2), x
 
 
 # The attention types by name (TimeSformerConfig.attention, train.py --attention). A new type is a subclass
@@ -214,6 +215,7 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
         self.heads = nn.ModuleDict({name: nn.Linear(D, n) for name, n in (heads or {}).items()})
         self.grad_checkpointing = False
+        self.compiled_trunk = None  # compile_trunk()
         self.normalization = None  # the mean and std the weights were trained with: from_pretrained
         self.init_weights()
 
@@ -222,7 +224,8 @@ class TimeSformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.patch_embed.proj:  # that one keeps the conv init
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # qkv_bias=False
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -243,9 +246,9 @@ class TimeSformer(nn.Module):
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         x = self.patch_embed(x)  # (B, T, N, D)
-        pos = resize_pos_embed(self.pos_embed, (H // p, W // p))  # (1, 1+N, D)
-        cls = self.cls_token + pos[:, :1]
-        x = x + pos[:, 1:].unsqueeze(1)
+        pos_cls, pos = resize_pos_embed(self.pos_embed, (H // p, W // p)).split([1, x.shape[2]], dim=1)  # 1, N
+        cls = self.cls_token + pos_cls
+        x = x + pos.unsqueeze(1)
         if hasattr(self, "time_embed"):
             x = x + resize_time_embed(self.time_embed, T).unsqueeze(2)  # (1, T, 1, D)
         return cls.expand(B, -1, -1), x
@@ -258,7 +261,8 @@ class TimeSformer(nn.Module):
                 cls, x = checkpoint(blk, cls, x, use_reentrant=False)
             else:
                 cls, x = blk(cls, x)
-        return self.norm(cls.mean(dim=1))  # (B, D); a type with a CLS token per frame averages them
+        cls = cls.squeeze(1) if cls.shape[1] == 1 else cls.mean(dim=1)  # (B, D); a CLS token per frame: their mean
+        return self.norm(cls)
 
     def forward(self, x, head=None):
         """(B, C, T, H, W) -> logits (B, classes) of `head` (optional when there is one head)."""
@@ -268,11 +272,13 @@ class TimeSformer(nn.Module):
             head = next(iter(self.heads))
         elif head not in self.heads:
             raise KeyError(f"no head {head!r}; the model has {list(self.heads)}")
-        return self.heads[head](self.forward_features(x))
+        trunk = self.compiled_trunk if self.training and self.compiled_trunk else self.forward_features
+        return self.heads[head](trunk(x))
 
     def compile_trunk(self, **kwargs):
-        """torch.compile the trunk, not the heads: one graph per input shape, not per head and shape."""
-        self.forward_features = torch.compile(self.forward_features, **kwargs)
+        """torch.compile the trunk for training, not the heads: one graph per input shape, not per head and
+        shape, each with static shapes (clips and images: two). Evaluation, whose batch sizes vary, runs eager."""
+        self.compiled_trunk = torch.compile(self.forward_features, dynamic=False, **kwargs)
 
     def param_groups(self, weight_decay, layer_decay=1.0):
         """Every parameter once; weight decay on matrices only, not on biases, norms and embeddings. Each
@@ -309,12 +315,13 @@ class TimeSformer(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_pretrained(cls, src, heads=None, verbose=True, **overrides):
-        """A TimeSformer from a checkpoint path (file or folder), a Hub name (hf-hub:<org>/<name>) or a state
-        dict: a timm or Transformers ImageNet ViT, an official TimeSformer .pyth, a Transformers Timesformer or
-        our ckpt.pt. The shapes give the architecture; `overrides` give what they cannot, or change frames /
-        img_size (the embeddings are resized). heads=None keeps the source's classifiers; heads={name: classes}
-        makes new heads, keeping a head of ours with the same name and size. model.normalization: the mean and
-        std the weights were trained with, where their files say ({'mean', 'std', 'from'}), else None."""
+        """A TimeSformer from a checkpoint path (file or folder), a Hub name (hf-hub:<org>/<name>[@<revision>])
+        or a state dict: a timm or Transformers ImageNet ViT, an official TimeSformer .pyth, a Transformers
+        Timesformer or our ckpt.pt. The shapes give the architecture; `overrides` give what they cannot (a ViT's
+        attention type; video weights keep theirs), or change frames / img_size (the embeddings are resized).
+        heads=None keeps the source's classifiers; heads={name: classes} makes new heads, keeping a head of ours
+        with the same name and size. model.normalization: the mean and std the weights were trained with, where
+        their files say ({'mean', 'std', 'from'}), else None."""
         fmt, sd, config, extra = checkpoints.load(src, overrides)
         cfg = TimeSformerConfig(**config)
         saved = {k.split(".")[1]: v.shape[0] for k, v in sd.items() if k.startswith("heads.") and "bias" in k}

@@ -12,6 +12,7 @@ import sys
 
 import checkpoints
 import data
+import kinetics
 import model as M
 from runtime import DTYPES
 
@@ -20,17 +21,18 @@ RECIPES = {
     "demo": dict(datasets="demo_kinetics,demo_ssv2,demo_imagenet", weights="demo_ssv2=2", model="demo",
                  img_size=32, frames=8, batch_size=32, optimizer="adamw", lr=1e-3, min_lr=1e-5,
                  weight_decay=0.05, warmup_steps=30, max_steps=1200, eval_every=600, save_every=600,
-                 num_sample=1, dtype="fp32", workers=2, drop_path=0.0, mean="0.45,0.45,0.45",
+                 val_samples=0, num_sample=1, dtype="fp32", workers=2, drop_path=0.0, mean="0.45,0.45,0.45",
                  std="0.225,0.225,0.225"),
     # CoVeR on real data, with the official TimeSformer K400 recipe where the paper gives one: SGD with
     # nesterov momentum, lr 0.005, weight decay 1e-4, global batch 64, 8x224 clips; round robin, long
     # enough that K400 gets the official 15 epochs (56,250 steps of 64 clips each dataset). In both
     # recipes one clip per decoded video (more cost accuracy per step on the demo: docs/performance.md),
-    # and no mixup, cutmix, EMA or layer decay (the official recipe has none).
+    # and no mixup, cutmix, EMA or layer decay (the official recipe has none). A step takes tens of
+    # milliseconds on a GPU: saving and validation go by the clock, validation on a fixed subset of each set.
     "cover": dict(datasets="k400,ssv2,in21k", weights="", model="base", img_size=224, frames=8, batch_size=64,
                   optimizer="sgd", lr=0.005, min_lr=0.0, weight_decay=1e-4, warmup_steps=1000,
-                  max_steps=168_750, eval_every=5000, save_every=1000, dtype="bf16", workers=8, num_sample=1,
-                  drop_path=0.1, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
+                  max_steps=168_750, eval_every="30min", save_every="15min", val_samples=10_000, dtype="bf16",
+                  workers=8, num_sample=1, drop_path=0.1, mean="0.45,0.45,0.45", std="0.225,0.225,0.225"),
 }
 
 
@@ -44,17 +46,18 @@ def parse(argv, description):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, add_help=False)
     a = p.add_argument
     a("--recipe", choices=list(RECIPES), help="defaults (recipes.py): demo for demo sets, else cover")
-    a("--datasets", help="comma-separated: k400, k600, k700, ssv2, mit, in1k, in21k, demo sets (demo.py), "
-                         "or the name of a folder of your own in --data_dir (layouts.py)")
+    a("--datasets", help="comma-separated: k400, k600, k700, k710 (those three as one: kinetics.py), ssv2, mit, "
+                         "in1k, in21k, demo sets (demo.py), or a folder of your own in --data_dir (layouts.py)")
     a("--data_dir", default="data", help="folder holding one sub-folder per dataset")
     a("--out_dir", default="out", help="checkpoint, log.jsonl, eval.json and the dataset listings go here")
     a("--model", help="architecture preset: " + ", ".join(M.PRESETS) + " (with --init: read off the weights)")
-    a("--attention", default="divided_space_time", choices=M.ATTENTION_TYPES, help="TimeSformer attention")
+    a("--attention", choices=M.ATTENTION_TYPES, help="TimeSformer attention; not given with --init: the weights' "
+                                                     "own (a ViT's: the default)")
     a("--frames", type=int, help="frames per video clip (images are always 1)")
     a("--img_size", type=int, help="crop size in pixels, a multiple of the patch size")
     a("--init", help="starting weights: ImageNet ViT (timm .pth/.safetensors, a timm or Transformers folder), "
                      "official TimeSformer .pyth, a Transformers Timesformer folder, a ckpt.pt of this project, or "
-                     "a Hub name, hf-hub:<org>/<name> (pip install huggingface_hub)")
+                     "a Hub name, hf-hub:<org>/<name>[@<revision>] (pip install huggingface_hub)")
     a("--batch_size", type=int, help="global clips per optimizer step (over all processes and micro-steps)")
     a("--dataset_batch_size", default="", help="per-dataset --batch_size, e.g. in21k=256 (images: 4x, demo 2x)")
     a("--sampling", default="", help="a video set's frames, by name: mine=kinetics (a window, 1/32 at 30 fps), "
@@ -63,7 +66,10 @@ def parse(argv, description):
                            "sets (images: 1) or by name (ssv2=2,in21k=2); --batch_size counts the clips")
     a("--weights", help="share of the steps per dataset: one each (2,1,1) or some by name (ssv2=2)")
     a("--max_steps", type=int, help="optimizer steps in all")
+    a("--epochs", default="", help="each dataset's budget in epochs (k400=30,ssv2=20,in21k=1): --weights and "
+                                   "--max_steps follow from it and the batch sizes")
     a("--lr", type=float, help="peak learning rate")
+    a("--lr_factor", default="", help="the lr of a step that trains a dataset x its factor, by name (in21k=0.1)")
     a("--min_lr", type=float, help="learning rate at the end of the cosine decay")
     a("--warmup_steps", type=int, help="linear warm-up steps")
     a("--weight_decay", type=float, help="weight decay (not on biases, norms and embeddings)")
@@ -77,32 +83,55 @@ def parse(argv, description):
     a("--layer_decay", type=float, default=1.0, help="layer-wise lr decay when fine-tuning, e.g. 0.75")
     a("--drop_path", type=float, help="stochastic depth at the last block")
     a("--dtype", choices=list(DTYPES), help="autocast precision (fp16 adds a GradScaler)")
-    a("--compile", action="store_true", help="torch.compile the trunk (the heads stay eager)")
+    a("--compile", nargs="?", const="inductor", metavar="BACKEND",
+      help="torch.compile the trunk for training (heads and evaluation stay eager); BACKEND e.g. aot_eager")
+    a("--ddp", action="store_true", help="join torchrun's process group and wrap the model in DDP even for one "
+                                         "process: the multi-GPU code path on one GPU (tools/selfcheck.py)")
     a("--grad_checkpoint", action="store_true", help="recompute block activations in backward (saves memory)")
     a("--mean", help="per-channel normalisation mean; not given: the weights' own (--init, or the run's "
                      "checkpoint) where their files say, else the recipe's")
     a("--std", help="per-channel normalisation std; not given: as --mean")
-    a("--eval_every", type=int, help="validate (clip-level, 1 view) every N steps; 0 = only at the end")
-    a("--save_every", type=int, help="write <out_dir>/ckpt.pt every N steps")
+    a("--eval_every", type=cadence, help="validate (clip-level, 1 view) every N steps, or every M minutes of "
+                                         "training (30min); 0 = only at the end")
+    a("--val_samples", type=int, help="samples of each validation set that validation reads, evenly spaced, "
+                                      "the same each time (0 = all); the final test reads all")
+    a("--save_every", type=cadence, help="write <out_dir>/ckpt.pt every N steps, or every M minutes of training "
+                                         "(15min: the clock counts over resumes)")
     a("--log_every", type=int, default=10, help="append to log.jsonl every N steps")
     a("--tensorboard", action="store_true", help="log to <out_dir>/tensorboard too (pip install tensorboard)")
     a("--wandb", metavar="PROJECT", help="log to this Weights & Biases project too (pip install wandb)")
     a("--final_eval", default="multiview", choices=["multiview", "none"], help="multi-view test at the end")
     a("--stop_at", type=int, help="save and exit at this step, on the --max_steps schedule (rerun to go on)")
     a("--resume", action="store_true", help="require a checkpoint in --out_dir (one there is used anyway)")
+    a("--train_on_val_videos", action="store_true",
+      help="keep the training samples that are validation videos of a dataset in --datasets (by YouTube id; "
+           "left out by default): test numbers may then include training videos")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
     recipe = known.recipe or pick(known.datasets)
-    p.set_defaults(recipe=recipe, **RECIPES[recipe])
+    p.set_defaults(recipe=recipe, attention="divided_space_time", **RECIPES[recipe])
     a("-h", "--help", action="help", help=f"show this help; the defaults shown are the {recipe} recipe's")
     args = p.parse_args(argv)
     for flag in ("mean", "std"):  # None: not given, decided by normalization() once the weights are read
         if getattr(known, flag) is None:
             setattr(args, flag, None)
+    if args.init and known.attention is None:  # None: the weights' own, read by train.build_model
+        args.attention = None
     check(args)
     return args
+
+
+def cadence(text):
+    """--save_every / --eval_every: a whole number of steps (an int), or minutes as 'Mmin' (kept as text)."""
+    minutes = number(text.removesuffix("min"), float) if text.endswith("min") else None
+    if minutes is not None and minutes > 0:
+        return f"{minutes:g}min"
+    steps = number(text, int)
+    if steps is None or steps < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: say a number of steps (1000) or of minutes (15min)")
+    return steps
 
 
 def pick(datasets):
@@ -123,6 +152,9 @@ def check(args):
     errors = []
     if len(set(names)) != len(names):
         errors.append(f"--datasets lists a dataset twice: {args.datasets}")
+    if "k710" in names and set(names) & set(kinetics.VERSIONS):
+        errors.append(f"--datasets {args.datasets}: k710 holds {', '.join(sorted(set(names) & set(kinetics.VERSIONS)))}"
+                      " already; name k710 or the versions, not both")
     if args.init is None and args.model not in M.PRESETS:
         errors.append(f"--model {args.model!r} is not a preset; choose one of {', '.join(M.PRESETS)}")
     patch = M.PRESETS.get(args.model, {}).get("patch_size", 16)
@@ -139,7 +171,19 @@ def check(args):
         except ValueError as e:
             errors.append(str(e))
     try:
-        idle = idle_datasets(args, names, dataset_weights(args, names))
+        epochs = per_dataset(args, "epochs", float)
+        if not all(0 < v < math.inf for v in epochs.values()):
+            errors.append(f"--epochs {args.epochs}: each dataset's budget must be a number of epochs > 0")
+        if epochs and set(epochs) != set(names):
+            errors.append(f"--epochs {args.epochs}: give every dataset in --datasets its epochs (one number for "
+                          f"all, or name=epochs for {', '.join(n for n in names if n not in epochs)} too)")
+        if not all(0 < v < math.inf for v in per_dataset(args, "lr_factor", float).values()):
+            errors.append(f"--lr_factor {args.lr_factor}: each factor must be a number > 0")
+    except ValueError as e:
+        errors.append(str(e))
+    try:
+        weights = dataset_weights(args, names)
+        idle = [] if args.epochs else idle_datasets(args, names, weights)  # epochs give each dataset steps
         if idle:
             errors.append(f"--weights {args.weights}: {', '.join(idle)} would get no step in --max_steps "
                           f"{args.max_steps}; raise the weight or --max_steps")
@@ -156,6 +200,9 @@ def check(args):
     if not 0 <= args.ema < 1 or not 0 < args.layer_decay <= 1:
         errors.append(f"--ema {args.ema} must lie in [0, 1) (0: off), --layer_decay {args.layer_decay} "
                       "in (0, 1] (1: off)")
+    if args.save_every == 0 or args.val_samples < 0:
+        errors.append(f"--save_every {args.save_every} must be >= 1 (steps) or minutes (15min), --val_samples "
+                      f"{args.val_samples} >= 0 (0: all)")
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     hub = args.init and args.init.startswith(checkpoints.HUB)
@@ -172,13 +219,17 @@ def check(args):
         sys.exit("error: " + "\nerror: ".join(errors))
 
 
-def normalization(args, own, verbose=True):
+def normalization(args, own, verbose=True, resumed=False):
     """The run's mean and std as flag values: each --mean / --std as given, else the weights' own (own:
     {'mean', 'std', 'from'} from their files, or None), else the recipe's. With verbose, a line saying which
-    and from where, after a warning for a given value that differs from the weights' own."""
+    and from where, after a warning for a given value that differs from the weights' own. resumed: own is the
+    run's, fixed for its life, and a given value that differs is one line of error."""
     values, sources = [], []
     for flag in ("mean", "std"):
         given = getattr(args, flag)
+        if given is not None and resumed and own and floats(given) != own[flag]:
+            sys.exit(f"error: --{flag} {given}: the run in {args.out_dir} trained with --{flag} "
+                     f"{as_flag(own[flag])}, which it keeps for its life; drop --{flag} or use a new --out_dir")
         if given is not None:
             values.append(given)
             sources.append(f"--{flag}")
@@ -250,6 +301,27 @@ def dataset_weights(args, names):
     if min(weights) <= 0:
         raise ValueError(f"--weights {args.weights}: each dataset's weight must be positive")
     return weights
+
+
+def budgets(args, names, train_sets, local_batch, num_sample, world):
+    """(the schedule's weights, --max_steps): as given, or from --epochs: a dataset's steps are its epochs x
+    its samples / the samples of its global batch (a sample's R clips count once), the weights those steps,
+    max_steps their sum. Beside --epochs, a --weights or --max_steps of the command line that says otherwise
+    is an error (one line)."""
+    weights = dataset_weights(args, names)
+    if not args.epochs:
+        return weights, args.max_steps
+    epochs, recipe = per_dataset(args, "epochs", float), RECIPES[args.recipe]
+    steps = [max(1, round(epochs[n] * len(ds) * num_sample[n] / (local_batch[n] * world * args.grad_accum)))
+             for n, ds in zip(names, train_sets)]
+    if args.max_steps != recipe["max_steps"] and args.max_steps != sum(steps):
+        sys.exit(f"error: --epochs {args.epochs} makes {sum(steps)} steps in all, not --max_steps {args.max_steps}: "
+                 "drop one of the two")
+    if args.weights != recipe["weights"] and any(abs(w / sum(weights) - s / sum(steps)) > 0.01 * s / sum(steps)
+                                                 for w, s in zip(weights, steps)):
+        sys.exit(f"error: --epochs {args.epochs} makes the steps {dict(zip(names, steps))}, not in the ratio of "
+                 f"--weights {args.weights}: drop one of the two")
+    return [float(s) for s in steps], sum(steps)
 
 
 def idle_datasets(args, names, weights):

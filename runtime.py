@@ -1,7 +1,7 @@
 """
 What train.py and eval.py share, none of it the method: the device, the process group under torchrun,
 precision, and a run's bookkeeping (the checkpoint and the one before it, failed-read counts, meters,
-log.jsonl, the start-up report).
+log.jsonl, the start-up report, the step's values read one step late, the clock of time-based cadence).
 """
 
 import contextlib
@@ -23,12 +23,15 @@ from tqdm import tqdm
 
 import checkpoints
 import data
+import loaders
 import video
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # rank 0 lists each dataset once (ImageNet-21K: 11M files) while the other ranks wait
 STARTUP_TIMEOUT = datetime.timedelta(hours=2)
 ASSUMED_MFU = 0.4  # for the start-up estimate of how many clips/s the model takes
+UNREADABLE_STEPS = 10  # a dataset none of whose first steps read one sample is taken for unreadable
+clock = time.monotonic  # the clock of time-based cadence (a name of its own, which a test can drive)
 
 
 @dataclass
@@ -42,10 +45,14 @@ class Runtime:
     def master(self):
         return self.rank == 0
 
+    @property
+    def distributed(self):  # in a process group: several processes, or one under train.py --ddp
+        return self.startup_group is not None
 
-def setup(device="auto"):
-    """Pick the device and, when torchrun started several processes, join their group (nccl on GPUs,
-    gloo on CPUs)."""
+
+def setup(device="auto", ddp=False):
+    """Pick the device and, when torchrun started several processes (or one, with ddp), join their group
+    (nccl on GPUs, gloo on CPUs)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -54,8 +61,10 @@ def setup(device="auto"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls run as TF32 (peak_flops counts on it)
         torch.backends.cudnn.allow_tf32 = True
-    if world == 1:
+    if world == 1 and not ddp:
         return Runtime(0, 1, device)
+    if "MASTER_ADDR" not in os.environ:
+        sys.exit("error: --ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp")
     if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
             int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
         # torchrun keeps one store for all restarts, and restarted ranks read the dead ones' addresses
@@ -70,7 +79,7 @@ def rank0_first(rt, fn, *args, **kwargs):
     """fn(...) on rank 0, then on the other ranks, which find what rank 0 wrote (listings, demo data)."""
     if rt.master:
         result = fn(*args, **kwargs)
-    if rt.world > 1:
+    if rt.distributed:
         dist.barrier(group=rt.startup_group)
     if not rt.master:
         result = fn(*args, **kwargs)
@@ -80,7 +89,7 @@ def rank0_first(rt, fn, *args, **kwargs):
 def teardown(rt):
     """Leave the process group, once the DDP wrapper is gone: if its reducer held the last reference to a
     gloo group, the group's destructor could hang the exit (pytorch#56297)."""
-    if rt.world > 1:
+    if rt.distributed:
         gc.collect()
         dist.destroy_process_group()
 
@@ -119,7 +128,8 @@ GPU_BF16_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200
 def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, local_batch, num_sample,
            weights):
     """Rank 0's start-up report: the run, the recipe's values, and per dataset its size, batch, steps and
-    epochs in this run, how it samples frames, and whether one process's loader workers keep up."""
+    epochs in this run (samples read over all ranks / size: the sampler reads each epoch whole), how it
+    samples frames, whether one process's loader workers keep up, and what listing each split left out."""
     if not rt.master:
         return
     print(f"CoVeR train | recipe {args.recipe} | torch {torch.__version__} | device {rt.device} x {rt.world} "
@@ -140,10 +150,66 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
         takes = ASSUMED_MFU * peak / (6 * model.flops(tr.frames, args.img_size))  # clips/s, one process
         loads, R = loader_rate(tr, num_sample[n]), num_sample[n]
         frames = f"kinetics/{tr.spec.rate}" if tr.spec.sampling == "kinetics" else tr.spec.sampling
+        problems = {split: ds.problems for split, ds in (("train", tr), ("val", va)) if ds.problems}
         print(f"  {n:16s} {len(tr):9d} {len(va):7d} {len(tr.classes):7d} {batch:6d} {R:3d} {weights[d]:6g} "
               f"{steps:7d} {steps * batch / R / len(tr):6.1f} {frames:>11s} {loads:7.1f} /s {takes:9.0f} /s "
               f"{math.ceil(takes / loads):8d} (have {args.workers})"
-              + (f"  problems: {tr.problems}" if tr.problems else ""))
+              + (f"  problems: {problems}" if problems else ""))
+    for line in guard_lines(args, names, train_sets):
+        print(line)
+    line = shm_warning(args, [local_batch[n] * 3 * tr.frames * args.img_size ** 2 for n, tr in zip(names, train_sets)])
+    if line:
+        print(line)
+
+
+def shm_warning(args, batch_bytes, shm="/dev/shm"):
+    """One line when `shm`, through which DataLoader workers hand their batches over, has no room for the batches
+    this node's workers prefetch (a container's default is 64 MB), with the fix; None when it has."""
+    if not args.workers or not os.path.isdir(shm):
+        return None
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = processes * (args.workers * loaders.TRAIN_PREFETCH + 2) * max(batch_bytes)  # + the one in use, pinned
+    free = shutil.disk_usage(shm).free
+    if free >= need:
+        return None
+    return (f"warning: {shm} has {free / 2**20:.0f} MiB free, and the loaders of this node's {processes} process(es) "
+            f"hand over about {need / 2**20:.0f} MiB of prefetched batches through it ({args.workers} workers x "
+            f"{loaders.TRAIN_PREFETCH} batches of up to {max(batch_bytes) / 2**20:.1f} MiB each); they would crash "
+            f"with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
+
+
+def guard_lines(args, names, train_sets):
+    """What the guard left out of each training set, and whose validation videos they were; or that it is off."""
+    if args.train_on_val_videos:
+        return ["validation videos: NOT left out of training (--train_on_val_videos): a training set may hold "
+                "validation videos of another (Kinetics versions share YouTube videos), and test numbers may "
+                "include training videos"]
+    lines = ["validation videos: the training samples whose YouTube video is a validation video of a set in "
+             "--datasets are left out of training (--train_on_val_videos keeps them):"]
+    for n, tr in zip(names, train_sets):
+        left = tr.samples.left_out
+        if left is None:
+            lines.append(f"    {n}: not checked (its file names give no YouTube id)")
+            continue
+        whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
+        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else ""))
+    return lines
+
+
+def guard_record(args, names, train_sets):
+    """The guard for log.jsonl: on or off, and per training set what it left out (None: no YouTube ids)."""
+    if args.train_on_val_videos:
+        return {"on": False}
+    return {"on": True, "left_out": {n: tr.samples.left_out for n, tr in zip(names, train_sets)}}
+
+
+def guard_state(config):
+    """'on' if the run with this config left validation videos out of training, else 'off' ('not recorded' for
+    a run from before the guard)."""
+    flag = config.get("train_on_val_videos")
+    if flag is None:
+        return "not recorded"
+    return "off" if flag else "on"
 
 
 def loader_rate(dataset, num_sample, samples=4):
@@ -180,25 +246,128 @@ class Meter:
         return stats
 
 
+class StepValues:
+    """What every rank needs from a step, in its one collective: the loss averaged over the ranks, whether any
+    rank got SIGTERM, whether any kept a sample, and rank 0's clock (seconds of training, counted over
+    resumes). Read one step late: the host queues step N+1 before it waits for step N's values, so the
+    GPU does not idle while the host reads."""
+
+    def __init__(self, rt, seconds=0.0):
+        self.rt, self.pending, self.start = rt, [], clock() - seconds
+        self.stop, self.seconds = False, seconds  # as of the newest values read
+
+    def now(self):
+        """This process's clock: seconds of training over resumes (rank 0's is the run's)."""
+        return clock() - self.start
+
+    def send(self, step, dataset, loss, stop, kept=True):
+        """Queue step `step`'s values (loss: a 0-d tensor; stop, kept a sample: this rank's) into the collective
+        and, on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for
+        the work queued after it."""
+        rt = self.rt
+        seconds = self.now() * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
+        values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in (stop, kept, seconds))])
+        if rt.distributed:
+            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+        copied = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)  # into pinned memory
+            copied = torch.cuda.Event()
+            copied.record()
+        self.pending.append((step, dataset, values, copied))
+
+    def read(self, everything=False):
+        """-> [(step, dataset, loss, whether a rank kept a sample)] of the steps sent before the newest one
+        (everything: it too), in order; self.stop and self.seconds follow the values read."""
+        ready = self.pending if everything else self.pending[:-1]
+        self.pending = self.pending[len(ready):]
+        losses = []
+        for step, dataset, values, copied in ready:
+            if copied is not None:
+                copied.synchronize()
+            loss, stop, kept, self.seconds = values.tolist()  # the step's one read of the device
+            self.stop = self.stop or stop > 0
+            losses.append((step, dataset, loss, kept != 0))  # an average of 0s and 1s: 0 only if every one is
+        return losses
+
+
+class Cadence:
+    """--save_every / --eval_every: due every N steps (0: never), or whenever the run's clock (rank 0's, as every
+    rank reads it in StepValues) passes a multiple of M minutes; multiples of the clock, which counts over
+    resumes, so a resumed run keeps the times it saves at."""
+
+    def __init__(self, every, seconds=0.0):
+        self.steps = every if isinstance(every, int) else None
+        self.period = None if self.steps is not None else 60 * float(every.removesuffix("min"))
+        self.last = seconds  # the clock at the last decision
+
+    def due(self, step, seconds):
+        if self.steps is not None:
+            return self.steps > 0 and step % self.steps == 0
+        passed, self.last = seconds // self.period > self.last // self.period, seconds
+        return passed
+
+
+def compile_counts():
+    """torch.compile's work so far, for log.jsonl: graphs compiled, recompiles (a graph compiled again for new
+    guards, e.g. an input shape not seen before) and graph breaks. {} where PyTorch keeps them elsewhere."""
+    try:
+        from torch._dynamo.utils import counters, get_compilation_metrics
+        recompiles = sum(m.recompile_reason is not None for m in get_compilation_metrics())
+        return {"compile": {"graphs": counters["stats"]["unique_graphs"], "recompiles": recompiles,
+                            "graph_breaks": sum(counters["graph_break"].values())}}
+    except (ImportError, AttributeError):  # private to dynamo: a logged count is not worth a crash
+        return {}
+
+
 class Failures:
-    """Samples replaced because their file could not be read: counted per dataset, each path told once."""
+    """Samples replaced because their file could not be read, each path told once, and samples dropped
+    because no substitute could be read either, each told in a line: counted per dataset. And blank steps:
+    steps whose every sample was dropped on every rank, which train nothing, each told in a line."""
 
     def __init__(self, names, rank):
-        self.counts, self.told, self.rank = dict.fromkeys(names, 0), set(), rank
+        self.counts, self.dropped = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        self.blank = dict.fromkeys(names, 0)  # the same on every rank: each learns it from the step's collective
+        self.told, self.rank = set(), rank
 
-    def add(self, name, paths):
+    def add(self, name, paths, dropped=()):
         for path in paths:
             self.counts[name] += 1
             if path not in self.told:
                 self.told.add(path)
                 tqdm.write(f"[rank {self.rank}] unreadable sample replaced ({name}): {path}")
+        for line in dropped:
+            self.dropped[name] += 1
+            tqdm.write(f"[rank {self.rank}] warning: {name}: {line}")
+
+    def blank_step(self, name, step, steps):
+        """Step `step`, the steps-th of dataset `name`, lost every sample on every rank: counted and told.
+        -> the line that stops the run, on every rank, when none of the dataset's first UNREADABLE_STEPS
+        steps read a sample, else None."""
+        self.blank[name] += 1
+        if self.blank[name] == steps == UNREADABLE_STEPS:
+            return (f"error: no sample of {name} could be read in its first {steps} steps (see the lines above); "
+                    f"check its files, the codecs your video reader supports, and disk access")
+        if self.rank == 0:
+            tqdm.write(f"warning: step {step} trained nothing: every sample of {name} was dropped, on every rank")
+
+    def restore(self, ckpt):
+        """A resumed run's counts: the checkpoint's are totals over the ranks, so rank 0 carries them on;
+        every rank carries on the blank steps."""
+        if self.rank == 0:
+            self.counts.update(ckpt["failed"])
+            self.dropped.update(ckpt.get("dropped", {}))
+        self.blank.update(ckpt.get("blank_steps", {}))
 
     def totals(self, rt):
-        if rt.world == 1:
-            return dict(self.counts)
-        t = torch.tensor(list(self.counts.values()), dtype=torch.float64, device=rt.device)
-        dist.all_reduce(t)
-        return dict(zip(self.counts, t.long().tolist()))
+        """{'failed': {dataset: count}, 'dropped': {dataset: count}} over all ranks, and 'blank_steps'."""
+        counts = list(self.counts.values()) + list(self.dropped.values())
+        if rt.distributed:  # int64: exact, and on every device (MPS has no float64)
+            t = torch.tensor(counts, dtype=torch.int64, device=rt.device)
+            dist.all_reduce(t)
+            counts = t.tolist()
+        return {"failed": dict(zip(self.counts, counts)),
+                "dropped": dict(zip(self.dropped, counts[len(self.counts):])), "blank_steps": dict(self.blank)}
 
 
 class RunLog:
@@ -381,7 +550,7 @@ def save_on_rank0(rt, files, state):
             files.save(state)
         except CheckpointError as e:
             error = f"error: {e}"
-    if rt.world > 1:  # in place of a barrier: a save step's one extra wait
+    if rt.distributed:  # in place of a barrier: a save step's one extra wait
         ok = torch.tensor(float(error is None), device=rt.device)
         dist.broadcast(ok, src=0)
         if not rt.master and not ok.item():

@@ -21,7 +21,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -33,7 +32,7 @@ import loaders
 import model as M
 import recipes
 import runtime
-from eval import test_all
+from eval import test_all, test_heads
 
 
 def get_args(argv=None):
@@ -51,7 +50,7 @@ def get_lr(step, args):
 
 def main(argv=None):
     args = get_args(argv)
-    rt = runtime.setup(args.device)
+    rt = runtime.setup(args.device, ddp=args.ddp)
     error = None
     try:
         train(args, rt)
@@ -64,21 +63,24 @@ def main(argv=None):
 
 def train(args, rt):
     names, device, dtype = args.datasets.split(","), rt.device, runtime.DTYPES[args.dtype]
-    weights = recipes.dataset_weights(args, names)
     os.makedirs(args.out_dir, exist_ok=True)
     files = runtime.CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt"))  # and the one before, ckpt.prev.pt
 
-    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings
-    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train")
+    # ---- data: rank 0 lists each dataset once, into out_dir/listings; the other ranks read its listings.
+    # No validation video in training: a training sample that is one (by YouTube id) is left out.
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
+    train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train", guard=val_sets)
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
+    weights, args.max_steps = recipes.budgets(args, names, train_sets, local_batch, num_sample, rt.world)
+    lr_factor = {n: recipes.per_dataset(args, "lr_factor", float).get(n, 1.0) for n in names}
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
     ckpt, ckpt_path = runtime.resume_on_every_rank(rt, files)  # rank 0's choice: the newest that reads
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
-    args.mean, args.std = recipes.normalization(args, model.normalization, verbose=rt.master)  # kept in ckpt.pt
+    # kept in ckpt.pt; a resumed run's are its own
+    args.mean, args.std = recipes.normalization(args, model.normalization, rt.master, resumed=ckpt is not None)
     groups = model.param_groups(args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -86,22 +88,21 @@ def train(args, rt):
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = ema_copy(model) if args.ema else None  # a moving average of the weights, kept beside them
-    step, failures = 0, runtime.Failures(names, rt.rank)
+    step, seconds, failures = 0, 0.0, runtime.Failures(names, rt.rank)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
+        step, seconds = ckpt["step"], ckpt.get("clock", 0.0)  # the run's clock: seconds of training so far
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
-        if rt.master:  # the saved counts are totals over the ranks
-            failures.counts.update(ckpt["failed"])
+        failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
     if args.compile:
-        model.compile_trunk()
+        model.compile_trunk(backend=args.compile)
     # Each step trains one head, the same on all ranks; the others get no gradient (their .grad stays
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=len(names) > 1) if rt.world > 1 else model
+                  find_unused_parameters=len(names) > 1) if rt.distributed else model
     loader = loaders.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
                                      num_sample=[num_sample[n] for n in names],
                                      grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
@@ -115,6 +116,7 @@ def train(args, rt):
     model_params = [p.detach() for p in model.parameters()] if ema else None  # detached: no graph to build
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
+    saving, validating = runtime.Cadence(args.save_every, seconds), runtime.Cadence(args.eval_every, seconds)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
     recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
@@ -125,29 +127,34 @@ def train(args, rt):
     sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
     log = runtime.RunLog(args.out_dir, rt.master, args)
+    log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
     batches = iter(loader)
+    late = runtime.StepValues(rt, seconds)  # a step's loss, flags and clock, read after the next step is queued
     wrapped.train()
     while step < args.max_steps:
         if step == args.stop_at:
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
             log.say(f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
         name = names[d]
         # drop path draws from torch's RNG: seeded per step and rank, so a resumed run draws the same
         torch.manual_seed(args.seed + 1_000_003 * (rt.rank + 1) + step)
-        lr = get_lr(step, args)
+        lr = get_lr(step, args) * lr_factor[name]  # x the factor of the step's dataset (--lr_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # < 1 for lower layers under --layer_decay
         step_loss = torch.zeros((), device=device)
+        blank = True  # whether every sample of this rank's step was dropped
         for micro in range(args.grad_accum):
             with meter.waiting():
                 batch = next(batches)
             if batch["dataset"] != d:  # one schedule: the sampler's must be the loop's (an int: no GPU sync)
                 sys.exit(f"error: step {step}: the loop trains {name}, the batch is {names[batch['dataset']]}")
-            failures.add(name, batch["failed"])
+            failures.add(name, batch["failed"], batch["dropped"])
+            blank = blank and batch["blank"]
             x = normalize(batch["x"].to(device, non_blocking=True))  # (B, C, T, H, W) float
             y = batch["y"].to(device, non_blocking=True)
             # mixup / cutmix where on: soft targets, smoothing included, drawn per step (resume is exact)
@@ -155,17 +162,15 @@ def train(args, rt):
                             np.random.default_rng([args.seed, step, micro, rt.rank]))
             # forward through the shared trunk and this dataset's head, backward (DDP syncs on the last)
             last = micro == args.grad_accum - 1
-            with contextlib.nullcontext() if last or rt.world == 1 else wrapped.no_sync():
+            with contextlib.nullcontext() if last or not rt.distributed else wrapped.no_sync():
                 with runtime.autocast(device, dtype):
                     logits = wrapped(x, head=name)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing[name])
+                loss = loss * 0 if batch["blank"] else loss  # no sample left: no gradient, yet in DDP's backward
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        # the loss averaged over ranks, and whether any rank got SIGTERM (> 0), in one collective
-        stats = torch.stack([step_loss, torch.full_like(step_loss, float(sigterm.is_set()))])
-        if rt.world > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        late.send(step, d, step_loss, sigterm.is_set(), not blank)  # over the ranks: loss, SIGTERM, a sample kept
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
@@ -176,50 +181,54 @@ def train(args, rt):
         if ema is not None:  # the moving average follows every optimizer step
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
-        loss_value, stop = stats.tolist()  # the step's one wait for the GPU
-        if not math.isfinite(loss_value):  # the model in memory is lost; the last checkpoint on disk is not
-            bar.close()
-            sys.exit(f"error: loss is {loss_value} at step {step - 1} on dataset {name}; no checkpoint "
-                     f"written. Lower --lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
-        loss_ema[name] = loss_value if name not in loss_ema else 0.9 * loss_ema[name] + 0.1 * loss_value
 
-        # log, validate, save
-        if step % args.log_every == 0 or step == args.max_steps:
+        # log, validate, save; the step before's values are read now, this step's too where it logs or saves
+        logs = step % args.log_every == 0 or step == args.max_steps
+        settle(late.read(everything=logs), loss_ema, failures, weights, names, args, bar)
+        if logs:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
-                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, "failed": failures.totals(rt)}
+                      "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt),
+                      **(runtime.compile_counts() if args.compile else {})}  # graphs, recompiles, graph breaks
             bar.set_postfix_str(" ".join(f"{n}:{v:.3f}" for n, v in loss_ema.items()) + " | "
                                 f"{record['clips_per_s']:.0f} clips/s, data {record['data_wait']:.0%}, "
                                 f"MFU {record['mfu']:.1%}")
             log.write(record)
         bar.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            val = test_all(tested, dict(zip(names, val_sets)), **test_kw)
+        if validating.due(step, late.seconds) and step < args.max_steps:  # a fixed subset of each set
+            # the weights validated had a finite loss
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
+            val = test_all(tested, dict(zip(names, val_sets)), samples=args.val_samples, **test_kw)
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
-        if step % args.save_every == 0 or step == args.max_steps or stop:
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt)
-        if stop:
+        if saving.due(step, late.seconds) or step == args.max_steps or late.stop:
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
+        if late.stop:
             log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
             break
     bar.close()
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        val = dict(zip(names, open_datasets(args, names, "val")))
+        heads = test_heads(names, label_maps, args.data_dir)  # k710: each Kinetics version, on its rows
+        val = dict(zip(heads, open_datasets(args, list(heads), "val")))
         log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
-        results = test_all(tested, val, out=os.path.join(args.out_dir, "eval.json"), **test_kw)
+        results = test_all(tested, val, heads=heads, label_maps=label_maps, guard=runtime.guard_state(vars(args)),
+                           out=os.path.join(args.out_dir, "eval.json"), **test_kw)
         log.write({"step": step, "test": results, "weights": which})
     log.close()
 
 
-def open_datasets(args, names, split, views=None):
-    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named."""
+def open_datasets(args, names, split, views=None, guard=None):
+    """The datasets of one split, listed once into <out_dir>/listings; the demo sets are written if named.
+    guard: the validation sets, whose videos training leaves out unless --train_on_val_videos."""
     try:
         demo.prepare(args.data_dir, names)
         listings = os.path.join(args.out_dir, "listings")
+        validation = {n: ds.samples for n, ds in zip(names, guard)} if guard and not args.train_on_val_videos else None
         return [data.build_dataset(n, args.data_dir, split, frames=args.frames, img_size=args.img_size,
-                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings)
-                for n in names]
+                                   views=views, sampling=recipes.sampling(args, n), cache_dir=listings,
+                                   validation=validation) for n in names]
     except data.DatasetError as e:
         sys.exit(f"error: {e}")
 
@@ -236,14 +245,19 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         if ckpt["config"]["datasets"] != args.datasets:
             sys.exit(f"error: the checkpoint in {args.out_dir} was trained on other --datasets "
                      f"({ckpt['config']['datasets']}); use the same datasets or a new --out_dir")
+        kept = ckpt["config"].get("train_on_val_videos", True)  # a run from before the guard kept them
+        if kept != args.train_on_val_videos:
+            sys.exit(f"error: the checkpoint in {args.out_dir} was trained {'with' if kept else 'without'} validation "
+                     f"videos; resume it {'with' if kept else 'without'} --train_on_val_videos, or use a new --out_dir")
         model = M.TimeSformer(M.TimeSformerConfig(**ckpt["model_config"]), heads=heads)
         model.load_state_dict(ckpt["model"])
         run = ckpt["config"]
         model.normalization = checkpoints.mean_std(run["mean"], run["std"], f"{ckpt_path}, the run's")
         source = f"resuming from {ckpt_path} (step {ckpt['step']})"
     elif args.init:
+        asked = {"attention": args.attention} if args.attention else {}  # a ViT's; video weights keep theirs
         try:
-            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides)
+            model = M.TimeSformer.from_pretrained(args.init, heads=heads, verbose=rt.master, **overrides, **asked)
         except (ValueError, KeyError, ImportError) as e:
             sys.exit(f"error: --init {args.init}: {e}")
         source = f"initialised from {args.init}"
@@ -251,6 +265,7 @@ def build_model(args, heads, ckpt, ckpt_path, rt):
         model = M.TimeSformer(M.make_config(args.model, attention=args.attention, **overrides), heads=heads)
         source = "training from scratch"
     model.grad_checkpointing = args.grad_checkpoint
+    args.attention = model.cfg.attention  # kept in ckpt.pt: the weights' own where --init did not say
     return model.to(rt.device), source
 
 
@@ -262,17 +277,35 @@ def ema_copy(model):
     return ema.to(next(model.parameters()).device).requires_grad_(False)
 
 
-def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt):
+def settle(losses, loss_ema, failures, weights, names, args, bar):
+    """Take in the steps' values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite
+    loss ends the run before anything is saved (the model in memory is lost; the last checkpoint on disk is not);
+    a step no rank kept a sample of trained nothing and is counted, and ends the run only for a dataset that
+    never read one (Failures.blank_step)."""
+    for step, d, loss, kept in losses:
+        if not math.isfinite(loss):
+            bar.close()
+            sys.exit(f"error: loss is {loss} at step {step} on dataset {names[d]}; no checkpoint written. Lower "
+                     f"--lr (now {args.lr}), raise --warmup_steps, or use --dtype bf16/fp32.")
+        if not kept:
+            error = failures.blank_step(names[d], step, data.steps_before(step + 1, d, weights))
+            if error:
+                bar.close()
+                sys.exit(error)
+        else:
+            loss_ema[names[d]] = loss if names[d] not in loss_ema else 0.9 * loss_ema[names[d]] + 0.1 * loss
+
+
+def save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, clock):
     """Rank 0 writes it, keeping the one before; every rank counts failures with it and learns whether it
     was written (runtime.save_on_rank0). Once a step, though --stop_at, --save_every and SIGTERM may all ask."""
     if files.step == step:  # ckpt.pt holds this step already
         return
-    failed = failures.totals(rt)
     runtime.save_on_rank0(rt, files, {
         "model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "sampler": {"micro": step * args.grad_accum}, "config": vars(args), "label_maps": label_maps,
-        "failed": failed, **({"ema": ema.state_dict()} if ema else {})})
+        **failures.totals(rt), "clock": clock, **({"ema": ema.state_dict()} if ema else {})})
 
 
 if __name__ == "__main__":

@@ -474,12 +474,32 @@ def image_size(im):
 
 def image_crops(im, boxes, out):
     """uint8 (len(boxes), out, out, 3): the boxes (in displayed pixels) of an opened image, each resized
-    to out x out. A JPEG is decoded only as large as the smallest box needs."""
+    to out x out. A JPEG is decoded only as large as each box needs, and each box's crop is the one it
+    gets alone: boxes that need the same decode size share one decode, others open the file again."""
     H, W = image_size(im)
-    img = np.asarray(rgb_image(im, reduce=min(min(b[2], b[3]) for b in boxes) / out))
-    sy, sx = img.shape[0] / H, img.shape[1] / W  # decoded size over displayed size
-    scaled = [(y0 * sy, x0 * sx, bh * sy, bw * sx) for y0, x0, bh, bw in boxes]
-    return np.concatenate([crop_resize(img[None], box, out) for box in scaled])
+    reduce = [min(b[2], b[3]) / out for b in boxes]
+    scales = [draft_scale(im, r) for r in reduce]
+    crops = [None] * len(boxes)
+    for s in sorted(set(scales)):
+        mine = [i for i, t in enumerate(scales) if t == s]
+        source = im if s == scales[0] else Image.open(im.filename)
+        img = np.asarray(rgb_image(source, reduce=reduce[mine[0]]))
+        if source is not im:
+            source.close()
+        sy, sx = img.shape[0] / H, img.shape[1] / W  # decoded size over displayed size
+        for i in mine:
+            y0, x0, bh, bw = boxes[i]
+            crops[i] = crop_resize(img[None], (y0 * sy, x0 * sx, bh * sy, bw * sx), out)[0]
+    return np.stack(crops)
+
+
+def draft_scale(im, reduce):
+    """1, 2, 4 or 8: how many times smaller per side rgb_image(im, reduce) decodes, without decoding.
+    Pillow's JPEG draft rule: the largest of these that still covers the size asked for."""
+    if im.format != 'JPEG' or reduce < 2:
+        return 1
+    fit = min(im.width // math.ceil(im.width / reduce), im.height // math.ceil(im.height / reduce))
+    return next(s for s in (8, 4, 2, 1) if fit >= s)
 
 # -----------------------------------------------------------------------------
 # crops

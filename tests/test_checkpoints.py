@@ -4,6 +4,7 @@ implementation, a plain ViT written out for timm weights, and the official and o
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from helpers import conv_layout, hub_cache, randomize_, reference_vit, small_cfg
 
 torch.set_num_threads(2)
 load = M.TimeSformer.from_pretrained
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_model(tmp_path, frames, attention, bin_file=False, seed=0):
@@ -341,3 +343,212 @@ def test_a_hub_name_that_does_not_load_is_one_line(tmp_path, hub, monkeypatch, c
     with pytest.raises((ValueError, ImportError)) as e:
         load("hf-hub:org/a/b" if case == "not an id" else "hf-hub:org/model", verbose=False)
     assert str(e.value).startswith(says.format(hub=hub)) and "\n" not in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the review of the Hub names and Transformers' layouts found: each a folder as others write it
+
+
+@pytest.mark.parametrize("pre, mean, std", [
+    ({"image_mean": 0.5, "image_std": 0.25}, [0.5] * 3, [0.25] * 3),  # one number for all three channels
+    ({"do_normalize": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, [0.0] * 3, [1.0] * 3),
+])
+def test_the_normalisation_is_what_transformers_processor_does(tmp_path, pre, mean, std):
+    """Transformers' own image processor on an image gives the pixels our model gets from these mean and std."""
+    transformers = pytest.importorskip("transformers")
+    hf_vit(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pre, "do_resize": False, "do_rescale": True}))
+    ours = load(tmp_path, verbose=False).normalization
+    assert (ours["mean"], ours["std"]) == (mean, std), ours
+    img = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8)
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path)(img.numpy(), return_tensors="pt").pixel_values
+    mine = (img.permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert (theirs[0] - mine).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pre, says", [
+    ({"image_mean": [0.5] * 3}, "preprocessor_config.json gives image_mean [0.5, 0.5, 0.5], no image_std"),
+    ({"do_normalize": True}, "preprocessor_config.json gives no image_mean, no image_std"),
+    ({"image_mean": [0.5] * 3, "image_std": [0.5, 0.5]}, "gives image_mean [0.5, 0.5, 0.5], image_std [0.5, 0.5]"),
+    (None, "has no preprocessor_config.json"),
+])
+def test_a_normalisation_not_known_is_said(tmp_path, pre, says):
+    """Only one of mean and std, neither (the processor's class defaults, which the files do not say), or no
+    preprocessor config: not the weights' own, and the load report says so."""
+    hf_vit(tmp_path)
+    if pre is None:
+        (tmp_path / "preprocessor_config.json").unlink()
+    else:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    ours = load(tmp_path, verbose=False)
+    assert ours.normalization is None
+    assert any(says in r and r.endswith("their normalisation is not known") for r in ours.load_report), ours.load_report
+
+
+def test_a_hub_name_with_a_revision_and_timms_older_prefix(tmp_path, hub):
+    """hf-hub:<org>/<name>@<revision> (a branch or a commit) reads that revision from the cache, as timm does; timm's
+    older hf_hub: prefix reads too; a revision not in the cache is one line naming the download command."""
+    hf_vit(tmp_path / "files")
+    hub_cache(hub, "org/model", tmp_path / "files")
+    commit = (hub / "models--org--model" / "refs" / "main").read_text()
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = load(tmp_path / "files", verbose=False).eval()(x)
+        for name in ("hf-hub:org/model@main", f"hf-hub:org/model@{commit}", "hf_hub:org/model"):
+            assert torch.equal(load(name, verbose=False).eval()(x), expected), name
+    with pytest.raises(ValueError) as e:
+        load("hf-hub:org/model@v2", verbose=False)
+    assert str(e.value).startswith("hf-hub:org/model@v2: not in the Hugging Face cache") and "\n" not in str(e.value)
+    assert "(hf download org/model --revision v2)" in str(e.value)
+
+
+def test_the_download_command_is_the_installed_huggingface_hubs(tmp_path, hub, monkeypatch):
+    """`hf download` from huggingface_hub 0.34 (requirements-test.txt's floor), huggingface-cli before."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub, "__version__", "0.33.4")
+    with pytest.raises(ValueError, match=r"\(huggingface-cli download org/model\)"):
+        load("hf-hub:org/model", verbose=False)
+    floor = re.search(r"^huggingface_hub>=([\d.]+)", open(os.path.join(ROOT, "requirements-test.txt")).read(), re.M)
+    assert tuple(int(v) for v in floor[1].split(".")[:2]) >= (0, 34)
+
+
+@pytest.mark.parametrize("where", ["hub", "folder"])
+def test_without_safetensors_both_weights_files_read_the_torch_one(tmp_path, hub, monkeypatch, where):
+    """google/vit-base-patch16-224-in21k holds model.safetensors and pytorch_model.bin: without the safetensors
+    package (in no requirements file a run needs) the second is read, with weights_only as any torch file."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    files = tmp_path / "files"
+    hf_vit(files)
+    torch.save(safetensors.load_file(str(files / "model.safetensors")), files / "pytorch_model.bin")
+    hub_cache(hub, "org/model", files)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = load(files, verbose=False).eval()(x)
+        monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if it were not installed
+        ours = load("hf-hub:org/model" if where == "hub" else files, verbose=False).eval()
+        assert torch.equal(ours(x), expected)
+    (files / "pytorch_model.bin").unlink()  # model.safetensors alone: the package is needed
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        load(files, verbose=False)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_sharded_weights_read_all_their_shards(tmp_path, hub, weights):
+    """save_pretrained's shards (model-00001-of-00002.safetensors ... and the index naming each tensor's), in a
+    folder and by Hub name: the same model as the whole file."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    hf_vit(tmp_path / "whole")
+    sd = safetensors.load_file(str(tmp_path / "whole" / "model.safetensors"))
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for f in ("config.json", "preprocessor_config.json"):
+        (folder / f).write_text((tmp_path / "whole" / f).read_text())
+    stem, ext = os.path.splitext(weights)
+    keys, shard = sorted(sd), [f"{stem}-0000{i}-of-00002{ext}" for i in (1, 2)]
+    for i, part in enumerate((keys[:20], keys[20:])):
+        if ext == ".safetensors":
+            safetensors.save_file({k: sd[k] for k in part}, str(folder / shard[i]))
+        else:
+            torch.save({k: sd[k] for k in part}, folder / shard[i])
+    (folder / f"{weights}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: shard[i >= 20] for i, k in enumerate(keys)}}))
+    hub_cache(hub, "org/model", folder)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = load(tmp_path / "whole", verbose=False).eval()(x)
+        assert torch.equal(load(folder, verbose=False).eval()(x), expected)
+        assert torch.equal(load("hf-hub:org/model", verbose=False).eval()(x), expected)
+
+
+def test_a_transformers_vit_without_qkv_bias(tmp_path):
+    """ViTConfig(qkv_bias=False), as timm ViTs without it: our model has no qkv bias, and their features."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                 num_attention_heads=3, intermediate_size=192, qkv_bias=False)
+    hf = randomize_(transformers.ViTModel(cfg)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load(tmp_path, verbose=False).eval()
+    assert ours.cfg.qkv_bias is False and ours.blocks[0].attn.qkv.bias is None
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf(pixel_values=img).last_hidden_state[:, 0]
+        assert (ours.forward_features(img.unsqueeze(2)) - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["vit", "timesformer"])
+def test_a_config_without_layer_norm_eps_takes_transformers_default(tmp_path, kind):
+    """config.json files of older Transformers, or written by hand, may leave layer_norm_eps out; Transformers
+    then takes its class's default (ViT 1e-12, Timesformer 1e-6), and so do we."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "vit":
+        hf_vit(tmp_path)
+    else:
+        hf_timesformer(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layer_norm_eps"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).layer_norm_eps
+    assert load(tmp_path, verbose=False).cfg.eps == theirs == {"vit": 1e-12, "timesformer": 1e-6}[kind]
+
+
+def one_based_labels(path):
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {str(i + 1): v for i, v in enumerate(config["id2label"].values())}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def five_labels(path):
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {str(i): f"c{i}" for i in range(5)}  # the classifier has 7
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("spoil_it, says", [
+    (one_based_labels, "config.json's id2label does not number the classes 0..6: their names are not kept"),
+    (five_labels, "5 class names for 7 classes: names not kept"),
+])
+def test_class_names_that_do_not_fit_the_classifier_are_said_and_dropped(tmp_path, spoil_it, says):
+    hf_vit(tmp_path)
+    spoil_it(tmp_path)
+    ours = load(tmp_path, verbose=False)
+    assert ours.label_maps is None and ours.heads["default"].out_features == 7
+    assert any(r.endswith(says) for r in ours.load_report), ours.load_report
+
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
+def test_a_config_file_that_is_not_json_is_one_line_naming_it(tmp_path, hub, name):
+    hf_vit(tmp_path / "files")
+    (tmp_path / "files" / name).write_text((tmp_path / "files" / name).read_text()[:-3])  # cut short
+    hub_cache(hub, "org/model", tmp_path / "files")
+    with pytest.raises(ValueError) as e:
+        load("hf-hub:org/model", verbose=False)
+    msg = str(e.value)
+    assert re.match(rf"{hub}/models--org--model/snapshots/\w+/{name} does not read as JSON \(", msg) and "\n" not in msg
+
+
+@pytest.mark.parametrize("src", ["timesformer", "ckpt.pt"])
+def test_video_weights_keep_their_attention(tmp_path, src):
+    """attention= chooses a ViT's (the test above); video weights were trained with theirs: another is one line."""
+    hf_model(tmp_path, 4, "joint_space_time")
+    if src == "ckpt.pt":
+        from dataclasses import asdict
+
+        m = load(tmp_path, verbose=False)
+        torch.save({"model": m.state_dict(), "model_config": asdict(m.cfg), "label_maps": {}}, tmp_path / "ckpt.pt")
+    path = tmp_path / "ckpt.pt" if src == "ckpt.pt" else tmp_path
+    assert load(path, attention="joint_space_time", verbose=False).cfg.attention == "joint_space_time"
+    with pytest.raises(ValueError) as e:
+        load(path, attention="divided_space_time", verbose=False)
+    fmt = "cover" if src == "ckpt.pt" else "huggingface"
+    assert str(e.value) == (f"these {fmt} weights have joint_space_time attention, not divided_space_time: only "
+                            "image (ViT) weights take the attention asked for")
+
+
+def test_a_vit_takes_the_attention_asked_for(tmp_path):
+    hf_vit(tmp_path)
+    for attention in M.ATTENTION_TYPES:
+        ours = load(tmp_path, attention=attention, verbose=False).eval()
+        assert ours.cfg.attention == attention
+        img = torch.randn(2, 3, 1, 32, 32)
+        with torch.no_grad():  # an image is that ViT's image under any attention type
+            assert (ours(img) - load(tmp_path, verbose=False).eval()(img)).abs().max() < 1e-4

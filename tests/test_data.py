@@ -1,6 +1,7 @@
 """data.py: the schedule and the sampler's streams, sampling math against cases computed by hand, and datasets
 on real encoded files that each test writes into tmp_path (never ../shared)."""
 
+import math
 import os
 
 import cv2
@@ -52,24 +53,46 @@ def test_grad_accum_micro_batches_share_a_dataset():
     assert len(keys0) == 8 * 4 * 2 and sorted(k[1] for k in keys0[:50]) == list(range(50))
 
 
-@pytest.mark.parametrize('world,n', [(2, 10), (3, 10), (3, 11)])
-def test_ddp_shards_are_disjoint_and_cover_the_epoch(world, n):
-    shard = n // world
-    per_rank = []
-    for r in range(world):
-        smp = data.MultiDatasetBatchSampler([n], [1], rank=r, world=world, seed=3)
-        keys = [smp.batch(m)[0] for m in range(2 * shard)]
-        per_rank.append(keys)
-        e0, e1 = [k[1] for k in keys[:shard]], [k[1] for k in keys[shard:]]
-        assert len(set(e0)) == shard and len(set(e1)) == shard
-    epoch0 = [set(k[1] for k in keys[:shard]) for keys in per_rank]
-    assert all(not (a & b) for i, a in enumerate(epoch0) for b in epoch0[i + 1:])  # no overlap
-    assert len(set().union(*epoch0)) == n - n % world                              # all but the < world tail
-    perm = np.random.default_rng([3, 0, 0]).permutation(n)                        # same permutation on all ranks
-    assert [k[1] for k in per_rank[1][:shard]] == perm[1::world][:shard].tolist()
-    seeds = [k[2] for keys in per_rank for k in keys]
-    assert len(set(seeds)) == len(seeds)                                          # distinct augmentation per sample
-    assert [k[1] for k in per_rank[0][shard:]] != [k[1] for k in per_rank[0][:shard]]            # fresh shuffle
+def test_one_process_reads_the_pinned_keys():
+    """World 1: the keys of the streams as they have always been (the demo's numbers and every resumed run
+    depend on them), written out."""
+    smp = data.MultiDatasetBatchSampler([7, 4], [3, 2], [1, 2], seed=5)
+    assert [smp.batch(m) for m in range(4)] == [
+        [(1, 2, 8998383282213416150), (1, 0, 36080290488236166)],
+        [(0, 1, 6315739163131927091), (0, 4, 1017089499078358358), (0, 2, 4611015874644486473)],
+        [(1, 3, 104331856019241716), (1, 1, 6148511947802144829)],
+        [(1, 1, 6058759078026276609), (1, 0, 6321458344578365835)]]
+    perm = np.random.default_rng([5, 0, 0]).permutation(7)  # dataset 0, epoch 0; its sample seeds by position
+    seeds = [int(np.random.SeedSequence([5, 0, 0, j]).generate_state(1, np.uint64)[0] >> 1) for j in range(3)]
+    assert smp.batch(1) == [(0, int(i), s) for i, s in zip(perm[:3], seeds)]
+
+
+@pytest.mark.parametrize('world,n', [(2, 10), (3, 10), (3, 11), (2, 1)])
+def test_ddp_ranks_read_slices_of_the_one_process_stream(world, n):
+    """Rank r's micro-batch is the r-th slice of what one process reads with the global batch: every epoch
+    is read whole over the ranks (n odd, or fewer samples than ranks, too), each sample with its own seed."""
+    b, accum, weights = 2, 2, [1, 2]
+    one = data.MultiDatasetBatchSampler([n, 5], [b * world, 3 * world], weights, accum, seed=3)
+    ranks = [data.MultiDatasetBatchSampler([n, 5], [b, 3], weights, accum, rank=r, world=world, seed=3)
+             for r in range(world)]
+    for m in range(24):
+        assert [k for smp in ranks for k in smp.batch(m)] == one.batch(m)
+    read = [k for m in range(24) for smp in ranks for k in smp.batch(m) if k[0] == 0]  # 8 steps of 2 x 2 x world
+    epochs = len(read) // n
+    assert sorted(k[1] for k in read[:epochs * n]) == sorted(list(range(n)) * epochs)
+    assert len({k[2] for k in read}) == len(read)  # distinct augmentation per sample
+
+
+@pytest.mark.parametrize('before, after', [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (3, 1)), ((2, 1), (1, 2))])
+def test_a_resume_with_another_world_size_reads_on_where_the_run_stopped(before, after):
+    """The same global batch (6 samples a step) over (processes, --grad_accum) `before` for 5 steps, then
+    over `after`: every step reads the keys one process reads, so no sample is read twice or skipped."""
+    def step_keys(step, world, accum):
+        ranks = [data.MultiDatasetBatchSampler([7, 11], [6 // world // accum] * 2, [2, 1], accum, rank=r,
+                                               world=world, seed=1) for r in range(world)]
+        return sorted(k for smp in ranks for m in range(accum) for k in smp.batch(step * accum + m))
+    for step in range(5, 12):
+        assert step_keys(step, *after) == step_keys(step, *before) == step_keys(step, 1, 1)
 
 
 def test_stream_crosses_epochs_without_a_seam():
@@ -99,16 +122,83 @@ def test_truncated_webm_header_lies_and_dataset_recovers(tmp_path, monkeypatch, 
     expect = video.read_video(path, data.segment_indices(true_n, 8))  # the middle of 8 true segments
     box = video.eval_video_boxes(48, 64, 3)[1]
     np.testing.assert_array_equal(item['x'][1].permute(1, 2, 3, 0).numpy(), video.crop_resize(expect, box, 32))
-    assert ev.lengths[path][0] == true_n
-    # train: same key -> same bytes, whether the true length is already cached or not; with R clips from
+    assert ev.lengths == ({path: true_n} if backend == 'opencv' else {})  # learned where the header lied
+    # train: same key -> same bytes, whether the true length is already known or not; with R clips from
     # one decode too, every window redrawn from its own seed inside the true length
     for R in (1, 3):
         tr = data.build_dataset('cust', tmp_path, 'train', frames=8, img_size=32)
         a = tr[(0, 123, R)]
         assert a['failed'] == [] and a['x'].shape[0] == R and torch.equal(a['x'], tr[(0, 123, R)]['x'])
         fresh = data.build_dataset('cust', tmp_path, 'train', frames=8, img_size=32)
-        fresh.lengths[path] = (true_n, 12.0)  # as if the true length had been known from the start
+        fresh.lengths[path] = true_n  # as if the true length had been known from the start
         assert torch.equal(a['x'], fresh[(0, 123, R)]['x'])
+
+
+def opencv_reader(_):
+    """A DataLoader worker's start: read with OpenCV, which believes a webm header's frame count."""
+    video.BACKEND = 'opencv'
+
+
+def test_a_lying_header_gives_the_same_bytes_whatever_was_read_before(tmp_path, monkeypatch):
+    """A truncated webm claims 40 frames and has fewer. Windows drawn from 40 that end before the true end
+    are kept, the others drawn again from the true length: the same bytes for a key whether the process
+    found the true length out before (keys in another order) or not, with 0, 1 or 2 loader workers."""
+    monkeypatch.setattr(video, 'BACKEND', 'opencv')
+    path = write_video(tmp_path / 'cust' / 'a.webm', noise_frames(40, seed=5))
+    blob = open(path, 'rb').read()
+    open(path, 'wb').write(blob[:int(len(blob) * 0.6)])
+    true_n = len(decode_all(path))
+    (tmp_path / 'cust' / 'train.csv').write_text('a.webm 0\n')
+    kinetics = {'sampling': 'kinetics', 'rate': 5}  # 4 frames 2 apart: windows that fit the true length too
+    tr = data.build_dataset('cust', tmp_path, 'train', frames=4, img_size=16, sampling=kinetics)
+    # the window key (0, s) draws from the 40 frames stated (ClipDataset.train_item's seeds)
+    window = [int(np.random.default_rng(s).integers(0, 2**63, size=(1, 2))[0, 0]) for s in range(40)]
+    stated = {s: data.kinetics_indices(40, 4, 5, 12.0, rng=np.random.default_rng(w)) for s, w in enumerate(window)}
+    fits = [s for s in stated if stated[s].max() < true_n]
+    keys = [(0, s, 1) for s in fits[:3]] + [(0, s, 1) for s in stated if s not in fits][:3]
+    assert len(keys) == 6 and 5 < true_n < 40
+    reads = []
+    for order, workers in [(keys, 0), (keys[::-1], 0), (keys, 1), (keys[::-1], 2)]:
+        loader = torch.utils.data.DataLoader(tr, batch_size=None, sampler=order, num_workers=workers,
+                                             worker_init_fn=opencv_reader, multiprocessing_context='forkserver'
+                                             if workers else None)
+        reads.append({key: item['x'] for key, item in zip(order, loader)})
+    for r in reads[1:]:
+        assert all(torch.equal(r[key], reads[0][key]) for key in keys)
+    assert tr.lengths == {path: true_n}  # found out by the first read past the true end, kept
+    for views in [(1, 1), (3, 1)]:  # the test clips too: the middle one fits, the last does not
+        fresh, knows = (data.build_dataset('cust', tmp_path, 'train', frames=4, img_size=16, train=False,
+                                           sampling=kinetics, views=views) for _ in range(2))
+        knows.lengths[path] = true_n
+        assert torch.equal(fresh[0]['x'], knows[0]['x'])
+
+
+def test_test_views_of_a_lying_header_follow_the_test_rule_on_the_true_length(tmp_path, monkeypatch):
+    """A truncated webm claims 40 frames (OpenCV believes it). Three test clips of 4 frames at rate 5 (12 fps:
+    2 frames apart, a span of 8): clip k starts at floor((n - 8) * (2k + 1) / 6) of the true n, in order and
+    evenly spread, though the first two clips drawn from the 40 stated would fit. The same views whether the
+    process knew the true length before or not."""
+    monkeypatch.setattr(video, 'BACKEND', 'opencv')
+    path = write_video(tmp_path / 'cust' / 'a.webm', noise_frames(40, seed=5))
+    blob = open(path, 'rb').read()
+    open(path, 'wb').write(blob[:int(len(blob) * 0.6)])
+    frames = decode_all(path)
+    n = len(frames)
+    # drawn from the 40 stated, clips 0 and 1 (frames 5-11, 16-22) fit the true length, clip 2 (26-32) does not
+    assert video.video_info(path) == (40, 12.0) and 22 < n <= 32
+    (tmp_path / 'cust' / 'val.csv').write_text('a.webm 0\n')
+    (tmp_path / 'cust' / 'train.csv').write_text('a.webm 0\n')
+    kinetics = {'sampling': 'kinetics', 'rate': 5}
+    fresh, knows = (data.build_dataset('cust', tmp_path, 'val', frames=4, img_size=16, sampling=kinetics,
+                                       views=(3, 1)) for _ in range(2))
+    knows.lengths[path] = n
+    starts = [(n - 8) * (2 * k + 1) // 6 for k in range(3)]
+    box = video.eval_video_boxes(48, 64, 1)[0]
+    expect = [video.crop_resize(frames[s:s + 8:2], box, 16) for s in starts]  # (T, 16, 16, 3) each
+    for ds in (fresh, knows, fresh):
+        x = ds[0]['x'].permute(0, 2, 3, 4, 1).numpy()  # (V, T, H, W, C)
+        assert all(np.array_equal(x[k], expect[k]) for k in range(3)), starts
+    assert fresh.lengths == {path: n}
 
 
 def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
@@ -136,6 +226,33 @@ def test_large_jpeg_is_decoded_only_as_large_as_the_crop_needs(tmp_path):
     box = video.eval_image_box(640, 480, 32)
     ref = video.crop_resize(full[None], box, 32)[0]
     assert np.abs(view - ref).mean() < 4, np.abs(view - ref).mean()
+
+
+def test_each_jpeg_crop_is_decoded_as_if_it_were_alone(tmp_path):
+    """R crops of a large JPEG: each box is decoded at the size it needs alone (1/1 to 1/8), so clip r of R
+    is the clip R = 1 gives for its seeds; the decode size is Pillow's draft, read off without decoding."""
+    yy, xx = np.mgrid[0:480, 0:640]
+    img = np.stack([xx * 255 // 639, yy * 255 // 479, (xx * yy) % 256], -1).astype(np.uint8)
+    os.makedirs(tmp_path / 'pics' / 'train' / 'a')
+    path = str(tmp_path / 'pics' / 'train' / 'a' / 'big.jpg')
+    Image.fromarray(img).save(path, quality=90)
+    for reduce in [1.5, 2, 2.01, 3.9, 4, 5.3, 7.99, 8, 9, 17]:  # Pillow's choice against draft_scale's
+        with Image.open(path) as im:
+            scale = video.draft_scale(im, reduce)
+            if reduce >= 2:  # as rgb_image asks
+                im.draft(None, (math.ceil(640 / reduce), math.ceil(480 / reduce)))
+            assert im.size == (math.ceil(640 / scale), math.ceil(480 / scale)), reduce
+    ds = data.build_dataset('pics', tmp_path, 'train', img_size=32)
+    mixed = 0
+    for seed in range(8):
+        seeds = np.random.default_rng(seed).integers(0, 2**63, size=(4, 2))
+        clips = ds.train_clips(path, seeds)  # (R, T, H, W, 3)
+        for r in range(4):
+            np.testing.assert_array_equal(clips[r], ds.train_clips(path, seeds[r:r + 1])[0])
+        boxes = [video.random_resized_box(480, 640, np.random.default_rng(int(s)), (0.08, 1.0)) for s in seeds[:, 1]]
+        with Image.open(path) as im:
+            mixed += len({video.draft_scale(im, min(b[2], b[3]) / 32) for b in boxes}) > 1
+    assert mixed  # some samples' crops needed decodes of different sizes
 
 
 @pytest.mark.parametrize('backend', ['pyav', 'opencv'])
@@ -313,12 +430,15 @@ def test_bad_videos_are_replaced_in_train_and_flagged_in_eval(tmp_path):
         if name in bad:
             assert (e['x'] == 0).all()
     np.testing.assert_array_equal(video.read_video(str(tmp_path / 'bad' / 'one.mp4'), [0, 0]).shape, (2, 24, 32, 3))
-    # nothing readable at all: a clear error instead of an endless retry
+    # a sample whose substitutes all fail too: dropped (no clips), in one line, the same way every time
     for n in names:
         if n not in bad and os.path.exists(tmp_path / 'bad' / n):
             (tmp_path / 'bad' / n).write_bytes(b'')
-    with pytest.raises(data.DatasetError, match=f'no readable sample in bad after {data.MAX_TRIES} tries'):
-        tr[(0, 0)]
+    item = tr[(3, 0, 2)]
+    assert item['x'].shape == (0, 3, 8, 32, 32) and len(item['failed']) == data.MAX_TRIES
+    assert item['failed'][0].endswith('junk.mp4') and item['failed'] == tr[(3, 0, 2)]['failed']
+    [line] = item['dropped']
+    assert line.startswith(f'sample 3 dropped: no readable file in {data.MAX_TRIES} tries') and '\n' not in line
 
 
 def test_bad_images_are_replaced_and_odd_modes_load(tmp_path):
@@ -427,6 +547,18 @@ def test_resume_gives_identical_batches(tmp_path, workers, num_sample):
     failed = [p for b in ref for p in b['failed']]
     assert failed and all(p.endswith('bad.mp4') for p in failed)  # flat list of str, bad file replaced
     del it, it2
+
+
+def test_a_batch_loses_its_dropped_samples_and_one_that_loses_all_is_one_blank_clip():
+    def item(y, clips):
+        return {'x': torch.full((clips, 3, 2, 4, 4), y, dtype=torch.uint8), 'y': y, 'dataset': 1,
+                'failed': ['p'] * (clips == 0), 'dropped': ['gone'] * (clips == 0)}
+    b = loaders.collate_train([item(5, 2), item(-1, 0), item(7, 2)])
+    assert b['x'].shape == (4, 3, 2, 4, 4) and b['y'].tolist() == [5, 5, 7, 7] and (b['x'][:, 0, 0, 0, 0] == b['y']).all()
+    assert b['dropped'] == ['gone'] and b['failed'] == ['p'] and not b['blank'] and b['dataset'] == 1
+    b = loaders.collate_train([item(-1, 0), item(-1, 0)])
+    assert b['blank'] and b['x'].shape == (1, 3, 2, 4, 4) and not b['x'].any() and b['y'].tolist() == [0]
+    assert b['dropped'] == ['gone', 'gone']
 
 
 def test_eval_loader_counts_every_sample_once(tmp_path):

@@ -6,12 +6,15 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoints
 import model as M
 import train
+import video
 from helpers import randomize_, small_cfg
 from test_fork import own_videos
 
@@ -79,12 +82,12 @@ def test_live_exports_the_live_weights_and_a_second_export_replaces_the_first(ru
         assert (theirs(pixel_values=x.transpose(1, 2)).logits - live.eval()(x, head="mine")).abs().max() < 1e-4
 
 
-def run_checkpoint(path, attention):
+def run_checkpoint(path, attention="divided_space_time", head="k400", data_dir="data", **cfg):
     """A ckpt.pt as train.py writes it, of a random model with one head."""
-    m = randomize_(M.TimeSformer(small_cfg(attention=attention), heads={"a": 5})).eval()
+    m = randomize_(M.TimeSformer(small_cfg(attention=attention, **cfg), heads={head: 5})).eval()
     torch.save({"model": m.state_dict(), "model_config": dataclasses.asdict(m.cfg), "optimizer": {}, "scaler": {},
-                "step": 0, "sampler": {"micro": 0}, "config": {"mean": "0.45,0.45,0.45", "std": "0.225,0.225,0.225"},
-                "label_maps": {"a": list("vwxyz")}, "failed": {}}, path)
+                "step": 0, "sampler": {"micro": 0}, "label_maps": {head: list("vwxyz")}, "failed": {},
+                "config": {"mean": "0.45,0.45,0.45", "std": "0.225,0.225,0.225", "data_dir": str(data_dir)}}, path)
     return m
 
 
@@ -98,6 +101,56 @@ def test_the_attention_types_transformers_computes_as_we_do_export(tmp_path, att
     x = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         assert (theirs(pixel_values=x.transpose(1, 2)).logits - m(x)).abs().max() < 1e-4
+
+
+def own_images(data_dir):
+    """<data_dir>/pics/{train,val}/<class>/*.png: an image dataset of one's own."""
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (data_dir / "pics" / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((40, 48, 3), 100, np.uint8)).save(data_dir / "pics" / split / c / "0.png")
+
+
+@pytest.mark.parametrize("head", ["in21k", "demo_imagenet", "pics"])
+def test_an_image_head_exports_as_a_one_frame_model_with_the_imagenet_test_crop(tmp_path, head):
+    """The head of an image dataset (ImageNet-21K, the demo's, a folder of one's own) is tested on 1-frame
+    clips: Transformers' model of 1 frame gives our logits on one, and its processor takes the centre crop
+    eval.py tests with (short side to img_size*256/224)."""
+    transformers = pytest.importorskip("transformers")
+    own_images(tmp_path / "data")
+    m = run_checkpoint(tmp_path / "ckpt.pt", head=head, data_dir=tmp_path / "data")
+    export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    theirs = transformers.TimesformerForVideoClassification.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.num_frames == 1
+    x = torch.randn(2, 3, 1, 32, 32)
+    with torch.no_grad():
+        assert (theirs(pixel_values=x.transpose(1, 2)).logits - m(x)).abs().max() < 1e-4
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.size["shortest_edge"] == round(32 * 256 / 224) == 37  # 224 -> 256
+    assert (processor.crop_size["height"], processor.crop_size["width"]) == (32, 32)
+    assert video.eval_image_box(37, 370, 32) == (2.5, 169, 32, 32)  # the same box: short side 37 -> 32 crop
+
+
+def test_a_head_whose_dataset_is_gone_is_one_line(tmp_path):
+    """A folder of one's own that is neither listed beside ckpt.pt nor on disk: videos or images is unknown."""
+    run_checkpoint(tmp_path / "ckpt.pt", head="pics", data_dir=tmp_path / "data")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    assert str(e.value).startswith("error: cannot tell whether head pics was trained on videos or images: dataset "
+                                   "'pics' (train) cannot be read: no folder ") and "\n" not in str(e.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_model_without_qkv_bias_exports(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = run_checkpoint(tmp_path / "ckpt.pt", qkv_bias=False)
+    export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    theirs = transformers.TimesformerForVideoClassification.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.qkv_bias is False and theirs.timesformer.encoder.layer[0].attention.attention.qkv.bias is None
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (theirs(pixel_values=x.transpose(1, 2)).logits - m(x)).abs().max() < 1e-4
+        assert torch.equal(M.TimeSformer.from_pretrained(str(tmp_path / "hf"), verbose=False).eval()(x), m(x))
 
 
 def test_the_key_tables_read_both_ways():

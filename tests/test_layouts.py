@@ -1,6 +1,7 @@
 """layouts.py: each dataset's on-disk layout parsed from real files written here, and the compact
 listings that every rank and DataLoader worker shares."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -147,7 +148,8 @@ def test_listing_is_kept_and_shared_as_a_file(tmp_path):
         write_image(tmp_path / 'pics' / 'train' / f'c{i}' / 'a.png', seed=i)
     cache = tmp_path / 'listings'
     ds = data.build_dataset('pics', tmp_path, 'train', img_size=16, cache_dir=str(cache))
-    assert sorted(os.listdir(cache)) == ['pics-train.json', 'pics-train.npy'] and len(ds) == 3
+    key = hashlib.sha1(os.fsencode(str(tmp_path / 'pics'))).hexdigest()[:8]  # the listed folder
+    assert sorted(os.listdir(cache)) == [f'pics-train-{key}.json', f'pics-train-{key}.npy'] and len(ds) == 3
     assert isinstance(ds.samples.paths, np.memmap)
     write_image(tmp_path / 'pics' / 'train' / 'c3' / 'b.png')  # a new file after the run started
     again = data.build_dataset('pics', tmp_path, 'train', img_size=16, cache_dir=str(cache))
@@ -159,6 +161,91 @@ def test_listing_is_kept_and_shared_as_a_file(tmp_path):
     moved.mkdir()
     os.rename(tmp_path / 'pics', moved / 'pics')  # another data_dir: its own listing, not the cached one
     assert data.build_dataset('pics', moved, 'train', img_size=16, cache_dir=str(cache)).samples.root == str(moved / 'pics')
+
+
+def test_a_listing_of_another_folder_never_replaces_a_runs_listing(tmp_path):
+    """eval.py or features.py with another --data_dir lists into the run's folder of listings: the run's
+    own files stay as they are, and a worker that opens the run's listing gets the run's samples."""
+    for root in ('a', 'b'):
+        for i in range(2 if root == 'a' else 3):
+            write_image(tmp_path / root / 'pics' / 'val' / f'c{i}' / 'x.png', seed=i)
+            write_image(tmp_path / root / 'pics' / 'train' / f'c{i}' / 'x.png', seed=i)
+    cache = tmp_path / 'run' / 'listings'
+    run = data.build_dataset('pics', tmp_path / 'a', 'val', img_size=16, cache_dir=str(cache))
+    before = {f: ((cache / f).read_bytes(), os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)}
+    other = data.build_dataset('pics', tmp_path / 'b', 'val', img_size=16, cache_dir=str(cache))
+    assert len(other) == 3 and {f: ((cache / f).read_bytes(), os.stat(cache / f).st_mtime_ns) for f in before} == before
+    worker = pickle.loads(pickle.dumps(run))  # as a DataLoader worker opens it, from its file
+    assert len(worker) == 2 and worker.samples.root == str(tmp_path / 'a' / 'pics')
+    assert data.build_dataset('pics', tmp_path / 'a', 'val', img_size=16, cache_dir=str(cache)).samples.file == run.samples.file
+
+
+def test_a_listings_problems_are_said_once_a_process_listed_or_from_the_cache(tmp_path, caplog):
+    """What a listing left out is said by the process that lists it, and by each process that reads it back
+    from the cache (another rank, a resumed run), once: not again at every reopen (the final test's)."""
+    root = tmp_path / 'mine'
+    tiny_video(root / 'a.mp4')
+    (root / 'train.csv').write_text('a.mp4 0\n')
+    (root / 'val.csv').write_text('a.mp4 0\ngone.mp4 0\na.mp4 3\n')
+    said = f"mine/val: skipped or noted while listing: missing 1 (e.g. {root / 'gone.mp4'}), unknown_label 1 (e.g. 3)"
+    for times in (1, 0):  # listed, then read back from the cache
+        caplog.clear()
+        with caplog.at_level('WARNING'):
+            va = data.build_dataset('mine', tmp_path, 'val', cache_dir=str(tmp_path / 'listings'))
+        assert va.problems == {'missing': 1, 'unknown_label': 1} and caplog.text.count(said) == times
+    code = ("import logging, layouts; logging.basicConfig(format='%(message)s')\n"
+            f"for _ in range(3): layouts.listing('mine', {str(tmp_path)!r}, 'val', 'custom', "
+            f"{str(tmp_path / 'listings')!r})")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(layouts.__file__))
+    assert r.stderr.count(said) == 1  # another process, from the cache
+
+
+def test_a_listing_saved_before_the_folder_was_in_its_name_is_kept(tmp_path):
+    """A run started before listings were keyed by their folder saved <name>-<split>.{json,npy} (no report in
+    the JSON). Resumed, it reads that file and keeps using it though the folder changed meanwhile, and saves
+    no second listing; another folder of the same name gets a listing of its own."""
+    for i in range(3):
+        write_image(tmp_path / 'a' / 'pics' / 'train' / f'c{i}' / 'x.png', seed=i)
+    cache = tmp_path / 'run' / 'listings'
+    cache.mkdir(parents=True)
+    old = layouts.listing('pics', tmp_path / 'a', 'train', 'custom').save(str(cache / 'pics-train'))
+    meta = json.loads((cache / 'pics-train.json').read_text())
+    del meta['report']  # as the listings before the folder's hash wrote it
+    (cache / 'pics-train.json').write_text(json.dumps(meta))
+    write_image(tmp_path / 'a' / 'pics' / 'train' / 'c3' / 'x.png')  # a class added after the run started
+    for _ in range(2):
+        ds = data.build_dataset('pics', tmp_path / 'a', 'train', img_size=16, cache_dir=str(cache))
+        assert ds.samples.file == str(cache / 'pics-train')
+        assert pairs(ds) == [(old.path(i), int(old.labels[i])) for i in range(3)]
+        assert ds.classes == ['c0', 'c1', 'c2'] and sorted(os.listdir(cache)) == ['pics-train.json', 'pics-train.npy']
+    assert len(pickle.loads(pickle.dumps(ds))) == 3  # a worker opens the same file
+    write_image(tmp_path / 'b' / 'pics' / 'train' / 'c0' / 'x.png')
+    other = data.build_dataset('pics', tmp_path / 'b', 'train', img_size=16, cache_dir=str(cache))
+    assert len(other) == 1 and other.samples.file != ds.samples.file and len(os.listdir(cache)) == 4
+
+
+def test_a_repeated_class_name_keeps_its_labels_or_is_one_line_of_error(tmp_path):
+    """ImageNet-1k's readable names hold 'crane' (134, 517) and 'maillot' (638, 639) twice. A custom list
+    labels by integer: its labels are kept as given and the names only shown. A layout that labels by
+    name (MiT's categories file) cannot tell two classes of one name apart: one line naming both places."""
+    root = tmp_path / 'mine'
+    names = ['crane', 'maillot', 'crane', 'maillot']
+    for i in range(4):
+        tiny_video(root / f'{i}.mp4')
+    (root / 'classes.txt').write_text('\n'.join(names) + '\n')
+    (root / 'train.csv').write_text(''.join(f'{i}.mp4 {i}\n' for i in range(4)))
+    (root / 'val.csv').write_text('3.mp4 3\n0.mp4 0\n')
+    tr = data.build_dataset('mine', tmp_path, 'train')
+    assert tr.classes == names and [y for _, y in pairs(tr)] == [0, 1, 2, 3]
+    assert [y for _, y in pairs(data.build_dataset('mine', tmp_path, 'val'))] == [3, 0]
+    tiny_video(tmp_path / 'mit' / 'training' / 'crane' / 'a.mp4')
+    tiny_video(tmp_path / 'mit' / 'validation' / 'crane' / 'b.mp4')
+    (tmp_path / 'mit' / 'moments_categories.txt').write_text('maillot,0\ncrane,1\nbird,2\ncrane,3\n')
+    with pytest.raises(data.DatasetError) as e:
+        data.build_dataset('mit', tmp_path, 'train')
+    assert str(e.value) == ("dataset 'mit' labels its samples by class name, and 'crane' is at positions 1 and 3 "
+                            "of its class list: each name must be one class")
 
 
 def test_a_large_listing_pickles_to_a_few_hundred_bytes(tmp_path):
@@ -177,3 +264,34 @@ def test_a_large_listing_pickles_to_a_few_hundred_bytes(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], input=pickle.dumps(saved), capture_output=True,
                          cwd=os.path.dirname(layouts.__file__), check=True).stdout
     assert out.decode().strip() == str(tmp_path / 'n01/00000007.JPEG')
+
+
+def test_the_guard_leaves_out_the_validation_videos_it_counts(tmp_path):
+    """Ids from the file names (any layout); counts by hand: a training video that two validation sets hold
+    counts for both and is left out once; a file name without an id is never left out."""
+    def listing(names):
+        return layouts.Listing.from_pairs(str(tmp_path), ['a'], [(str(tmp_path / n), 0) for n in names])
+
+    clip = '{}_000001_000011.mp4'.format
+    train = listing([clip('AAAAAAAAAAA'), clip('BBBBBBBBBBB'), clip('CCCCCCCCCCC'), 'x/CCCCCCCCCCC.mp4',
+                     clip('DDDDDDDDDDD').replace('.mp4', '.webm'), 'short_000001_000011.mp4'])
+    assert train.ids.tolist() == [b'AAAAAAAAAAA', b'BBBBBBBBBBB', b'CCCCCCCCCCC', b'', b'DDDDDDDDDDD', b'']
+    val = {'one': listing([clip('BBBBBBBBBBB'), clip('DDDDDDDDDDD'), 'plain.mp4']),
+           'two': listing(['y/' + clip('BBBBBBBBBBB')])}
+    kept = layouts.leave_out(train, val, str(tmp_path / 'guarded'))
+    assert kept.left_out == {'total': 2, 'of': {'one': 2, 'two': 1}}
+    assert [os.path.basename(kept.path(i)) for i in range(len(kept))] == [
+        clip('AAAAAAAAAAA'), clip('CCCCCCCCCCC'), 'CCCCCCCCCCC.mp4', 'short_000001_000011.mp4']
+    assert isinstance(kept.labels, np.memmap) and len(pickle.dumps(kept)) < 500  # to workers as a file name
+    assert layouts.Listing.load(str(tmp_path / 'guarded')).left_out == kept.left_out
+    assert layouts.leave_out(listing(['plain.mp4']), val).left_out is None  # no ids: not checked
+    with pytest.raises(layouts.DatasetError, match='every training sample .* is a validation video of one'):
+        layouts.leave_out(listing([clip('BBBBBBBBBBB')]), val)
+
+
+def test_a_listing_saved_without_ids_reads_them_from_its_paths(tmp_path):
+    paths = np.array([b'k/ABCDEFGHIJK_000001_000011.mp4', b'k/x.mp4'])
+    np.save(tmp_path / 'old.npy', np.rec.fromarrays([paths, np.zeros(2, np.int32)], names='path,label'))
+    (tmp_path / 'old.json').write_text(json.dumps({'root': str(tmp_path), 'classes': ['a'], 'problems': {}}))
+    old = layouts.Listing.load(str(tmp_path / 'old'))
+    assert old.ids.tolist() == [b'ABCDEFGHIJK', b''] and old.left_out is None

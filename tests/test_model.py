@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import runtime
 from helpers import conv_layout, randomize_, reference_attention, reference_vit, small_cfg
 
 torch.set_num_threads(2)
@@ -198,7 +199,8 @@ def test_grad_checkpointing_same_gradients():
 def test_compiled_trunk_makes_one_graph_per_input_shape_whatever_the_head():
     """Under torch.compile the head's name would be a guard: a graph per head and input shape, and past the
     recompile limit a silent fall-back to eager. With the trunk compiled and the heads outside, the
-    graphs are one per input shape."""
+    graphs are one per input shape, static ones; evaluation, whose batch sizes vary, runs eager; and the
+    counts that train.py logs say so."""
     graphs = []
 
     def backend(gm, example_inputs):  # counts the graphs compiled, runs them as they are
@@ -218,6 +220,17 @@ def test_compiled_trunk_makes_one_graph_per_input_shape_whatever_the_head():
                 model(torch.randn(shape), head=head).sum().backward()
         counts.append(len(graphs))
     assert counts[0] == 2 and counts[1] > 2, counts
+    graphs.clear()
+    torch._dynamo.utils.clear_compilation_metrics()  # a bounded queue, which the session's compiles may fill
+    before = runtime.compile_counts()["compile"]
+    with torch.no_grad():
+        for shape in [(3, 3, 4, 32, 32), (5, 3, 1, 32, 32), (1, 3, 4, 32, 32)]:  # eval: other sizes, no graph
+            trunk.eval()(torch.randn(shape), head="a")
+    assert graphs == []
+    trunk.train()(torch.randn(3, 3, 4, 32, 32), head="b").sum().backward()  # a new shape in training
+    after = runtime.compile_counts()["compile"]
+    assert len(graphs) == 1 and after["graphs"] - before["graphs"] == 1  # static: a graph of its own
+    assert after["recompiles"] - before["recompiles"] == 1 and after["graph_breaks"] == before["graph_breaks"]
     torch._dynamo.reset()
 
 

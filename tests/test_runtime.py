@@ -2,9 +2,11 @@
 rank 0 lists the datasets alone for longer than the process group's timeout, the run's log going to
 TensorBoard and W&B too, and the checkpoint files' renames and folder sync."""
 
+import argparse
 import importlib.util
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -167,3 +169,52 @@ def test_a_save_keeps_the_one_before_and_syncs_the_folder_after_its_renames(tmp_
     files = runtime.CheckpointFiles(str(path))
     files.save({"step": 4, "w": torch.zeros(10)})
     assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["step"] == 2
+
+
+def test_step_values_are_read_one_step_late_unless_all_are_asked_for(monkeypatch):
+    """One process, no group: the values come back as sent, the newest one held back until asked for; the stop
+    flag stays once seen; the clock is rank 0's, from the resumed run's seconds on."""
+    now = [7.0]
+    monkeypatch.setattr(runtime, "clock", lambda: now[0])
+    late = runtime.StepValues(runtime.Runtime(0, 1, torch.device("cpu")), seconds=100.0)
+    now[0] = 9.5
+    late.send(0, "a", torch.tensor(2.5), False)
+    assert late.read() == [] and late.seconds == 100.0 and late.now() == 102.5
+    late.send(1, "b", torch.tensor(float("nan")), True, kept=False)
+    assert late.read() == [(0, "a", 2.5, True)] and not late.stop and late.seconds == 102.5
+    got = late.read(everything=True)
+    assert [(s, n, k) for s, n, _, k in got] == [(1, "b", False)] and got[0][2] != got[0][2] and late.stop  # NaN
+    late.send(2, "a", torch.tensor(1.0), False)
+    assert late.read(everything=True) == [(2, "a", 1.0, True)] and late.stop and late.read(everything=True) == []
+
+
+def test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple():
+    steps, minutes = runtime.Cadence(3), runtime.Cadence("1min", seconds=50.0)  # resumed at 50 s
+    assert [s for s in range(1, 10) if steps.due(s, 0.0)] == [3, 6, 9]
+    assert [t for t in (55, 59.9, 60, 61, 119, 125, 250) if minutes.due(0, t)] == [60, 125, 250]
+    assert not any(runtime.Cadence(0).due(s, 0.0) for s in range(1, 10))  # --eval_every 0: only at the end
+
+
+@pytest.mark.parametrize("free_mib, processes, says", [
+    (64, 1, "--shm-size=1g"),      # a container's default shm, one process
+    (64, 8, "--shm-size=5g"),      # eight processes on the node
+    (2 ** 14, 8, None),            # 16 GiB: room
+])
+def test_shm_too_small_for_the_prefetched_batches_is_one_line_with_the_fix(tmp_path, monkeypatch, free_mib,
+                                                                          processes, says):
+    """The cover recipe's 8 workers a process, each 4 batches ahead, 8 clips of 3x8x224x224 bytes (9.2 MiB):
+    34 batches a process (and the one in use, and the one pinned): 312 MiB a process, 2.4 GiB for 8."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: usage._replace(free=free_mib * 2**20)
+                        if path == str(tmp_path) else usage)
+    args = train.get_args(["--datasets", "k400,ssv2,in21k"])
+    batch = 8 * 3 * 8 * 224 * 224
+    line = runtime.shm_warning(args, [batch, 4 * batch // 8], shm=str(tmp_path))
+    if says is None:
+        assert line is None
+    else:
+        need = processes * (8 * 4 + 2) * batch / 2**20
+        assert line.startswith(f"warning: {tmp_path} has {free_mib} MiB free") and "\n" not in line
+        assert f"about {need:.0f} MiB" in line and "--ipc=host" in line and says in line
+    assert runtime.shm_warning(argparse.Namespace(workers=0), [batch], shm=str(tmp_path)) is None

@@ -21,6 +21,7 @@ import recipes
 import runtime
 import train
 from helpers import hub_cache, spoil
+from media import tiny_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ",".join(demo.NAMES)
@@ -93,8 +94,8 @@ def test_ema_is_the_moving_average_of_the_weights_after_each_step(demo_dir, tmp_
 
 
 def test_a_copy_for_the_moving_average_runs_its_own_weights_after_compile_trunk(monkeypatch):
-    """compile_trunk wraps forward_features in a function holding the live model; a deepcopy of the model
-    would keep that function, and its copy would run the live weights."""
+    """compile_trunk keeps a compiled forward_features holding the live model; a deepcopy of the model would
+    keep that function, and its copy would run the live weights in training."""
     def fake_compile(fn, **kw):
         return lambda *a: fn(*a)  # a closure over the bound method, as torch.compile's wrapper is
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -107,7 +108,7 @@ def test_a_copy_for_the_moving_average_runs_its_own_weights_after_compile_trunk(
         for p in model.parameters():
             p.add_(1.0)
     assert torch.equal(ema(x, head="a"), before) and not torch.equal(model(x, head="a"), before)
-    assert torch.equal(trap.forward_features(x), model.forward_features(x))  # the deepcopy's trap
+    assert torch.equal(trap.compiled_trunk(x), model.forward_features(x))  # the deepcopy's trap
 
 
 def test_a_checkpoint_without_lr_scales_resumes(demo_dir, tmp_path):
@@ -131,6 +132,51 @@ def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
     assert sorted({g["lr_scale"] for g in groups}) == [0.5 ** k for k in (5, 4, 3, 2, 1, 0)]  # demo: depth 4
     for g in groups:  # the lr of the last step taken (step 1)
         assert g["lr"] == train.get_lr(1, args) * g["lr_scale"]
+
+
+def test_epochs_set_the_weights_and_the_steps():
+    """Steps = epochs x samples / samples a step (the global batch over R clips a sample), by hand: 30 x 240,000 /
+    (64 / 2) = 225,000; 20 x 169,600 / 64 = 53,000; 1 x 11,060,000 / 256 = 43,203.125, rounded."""
+    def budgets(*flags):
+        args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
+        return recipes.budgets(args, ["a", "b", "c"], [range(240_000), range(169_600), range(11_060_000)],
+                               {"a": 64, "b": 64, "c": 256}, {"a": 2, "b": 1, "c": 1}, world=1)
+
+    assert budgets() == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    assert budgets("--max_steps", "321203", "--weights", "225000,53000,43203") == budgets()  # agreeing: fine
+    for flags, says in [(["--max_steps", "1000"], "makes 321203 steps in all, not --max_steps 1000"),
+                        (["--weights", "c=2"], "not in the ratio of --weights c=2")]:
+        with pytest.raises(SystemExit, match=says):
+            budgets(*flags)
+
+
+def test_lr_factor_scales_the_lr_of_the_steps_that_train_its_dataset(demo_dir, tmp_path):
+    """The lr of step s is get_lr(s) x the factor of s's dataset x the group's layer-decay scale; the log says it."""
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "8", "--workers", "0",
+                     "--lr_factor", "demo_ssv2=0.25,demo_imagenet=3", "--layer_decay", "0.5", "--weights", "1,1,1"]
+    args, factor = train.get_args(common), {"demo_kinetics": 1.0, "demo_ssv2": 0.25, "demo_imagenet": 3.0}
+    for stop in (1, 2, 3):  # the last step taken is stop - 1: round robin, one of each dataset
+        train.main(common + ["--stop_at", str(stop)])
+        lr = train.get_lr(stop - 1, args) * factor[demo.NAMES[stop - 1]]
+        for group in load(tmp_path / "ckpt.pt")["optimizer"]["param_groups"]:
+            assert group["lr"] == lr * group["lr_scale"]
+        logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line][-1]
+        assert logged["step"] == stop and logged["lr"] == lr
+
+
+def test_budgets_and_lr_factors_resume_to_the_bit(demo_dir, tmp_path):
+    """--epochs sets the run's length from the listed sizes (demo: 36 / 36 / 48 samples, batches of 4 / 4 / 8):
+    0.25 epoch each is 2 + 2 + 2 steps (2.25 -> 2, 2.25 -> 2, 1.5 -> 2); straight == stopped at 3 and resumed."""
+    common = FAST + ["--data_dir", demo_dir, "--workers", "0", "--save_every", "100", "--epochs", "0.25",
+                     "--lr_factor", "demo_imagenet=0.1,demo_ssv2=3"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == a["config"]["max_steps"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for i in a["optimizer"]["state"]
+               for x, y in zip(a["optimizer"]["state"][i].values(), b["optimizer"]["state"][i].values()))
 
 
 def torchrun(args, timeout=300, launcher=(), script="train.py"):
@@ -229,6 +275,151 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     assert log[-1]["step"] == n // 2
 
 
+def mostly_unreadable(tmp_path):
+    """<tmp_path>/data/mine: 16 training videos, 14 of them empty files, so that some samples and all their
+    substitutes fail (seed 0: a micro-batch of 2 loses both); its val split lists a file that is not there
+    and a label that train does not have."""
+    root = tmp_path / "data" / "mine"
+    for i in range(16):
+        if i < 2:
+            tiny_video(root / f"{i}.mp4")
+        else:
+            (root / f"{i}.mp4").write_bytes(b"")
+    (root / "train.csv").write_text("".join(f"{i}.mp4 {i % 2}\n" for i in range(16)))
+    (root / "val.csv").write_text("0.mp4 0\n1.mp4 1\ngone.mp4 0\n0.mp4 5\n")
+    return str(tmp_path / "data")
+
+
+def dropped_in(data_dir, keys):
+    """Which of the sample keys (d, index, seed) the dataset drops, asked of the dataset itself."""
+    ds = data.build_dataset("mine", data_dir, "train", frames=8, img_size=32)
+    return [bool(ds[tuple(key[1:3])]["dropped"]) for key in keys]
+
+
+def test_a_sample_with_no_readable_substitute_is_dropped_counted_and_dropped_again_on_resume(tmp_path, capsys):
+    """The run goes on one sample short (a micro-batch that lost both takes part as one blank clip at zero
+    weight); log.jsonl and the checkpoint count the dropped samples; a resume drops the same ones and ends
+    on the same weights. The start-up table shows the val split's problems, listed anew or from the cache."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "8", "--grad_accum", "2",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    listed = capsys.readouterr().out
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "4"])
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    cached = capsys.readouterr().out
+    smp = data.MultiDatasetBatchSampler([16], [2], grad_accum=2)  # batch 4: 2 samples a micro-batch, seed 0
+    dropped = [dropped_in(data_dir, smp.batch(m)) for m in range(16)]
+    assert any(all(d) for d in dropped) and not any(all(dropped[m] + dropped[m + 1]) for m in range(0, 16, 2))
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["dropped"]["mine"] for r in log] == [sum(map(sum, dropped[:2 * s])) for s in range(1, 9)]
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["dropped"] == b["dropped"] == {"mine": sum(map(sum, dropped))} and a["failed"] == b["failed"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for out in (listed, cached):
+        [row] = [line for line in out.splitlines() if line.startswith("  mine ")]
+        assert row.endswith("problems: {'val': {'missing': 1, 'unknown_label': 1}}"), row
+
+
+def test_a_run_resumed_on_another_number_of_processes_reads_on_where_it_stopped(tmp_path, monkeypatch):
+    """3 steps on 2 processes (seed 0: a rank whose micro-batch lost both samples takes part in the step as
+    one blank clip), then 3 on one process: the samples read, with their seeds, are the ones a single
+    process reads in 6 steps. Each dataset's position is the samples read over all ranks."""
+    data_dir = mostly_unreadable(tmp_path)
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--workers", "0"]
+    script = tmp_path / "launch.py"
+    script.write_text(LOG_KEYS.format(root=ROOT, out=str(tmp_path)))
+    log = torchrun(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", "3"], script=str(script))
+    two = [json.loads(line)[:3] for r in (0, 1) for line in open(tmp_path / f"rank{r}")]
+    rank1 = [json.loads(line)[:3] for line in open(tmp_path / "rank1")]
+    assert any(all(dropped_in(data_dir, rank1[m:m + 2])) for m in range(0, 6, 2)) and "[rank 1] warning: mine:" in log
+    read, logged = [], loaders.MultiDataset.__getitem__
+    monkeypatch.setattr(loaders.MultiDataset, "__getitem__", lambda self, key: read.append(list(key)) or
+                        logged(self, key))
+    train.main(common + ["--out_dir", str(tmp_path / "b")])
+    resumed = list(read)
+    read.clear()
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    assert len(read) == 6 * 4 and sorted(two + resumed) == sorted(read)
+
+
+def blank_steps(data_dir, steps, world=1):
+    """The steps, one sample on each of `world` ranks, whose every sample the dataset drops."""
+    ranks = [data.MultiDatasetBatchSampler([16], [1], rank=r, world=world) for r in range(world)]
+    return [m for m in range(steps) if all(dropped_in(data_dir, [s.batch(m)[0] for s in ranks]))]
+
+
+def test_a_step_that_lost_every_sample_trains_nothing_and_the_run_goes_on(tmp_path, capsys):
+    """--batch_size 1 on a mostly unreadable set: a step whose one sample was dropped trains nothing (zero
+    loss; the loss curve skips it), says so in a line and is counted (log.jsonl, ckpt.pt); the run reaches
+    --max_steps, and stopped at such a step and resumed it ends on the same weights, bit for bit."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 12)
+    assert blank[:3] == [1, 6, 7] and len(blank) < 12  # seed 0: the first step reads, step 1 loses its sample
+    common = FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "12", "--batch_size", "1",
+                     "--workers", "0", "--save_every", "100"]
+    train.main(common + ["--out_dir", str(tmp_path / "a")])
+    said = capsys.readouterr().out
+    told = re.findall(r"warning: step (\d+) trained nothing: every sample of mine was dropped, on every rank", said)
+    assert [int(s) for s in told] == blank
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [sum(m < s for m in blank) for s in range(1, 13)]
+    assert all(log[m]["loss"] == log[m - 1]["loss"] for m in blank)  # record m is after step m
+    train.main(common + ["--out_dir", str(tmp_path / "b"), "--stop_at", str(blank[1])])
+    train.main(common + ["--out_dir", str(tmp_path / "b")])  # resumed at a step that trains nothing
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == 12 and a["blank_steps"] == b["blank_steps"] == {"mine": len(blank)}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = [(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in a["optimizer"]["state"]]
+    assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
+
+
+NCCL_AVG = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import train
+
+reduce = dist.all_reduce
+
+
+def nccl_avg(tensor, op=dist.ReduceOp.SUM, **kw):
+    # NCCL averages floats as a PreMulSum: each rank's value times float(1 / ranks), summed in float. As
+    # {ranks} ranks would: each of the 2 stands for {ranks} // 2 of them.
+    if op != dist.ReduceOp.AVG or not tensor.is_floating_point():
+        return reduce(tensor, op=op, **kw)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    total, scale = torch.zeros_like(tensor), torch.tensor(1 / {ranks}, dtype=tensor.dtype)
+    for part in parts:
+        for _ in range({ranks} // len(parts)):
+            total = total + part * scale
+    tensor.copy_(total)
+
+
+dist.all_reduce = nccl_avg
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backend_rounds(tmp_path):
+    """The ranks tell each other in the step's one all_reduce (AVG) whether they kept a sample. NCCL averages
+    floats as a sum of values each times 1/ranks, so an average of 1s is not 1.0 for many numbers of ranks
+    (12: 0.99999988): a flag must be read as 0 or not 0. Two processes whose AVG rounds as 12 ranks' would:
+    the steps where both ranks lost their sample are the ones counted."""
+    data_dir = mostly_unreadable(tmp_path)
+    blank = blank_steps(data_dir, 6, world=2)
+    assert blank == [3, 5]  # seed 0, one sample a rank
+    script = tmp_path / "launch.py"
+    script.write_text(NCCL_AVG.format(root=ROOT, ranks=12))
+    out = torchrun(FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--batch_size", "2",
+                           "--workers", "0", "--out_dir", str(tmp_path / "o")], script=str(script))
+    assert [int(s) for s in re.findall(r"warning: step (\d+) trained nothing", out)] == blank
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert [r["blank_steps"]["mine"] for r in log] == [0, 0, 0, 1, 1, 2] and log[-1]["step"] == 6
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--datasets", "nosuchset"], "nosuchset"),
     (["--frames", "0"], "--frames"),
@@ -248,6 +439,16 @@ def test_torchrun_with_repeated_sampling_reads_each_video_once_an_epoch(demo_dir
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
+    (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
+    (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
+    (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
+    (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
+                                  "for demo_kinetics, demo_imagenet too)"),
+    (["--epochs", "k400=3"], "--epochs k400=3: a name not in --datasets"),
+    (["--lr_factor", "demo_ssv2=-1"], "--lr_factor demo_ssv2=-1: each factor must be a number > 0"),
+    (["--lr_factor", "k400=0.1"], "--lr_factor k400=0.1: a name not in --datasets"),
+    (["--epochs", "1", "--max_steps", "5"], "steps in all, not --max_steps 5: drop one of the two"),
+    (["--epochs", "1", "--weights", "1,1,3"], "not in the ratio of --weights 1,1,3: drop one of the two"),
     (["--mean", "0.5,0.5"], "--mean 0.5,0.5: three numbers, one per RGB channel"),
     (["--std", "0.2,0,0.2"], "--std 0.2,0,0.2: three numbers, one per RGB channel (std > 0)"),
 ])
@@ -436,6 +637,46 @@ def test_checkpoint_of_other_architecture_is_refused(demo_dir, tmp_path):
                            "--frames", "4"])
 
 
+def test_a_resumed_run_keeps_its_normalisation(demo_dir, tmp_path):
+    """A run's mean and std are fixed for its life: a resume given others is one line, and the checkpoint keeps
+    the run's; given the run's own, it goes on."""
+    out, common = str(tmp_path / "o"), FAST + ["--data_dir", demo_dir, "--datasets", "demo_kinetics", "--workers", "0",
+                                               "--max_steps", "2", "--stop_at", "1"]
+    train.main(common + ["--out_dir", out])
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--out_dir", out, "--stop_at", "2", "--std", "0.5,0.5,0.5"])
+    assert str(e.value) == (f"error: --std 0.5,0.5,0.5: the run in {out} trained with --std 0.225,0.225,0.225, "
+                            "which it keeps for its life; drop --std or use a new --out_dir")
+    assert (load(f"{out}/ckpt.pt")["step"], load(f"{out}/ckpt.pt")["config"]["std"]) == (1, "0.225,0.225,0.225")
+    train.main(common + ["--out_dir", out, "--std", "0.225,0.225,0.225"])  # the run's own: at its --stop_at step
+
+
+def build(argv):
+    """train.build_model for a command line, on the CPU, with one head of 4 classes."""
+    args = train.get_args(["--datasets", "demo_kinetics"] + argv)
+    rt = argparse.Namespace(master=False, device=torch.device("cpu"))
+    return args, train.build_model(args, {"demo_kinetics": 4}, None, None, rt)[0]
+
+
+def test_attention_with_init_is_the_flags_for_a_vit_and_the_weights_own_for_video(tmp_path):
+    """--init <a ViT> builds the --attention asked for (divided when not given); --init <video weights> builds their
+    own, and an --attention that differs is one line. ckpt.pt's config records what was built."""
+    from test_checkpoints import hf_model, hf_vit
+
+    hf_vit(tmp_path / "vit")
+    for given in M.ATTENTION_TYPES:
+        args, model = build(["--init", str(tmp_path / "vit"), "--attention", given])
+        assert model.cfg.attention == args.attention == given
+    assert build(["--init", str(tmp_path / "vit")])[1].cfg.attention == "divided_space_time"
+    hf_model(tmp_path / "joint", 4, "joint_space_time")
+    args, model = build(["--init", str(tmp_path / "joint")])
+    assert model.cfg.attention == args.attention == "joint_space_time"
+    with pytest.raises(SystemExit) as e:
+        build(["--init", str(tmp_path / "joint"), "--attention", "divided_space_time"])
+    assert str(e.value) == (f"error: --init {tmp_path / 'joint'}: these huggingface weights have joint_space_time "
+                            "attention, not divided_space_time: only image (ViT) weights take the attention asked for")
+
+
 def test_lr_schedule():
     args = train.get_args(["--lr", "1.0", "--min_lr", "0.1", "--warmup_steps", "4", "--max_steps", "14"])
     lrs = [train.get_lr(s, args) for s in range(15)]
@@ -469,3 +710,89 @@ def test_one_host_sync_per_step(demo_dir, tmp_path):
                                "--workers", "1", "--log_every", "100", "--save_every", "100"])
         reads.append(counter.count)
     assert reads[1] - reads[0] == 10 - 4, reads  # set-up, the last step's log and checkpoint cancel out
+
+
+def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save(demo_dir, tmp_path, monkeypatch):
+    """The host runs ahead of the GPU: step N's values (loss, SIGTERM flag, clock) are read once step N+1 is
+    sent, which is after its forward and backward; a step that logs or saves reads its own at once."""
+    events, send, read, save = [], runtime.StepValues.send, runtime.StepValues.read, runtime.CheckpointFiles.save
+
+    def sent(self, step, *args):
+        events.append(("send", step))
+        send(self, step, *args)
+
+    def got(self, everything=False):
+        losses = read(self, everything)
+        events.append(("read", [s for s, *_ in losses]))
+        return losses
+
+    monkeypatch.setattr(runtime.StepValues, "send", sent)
+    monkeypatch.setattr(runtime.StepValues, "read", got)
+    monkeypatch.setattr(runtime.CheckpointFiles, "save", lambda self, state: events.append(("save", state["step"]))
+                        or save(self, state))
+    train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "7", "--workers", "0",
+                       "--log_every", "3", "--save_every", "5"])
+    # step s is sent in the iteration after which s + 1 steps are done: logs after 3 and 6, saves after 5 and 7
+    assert events == [("send", 0), ("read", []), ("send", 1), ("read", [0]), ("send", 2), ("read", [1, 2]),
+                      ("send", 3), ("read", []), ("send", 4), ("read", [3]), ("read", [4]), ("save", 5),
+                      ("send", 5), ("read", [5]), ("send", 6), ("read", [6]), ("read", []), ("save", 7)]
+
+
+def test_saving_and_validating_by_the_clock_keep_their_times_over_a_resume(demo_dir, tmp_path, monkeypatch):
+    """--save_every 1min, --eval_every 0.5min, each step 10 s of a clock the test drives: saves when the run's
+    clock passes 60, 120, 180 s, validation at 30, 60, ... A run stopped at step 8 and resumed in a process whose
+    clock starts elsewhere continues the run's clock from its checkpoint: the same steps save and validate."""
+    now = [0.0]
+    monkeypatch.setattr(runtime, "clock", lambda: now[0])
+
+    class TenSecondSteps:  # data.schedule, each step 10 s later than the one before
+        def __getattr__(self, name):
+            return getattr(data, name)
+
+        def schedule(self, step, weights):
+            now[0] += 10.0
+            return data.schedule(step, weights)
+
+    monkeypatch.setattr(train, "data", TenSecondSteps())
+    saves, save = {}, runtime.CheckpointFiles.save
+    monkeypatch.setattr(runtime.CheckpointFiles, "save", lambda self, state: saves.setdefault(
+        os.path.basename(os.path.dirname(self.path)), []).append(state["step"]) or save(self, state))
+    common = FAST + ["--data_dir", demo_dir, "--max_steps", "20", "--workers", "0", "--save_every", "1min",
+                     "--eval_every", "0.5min", "--val_samples", "2"]
+    train.main(common + ["--out_dir", str(tmp_path / "straight")])
+    train.main(common + ["--out_dir", str(tmp_path / "resumed"), "--stop_at", "8"])
+    now[0] = 1000.0  # a new process: another clock
+    train.main(common + ["--out_dir", str(tmp_path / "resumed")])
+    assert saves == {"straight": [6, 12, 18, 20], "resumed": [6, 8, 12, 18, 20]}  # 8: --stop_at
+    for run in ("straight", "resumed"):
+        validated = [r["step"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "val" in r]
+        assert validated == [3, 6, 9, 12, 15, 18], run  # not at the last step: the final test is there
+        assert load(tmp_path / run / "ckpt.pt")["clock"] == 200.0
+
+
+def test_periodic_validation_reads_the_same_evenly_spaced_samples_also_after_a_resume(demo_dir, tmp_path,
+                                                                                      monkeypatch):
+    """--val_samples 5 of each 18-clip validation set: indices i * 18 // 5 = 0, 3, 7, 10, 14, every time, in a
+    resumed run too; the final multi-view test reads all of them."""
+    reads, build = [], loaders.build_eval_loader
+    monkeypatch.setattr(loaders, "build_eval_loader", lambda dataset, indices=None, **kw: reads.append(
+        (dataset.spec.name, list(indices))) or build(dataset, indices=indices, **kw))
+    common = FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "6", "--workers", "0",
+                     "--eval_every", "2", "--val_samples", "5"]
+    train.main(common + ["--stop_at", "3"])
+    train.main(common + ["--final_eval", "multiview"])
+    assert reads == ([(n, [0, 3, 7, 10, 14]) for _ in (2, 4) for n in demo.NAMES]  # steps 2 and 4 (resumed)
+                     + [(n, list(range(18))) for n in demo.NAMES])  # the final test
+    vals = [r["val"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "val" in r]
+    assert [v[n]["clips"] for v in vals for n in demo.NAMES] == [5] * 6
+
+
+@pytest.mark.parametrize("text, value", [("1000", 1000), ("0", 0), ("15min", "15min"), ("0.5min", "0.5min"),
+                                         ("15m", None), ("-1", None), ("0min", None), ("min", None)])
+def test_save_and_eval_cadence_is_steps_or_minutes(text, value):
+    if value is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="steps .* or of minutes"):
+            recipes.cadence(text)
+    else:
+        assert recipes.cadence(text) == value
+    assert isinstance(recipes.RECIPES["demo"]["save_every"], int) and recipes.RECIPES["cover"]["save_every"] == "15min"

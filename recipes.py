@@ -11,6 +11,7 @@ import os
 import sys
 
 import checkpoints
+import data
 import kinetics
 import model as M
 from runtime import DTYPES
@@ -187,11 +188,18 @@ def check(args):
     except ValueError as e:
         errors.append(str(e))
     try:
-        dataset_weights(args, names)
+        weights = dataset_weights(args, names)
+        idle = [] if args.epochs else idle_datasets(args, names, weights)  # epochs give each dataset steps
+        if idle:
+            errors.append(f"--weights {args.weights}: {', '.join(idle)} would get no step in --max_steps "
+                          f"{args.max_steps}; raise the weight or --max_steps")
         for n in names:
             sampling(args, n)
     except ValueError as e:
         errors.append(str(e))
+    for flag, value in vars(args).items():  # nan and inf would pass the comparisons here and fail later
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"--{flag} {value}: a finite number expected")
     for package in ("tensorboard", "wandb"):  # opt-in extras, imported only when asked for
         if getattr(args, package) and importlib.util.find_spec(package) is None:
             errors.append(f"--{package} needs the {package} package: pip install {package}")
@@ -250,9 +258,9 @@ def normalization(args, own, verbose=True, resumed=False):
     return values
 
 
-def floats(text):  # "0.5,0.5,0.5" -> [0.5, 0.5, 0.5]; None where it is not numbers
+def floats(text):  # "0.5,0.5,0.5" -> [0.5, 0.5, 0.5]; None where it is not finite numbers
     values = [number(v, float) for v in text.split(",")]
-    return None if None in values else values
+    return None if None in values or not all(map(math.isfinite, values)) else values
 
 
 def as_flag(values):  # [0.5, 0.5, 0.5] -> "0.5,0.5,0.5", every digit kept
@@ -275,10 +283,16 @@ def per_dataset(args, flag, kind=str):
         raise ValueError(f"--{flag} {text}: one value, one per dataset ({len(names)}), or name=value pairs")
     if any(n not in names for n, _ in pairs) and text != str(RECIPES[args.recipe].get(flag)):
         raise ValueError(f"--{flag} {text}: a name not in --datasets ({args.datasets})")
+    given = [n for n, _ in pairs]
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        raise ValueError(f"--{flag} {text}: {', '.join(twice)} given twice")
     pairs = [(n, v) for n, v in pairs if n in names]  # the recipe's value may name sets this run leaves out
     values = {n: number(v, kind) if kind in (int, float) else v for n, v in pairs}
     if any(v is None for v in values.values()):
         raise ValueError(f"--{flag} {text}: {'whole numbers' if kind is int else 'numbers'} expected")
+    if kind is float and not all(map(math.isfinite, values.values())):
+        raise ValueError(f"--{flag} {text}: finite numbers expected")
     return values
 
 
@@ -319,6 +333,13 @@ def budgets(args, names, train_sets, local_batch, num_sample, world):
                  f"--weights {args.weights}: drop one of the two")
     args.weights = args.weights or ",".join(f"{n}={s}" for n, s in zip(names, steps))
     return [float(s) for s in steps], sum(steps)
+
+
+def idle_datasets(args, names, weights):
+    """The datasets whose weight gives them no step in the run (data.schedule: weights are made small integers,
+    and a tiny one becomes 0); a run with fewer steps than datasets leaves some out whatever the weights."""
+    steps = max(args.max_steps, len(names))
+    return [n for d, n in enumerate(names) if data.steps_before(steps, d, weights) == 0]
 
 
 def num_sample(args, name, kind):

@@ -463,29 +463,50 @@ class CheckpointFiles:
         self.step = None  # the step of ckpt.pt when it is known to be whole (read or written here)
         self.previous_step = None
 
-    def load(self, verbose=True):
+    def load(self):
         """-> (checkpoint, its path): the newest that reads and holds what train.py writes, with a line on
-        each newer file skipped; (None, None) for a run with no checkpoint. Where there are checkpoint files
-        and none of them reads, the run ends with one line."""
-        if not any(os.path.exists(p) for p in (self.path, self.previous)):
-            return None, None
+        the files skipped; (None, None) for a run with no checkpoint. A temporary file that a save left whole
+        (it stopped between its two renames, with no ckpt.pt) is newer than ckpt.prev.pt: it is renamed to
+        ckpt.pt, finishing that save. CheckpointError, one line, where there are checkpoint files and none
+        of them reads."""
+        stopped = sorted(glob.glob(glob.escape(self.path) + ".tmp-*"), key=os.path.getmtime, reverse=True)
         skipped = []
-        for path in (self.path, self.previous):
+        on_disk = any(os.path.exists(p) for p in (self.path, self.previous))
+        for path in [self.path, *stopped, self.previous] if on_disk else stopped:
             try:
-                ckpt = checkpoints.read_file(path)
-                check_run_checkpoint(ckpt, path)
+                ckpt = self.read(path)
             except ValueError as e:
-                skipped.append(str(e))
+                if path not in stopped:  # a temporary file that does not read is a save cut short: expected
+                    skipped.append(str(e))
                 continue
-            if path == self.path:
-                self.step = ckpt["step"]
-            else:
-                self.previous_step = ckpt["step"]
-            for line in skipped if verbose else ():
-                print(f"warning: {line}; resuming from {path} (step {ckpt['step']})")
+            said = skipped + [f"resuming from {path} (step {ckpt['step']})"]
+            if path in stopped:  # finish the save that stopped between its renames
+                try:
+                    os.replace(path, self.path)
+                    sync_folder(os.path.dirname(self.path) or ".")
+                except OSError as e:
+                    raise CheckpointError(f"cannot rename {path}, the whole checkpoint of step {ckpt['step']} "
+                                          f"that a save left, to {self.path}: {e.strerror}") from None
+                said.append(f"a save left it whole but did not rename it: now {self.path}")
+                path, self.step = self.path, ckpt["step"]
+            if len(said) > 1:
+                print("warning: " + "; ".join(said))
             return ckpt, path
-        sys.exit("error: no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in its "
-                 "place, or use a new --out_dir to start again")
+        if not on_disk:
+            return None, None
+        raise CheckpointError("no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in "
+                              "its place, or use a new --out_dir to start again")
+
+    def read(self, path):
+        """The checkpoint in `path`, checked (ValueError, one line, otherwise); the step of ckpt.pt or
+        ckpt.prev.pt noted."""
+        ckpt = checkpoints.read_file(path)
+        check_run_checkpoint(ckpt, path)
+        if path == self.path:
+            self.step = ckpt["step"]
+        elif path == self.previous:
+            self.previous_step = ckpt["step"]
+        return ckpt
 
     def save(self, state):
         """Write the temporary file and flush it to disk, rename (keeping the previous one), sync the
@@ -525,7 +546,7 @@ class CheckpointFiles:
             cause = cause.__context__
         why = (cause.strerror or str(cause)) if cause is not None else str(error).splitlines()[0]
         if os.path.isdir(folder):
-            why += f" (it needs about {need / 1e6:.1f} MB; {shutil.disk_usage(folder).free / 1e6:.1f} MB are free)"
+            why += f" (it needs about {need / 1e6:.1f} MB{free_space(folder)})"
         else:
             why = f"the folder is gone (it needed about {need / 1e6:.1f} MB)"
         intact = [f"{p} (step {s})" for p, s in ((self.path, self.step), (self.previous, self.previous_step))
@@ -552,6 +573,39 @@ def save_on_rank0(rt, files, state):
     if error:
         sys.exit(error)
     files.step = step
+
+
+def resume_on_every_rank(rt, files):
+    """-> (checkpoint, its path), or (None, None), the same on every rank: rank 0 chooses it
+    (CheckpointFiles.load) and names the file and its step to the other ranks, which read that file and check
+    the step. Where any rank cannot, every rank stops with one line: ranks that started from different steps
+    would train different datasets in one step, and then their collectives would no longer line up."""
+    ckpt = path = error = None
+    if rt.master:
+        try:
+            ckpt, path = files.load()
+        except CheckpointError as e:
+            error = str(e)
+    if rt.world > 1:  # on the gloo group: Python objects, and the long wait while rank 0 reads
+        choice = [path, ckpt["step"] if ckpt else None]
+        dist.broadcast_object_list(choice, src=0, group=rt.startup_group)
+        if not rt.master and choice[0] is not None:
+            path, step = choice
+            try:
+                ckpt = files.read(path)
+                if ckpt["step"] != step:
+                    raise ValueError(f"{path} holds step {ckpt['step']} here: is --out_dir one folder that "
+                                     "every node shares?")
+            except ValueError as e:
+                error = f"rank {rt.rank} cannot resume from {path} (step {step}), as rank 0 does: {e}"
+        errors = [None] * rt.world
+        dist.all_gather_object(errors, error, group=rt.startup_group)
+        first = next((r for r, e in enumerate(errors) if e), rt.rank)
+        if first != rt.rank:
+            error = f"rank {rt.rank} stops: {errors[first]}"
+    if error:
+        sys.exit(f"error: {error}")
+    return ckpt, path
 
 
 def check_run_checkpoint(ckpt, path):
@@ -584,14 +638,27 @@ def state_bytes(state):
     return 0
 
 
-def sync_folder(folder):
-    """Make the renames in `folder` durable (some file systems cannot sync a folder: theirs are as durable
-    as they get)."""
-    fd = os.open(folder, os.O_RDONLY)
+def free_space(folder):
+    """'; N MB are free' for an error message, or nothing where the file system will not say."""
     try:
-        os.fsync(fd)
+        return f"; {shutil.disk_usage(folder).free / 1e6:.1f} MB are free"
+    except OSError:
+        return ""
+
+
+# what a file system answers when it cannot sync a folder (or open one to sync it); its renames are then as
+# durable as they get there
+CANNOT_SYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EROFS, errno.EBADF, errno.EACCES, errno.EPERM}
+
+
+def sync_folder(folder):
+    """Make the renames in `folder` durable, where the file system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
-        if e.errno != errno.EINVAL:
+        if e.errno not in CANNOT_SYNC:
             raise
-    finally:
-        os.close(fd)

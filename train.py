@@ -78,7 +78,7 @@ def train(args, rt):
     lr_factor = {n: recipes.per_dataset(args, "lr_factor", float).get(n, 1.0) for n in names}
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
-    ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
+    ckpt, ckpt_path = runtime.resume_on_every_rank(rt, files)  # rank 0's choice: the newest that reads
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
     # kept in ckpt.pt; a resumed run's are its own
     args.mean, args.std = recipes.normalization(args, model.normalization, rt.master, resumed=ckpt is not None)

@@ -78,6 +78,8 @@ FAST = {
                           "test_cpu_launch_count_takes_each_kernel_once_and_no_view_allocation_or_decomposition",
                           "test_gpu_busy_time_is_the_union_of_kernels_within_the_steps",
                           "test_readme_row_from_a_runs_json"],
+    "test_faults.py": ["test_a_file_system_that_cannot_sync_a_folder_still_saves",
+                       "test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line"],
     "test_train.py": ["test_bad_arguments_fail_fast", "test_a_hub_name_without_huggingface_hub_fails_before_any_work",
                       "test_attention_with_init_is_the_flags_for_a_vit_and_the_weights_own_for_video",
                       "test_help_shows_the_values_of_the_recipe_the_command_would_run",
@@ -85,10 +87,14 @@ FAST = {
                       "test_a_fork_that_changes_one_side_of_the_schedule_stops_at_the_first_step",
                       "test_lr_schedule", "test_epochs_set_the_weights_and_the_steps",
                       "test_save_and_eval_cadence_is_steps_or_minutes",
-                      "test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save"],
+                      "test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save",
+                      "test_flags_that_slipped_past_the_checks_are_one_line_before_any_listing"],
     "test_video.py": ["test_read_video_is_frame_exact", "test_read_video_past_end_and_bad_files",
                       "test_load_image_modes", "test_pyav_decodes_from_the_keyframe_before_each_frame",
-                      "test_pyav_seeks_land_on_the_keyframe_itself"],
+                      "test_pyav_seeks_land_on_the_keyframe_itself", "test_rotation_as_opencv_shows_it",
+                      "test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows",
+                      "test_any_file_reads_or_is_a_read_error",
+                      "test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_again"],
 }
 
 

@@ -627,3 +627,139 @@ def test_eval_json_refused_is_one_line_and_leaves_nothing(demo_dir, tmp_path, mo
     says = "No space left on device" if fault == "ENOSPC" else "Read-only file system"
     assert msg == f"error: cannot write {out}/eval.json: {says} (the results are printed above)"
     assert sorted(os.listdir(out)) == before  # no eval.json, whole or cut short, no temporary file
+
+
+# ---- resuming: one checkpoint for every rank; a save that stopped between its renames is finished
+
+
+CRASH_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+
+replace = os.replace
+
+
+def gone_between_the_renames(src, dst):  # a save renames ckpt.pt to ckpt.prev.pt, and the process dies
+    replace(src, dst)
+    if str(dst).endswith("ckpt.prev.pt"):
+        os._exit(9)
+
+
+os.replace = gone_between_the_renames
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_save_that_stopped_between_its_renames_is_finished_and_resumed_bit_exact(two_runs, tmp_path, capsys):
+    """A run killed after its save at step 4 renamed ckpt.pt aside and before it renamed the whole new file
+    into place: ckpt.prev.pt holds step 2, the temporary file step 4. The next run resumes from step 4 (the
+    file renamed to ckpt.pt, with one line) and ends where the uninterrupted run ends, bit for bit."""
+    root, common = two_runs
+    out = tmp_path / "run"
+    script = tmp_path / "launch.py"
+    script.write_text(CRASH_BETWEEN_RENAMES.format(root=ROOT))
+    threads = str(torch.get_num_threads())  # as the runs in this process: the same sums, to the bit
+    r = subprocess.run([sys.executable, str(script)] + common + ["--out_dir", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": threads})
+    assert r.returncode == 9, r.stdout[-2000:] + r.stderr[-2000:]
+    tmp = [f for f in os.listdir(out) if f.startswith("ckpt.pt.tmp-")]
+    assert len(tmp) == 1 and not (out / "ckpt.pt").exists()
+    assert load(out / tmp[0])["step"] == 4 and load(out / "ckpt.prev.pt")["step"] == 2
+    capsys.readouterr()
+    train.main(common + ["--out_dir", str(out)])
+    said = capsys.readouterr().out
+    warnings = [line for line in said.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {out}/ckpt.pt does not exist; resuming from {out}/{tmp[0]} (step 4); a save "
+                        f"left it whole but did not rename it: now {out}/ckpt.pt"]
+    assert f"resuming from {out}/ckpt.pt (step 4)" in said
+    a, b = load(root / "straight" / "ckpt.pt"), load(out / "ckpt.pt")
+    assert a["step"] == b["step"] == 8 and load(out / "ckpt.prev.pt")["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+RANK1_READS_OTHERWISE = """
+import errno, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import train
+
+if os.environ["RANK"] == "1":  # ckpt.pt as another node may see it: a transient read error, or older bytes
+    load = torch.load
+
+    def read_here(f, *args, **kwargs):
+        if str(f).endswith("ckpt.pt"):
+            if os.environ["FAULT"] == "EIO":
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(f))
+            f = str(f).replace("ckpt.pt", "ckpt.prev.pt")  # an attribute cache that has not seen the rename
+        return load(f, *args, **kwargs)
+
+    torch.load = read_here
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fault, says", [("EIO", "cannot be read (Input/output error)"),
+                                         ("stale", "holds step 2 here: is --out_dir one folder that every node "
+                                                   "shares?")])
+def test_torchrun_ranks_resume_from_rank0s_checkpoint_or_all_stop(two_runs, tmp_path, fault, says):
+    """2 processes resuming a run whose ckpt.pt holds step 4 (ckpt.prev.pt: 2), where rank 1 cannot read ckpt.pt
+    or reads older bytes under its name. Left to itself rank 1 would start from step 2 and rank 0 from step 4;
+    rank 0 chooses, rank 1 reads that same file and step or says why not, and both stop with one line each."""
+    root, common = two_runs
+    out = tmp_path / "run"
+    shutil.copytree(root / "stopped", out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if f.startswith("ckpt")}
+    script = tmp_path / "launch.py"
+    script.write_text(RANK1_READS_OTHERWISE.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *common, "--out_dir", str(out), "--workers", "0"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}, start_new_session=True)
+    try:
+        text = p.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the agent and every worker: nothing may outlive the test
+        raise AssertionError("a rank did not exit:\n" + p.communicate()[0][-4000:]) from None
+    assert p.returncode != 0
+    errors = sorted(line for line in text.replace("\r", "\n").splitlines() if line.startswith("error: "))
+    rank1 = f"rank 1 cannot resume from {out}/ckpt.pt (step 4), as rank 0 does: {out}/ckpt.pt {says}"
+    assert errors == [f"error: rank 0 stops: {rank1}", f"error: {rank1}"], text[-4000:]
+    assert logged_steps(str(out)) == [1, 2, 3, 4]  # no rank trained a step
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f.startswith("ckpt")} == before
+
+
+@pytest.mark.parametrize("answer", [errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF])
+def test_a_file_system_that_cannot_sync_a_folder_still_saves(tmp_path, monkeypatch, answer):
+    """Some file systems cannot sync a folder, and say so in different ways; a save there is as durable as
+    they allow. A real write error while syncing still fails the save."""
+    fsync = os.fsync
+
+    def folder_refuses(fd, error=answer):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(error, os.strerror(error))
+        return fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", folder_refuses)
+    files = runtime.CheckpointFiles(str(tmp_path / "ckpt.pt"))
+    files.save({"step": 1, "w": torch.ones(3)})
+    files.save({"step": 2, "w": torch.ones(3)})
+    assert load(tmp_path / "ckpt.pt")["step"] == 2 and load(tmp_path / "ckpt.prev.pt")["step"] == 1
+    monkeypatch.setattr(runtime.os, "fsync", lambda fd: folder_refuses(fd, errno.EIO))
+    with pytest.raises(runtime.CheckpointError, match="Input/output error"):
+        files.save({"step": 3, "w": torch.ones(3)})
+
+
+def test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line(tmp_path, monkeypatch):
+    """shutil.disk_usage fails (a stale NFS handle): the save fails, and its one line, which names the free
+    space where it can, does not fail in turn (other ranks wait to hear from rank 0)."""
+    def stale(folder):
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), folder)
+
+    monkeypatch.setattr(runtime.shutil, "disk_usage", stale)
+    files = runtime.CheckpointFiles(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(runtime.CheckpointError) as e:
+        files.save({"step": 1, "w": torch.ones(3)})
+    assert str(e.value) == (f"cannot save the checkpoint of step 1 in {tmp_path}: Stale file handle (it needs about "
+                            "1.0 MB). No temporary file is left; no earlier checkpoint of this run is on disk")

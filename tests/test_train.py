@@ -466,6 +466,31 @@ def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--weights", "nan"], "--weights nan: finite numbers expected"),
+    (["--weights", "demo_ssv2=inf"], "--weights demo_ssv2=inf: finite numbers expected"),
+    (["--mixup", "nan"], "--mixup nan: finite numbers expected"),
+    (["--lr", "inf"], "--lr inf: a finite number expected"),
+    (["--label_smoothing", "nan"], "--label_smoothing nan: a finite number expected"),
+    (["--std", "0.2,inf,0.2"], "--std 0.2,inf,0.2: three numbers, one per RGB channel (std > 0)"),
+    (["--weights", "0.0004,1,1"], "--weights 0.0004,1,1: demo_kinetics would get no step in --max_steps 1200; "
+                                  "raise the weight or --max_steps"),
+    # periods of 12 steps: 10 to demo_imagenet, and one each to demo_kinetics (step 3) and demo_ssv2 (step 7)
+    (["--weights", "1,1,10", "--max_steps", "4"], "--weights 1,1,10: demo_ssv2 would get no step in --max_steps 4; "
+                                                  "raise the weight or --max_steps"),
+    (["--weights", "demo_ssv2=2,demo_ssv2=1"], "--weights demo_ssv2=2,demo_ssv2=1: demo_ssv2 given twice"),
+    (["--num_sample", "demo_ssv2=2,demo_ssv2=2"], "--num_sample demo_ssv2=2,demo_ssv2=2: demo_ssv2 given twice"),
+])
+def test_flags_that_slipped_past_the_checks_are_one_line_before_any_listing(flags, message):
+    """Not a number, infinite, a weight so small that its dataset never trains in the run (the schedule makes
+    weights small integers), a name given twice: one line each, from the flags' check (train.get_args), which
+    runs before anything is listed."""
+    with pytest.raises(SystemExit) as e:
+        train.get_args(flags)
+    assert str(e.value) == f"error: {message}"
+    assert train.get_args(["--max_steps", "1"]).max_steps == 1  # a run shorter than one step per dataset is no error
+
+
 @pytest.mark.parametrize("kind, says", [("truncated", "is cut short"), ("empty", "is empty (0 bytes)"),
                                         ("zip", "is a zip archive, not a PyTorch checkpoint")])
 def test_init_that_is_not_a_checkpoint_is_one_line(demo_dir, tmp_path, kind, says):

@@ -90,38 +90,52 @@ def schedule(step, weights):
 
 def steps_before(step, d, weights):
     """How many optimizer steps < `step` train dataset d."""
-    order = interleave(tuple(float(w) for w in weights))
-    full, rest = divmod(step, len(order))
-    return full * order.count(d) + order[:rest].count(d)
+    weights = tuple(float(w) for w in weights)
+    full, rest = divmod(step, len(interleave(weights)))
+    mine = steps_of(weights)[d]
+    return full * len(mine) + int(np.searchsorted(mine, np.int32(rest)))  # of mine's type: no copy of mine
+
+
+@functools.cache
+def steps_of(weights):
+    """The steps of one period of the schedule that train each dataset, in order: a search, not a count."""
+    order = np.frombuffer(interleave(weights), np.uint8)
+    return [np.flatnonzero(order == d).astype(np.int32) for d in range(len(weights))]  # 4 bytes a step in all
 
 
 @functools.cache
 def interleave(weights):
-    """One period of the schedule, as dataset indices. Equal weights: (0, 1, ..., D-1). Otherwise
+    """One period of the schedule, as bytes of dataset indices. Equal weights: (0, 1, ..., D-1). Otherwise
     dataset d gets k_d steps a period, k the weights as small integers, spread as evenly as possible:
     each step goes to the dataset owed the most (smooth weighted round robin)."""
     if not weights or min(weights) <= 0:
         raise ValueError(f"dataset weights must be positive, got {list(weights)}")
     if len(set(weights)) == 1:
-        return tuple(range(len(weights)))
+        return bytes(range(len(weights)))
     counts = integer_ratio(weights)
-    period, owed, order = sum(counts), [0] * len(counts), []
-    for _ in range(period):
-        owed = [o + k for o, k in zip(owed, counts)]
+    period, owed, order = sum(counts), [0] * len(counts), bytearray(sum(counts))  # a byte a step
+    for t in range(period):
+        for i, k in enumerate(counts):
+            owed[i] += k
         d = owed.index(max(owed))  # ties -> the lowest index
         owed[d] -= period
-        order.append(d)
-    return tuple(order)
+        order[t] = d
+    return bytes(order)
+
+
+EXACT_PERIOD = 10_000_000  # whole-number weights (--epochs' steps) are kept exactly up to this many steps
 
 
 def integer_ratio(weights):
-    """Small integers in the ratio of the weights: [2, 1, 1] for 0.5, 0.25, 0.25. Awkward ratios are
-    rounded to 1/10,000 rather than make a period of more than 100,000 steps."""
+    """Small integers in the ratio of the weights: [2, 1, 1] for 0.5, 0.25, 0.25. Whole numbers are kept
+    exactly (--epochs gives each dataset its steps); other awkward ratios are rounded to 1/10,000 rather
+    than make a period of more than 100,000 steps."""
     fracs = [Fraction(w).limit_denominator(1000) for w in weights]
     lcm = math.lcm(*(f.denominator for f in fracs))
     ints = [int(f * lcm) for f in fracs]
     ints = [i // math.gcd(*ints) for i in ints]
-    if sum(ints) > 100_000:
+    whole = all(float(w).is_integer() for w in weights) and sum(ints) <= EXACT_PERIOD
+    if sum(ints) > 100_000 and not whole:
         ints = [max(1, round(10_000 * w / sum(weights))) for w in weights]
     return ints
 
@@ -221,6 +235,7 @@ class ClipDataset(torch.utils.data.Dataset):
         # images have no temporal clips: their views are the spatial crops
         self.num_views = 1 if train else spec.test_crops * (spec.test_clips if spec.kind == 'video' else 1)
         self.lengths = {}  # path -> true frame count where a read found the header's too large
+        self.before_read = None  # loaders.py's: a quarantined path raises; in a loader worker it notes the read
 
     def __len__(self):
         return len(self.samples)
@@ -241,6 +256,8 @@ class ClipDataset(torch.utils.data.Dataset):
             # leaves the crop and flip as they were
             seeds = rng.integers(0, 2**63, size=(num_sample, 2))
             try:
+                if self.before_read:
+                    self.before_read(index, path)
                 x = torch.from_numpy(self.train_clips(path, seeds))  # (R, T, H, W, C)
                 return {'x': x.permute(0, 4, 1, 2, 3).contiguous(), 'y': label, 'failed': failed, 'dropped': []}
             except READ_ERRORS as e:  # never stop training: take another sample of this dataset
@@ -273,6 +290,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def eval_item(self, index):
         path = self.samples.path(index)
         try:
+            if self.before_read:
+                self.before_read(index, path)
             x, ok = self.views(path), True
         except READ_ERRORS as e:
             warn_once(path, e)

@@ -12,6 +12,7 @@ Features for linear probes or retrieval: features.py, with the same flags.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -92,23 +93,44 @@ def test_all(model, datasets, *, batch_sizes, out=None, rank=0, heads=None, labe
             print(f"  {n:16s} {top1:6.1f} {top5:6.1f} {mean_class:10.1f} {r['clips']:6d} {r['views']:5d} "
                   f"{r['failed']:6d}" + (f"  (on the {heads[n]} head)" if heads[n] != n else ""))
         if out:
-            with open(out, "w") as f:
-                json.dump({n: {**r, "head": heads[n], "guard": guard} for n, r in results.items()}, f, indent=1)
+            try:  # a temporary file, renamed: a full disk leaves no eval.json cut short
+                with open(f"{out}.tmp", "w") as f:
+                    json.dump({n: {**r, "head": heads[n], "guard": guard} for n, r in results.items()}, f, indent=1)
+                os.replace(f"{out}.tmp", out)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(f"{out}.tmp")
+                sys.exit(f"error: cannot write {out}: {e.strerror or e} (the results are printed above)")
     return results
 
 
-def test_heads(names, label_maps, data_dir):
-    """{test set: the head it is tested on}: a dataset on its own; k710 as each Kinetics version in data_dir,
-    and a version with no head of its own on the k710 head (each through its rows: kinetics.label_rows)."""
+def test_heads(names, label_maps, versions, data_dir):
+    """{test set: the head it is tested on}: a dataset on its own; k710 as each Kinetics version it was merged
+    from (`versions`: those whose validation videos the run kept out of training), and such a version named
+    alone on the k710 head (each through its rows: kinetics.label_rows). Another version, or one of them not
+    in data_dir, is one line of error."""
     heads = {}
     for n in names:
         if n == "k710":
-            heads.update(dict.fromkeys(kinetics.present(data_dir), n))
+            heads.update(dict.fromkeys(versions, n))
         elif n in kinetics.VERSIONS and n not in label_maps and "k710" in label_maps:
+            if n not in versions:  # its validation videos may be among k710's training videos
+                sys.exit(f"error: the k710 run was built from {', '.join(versions)}, not {n}: {n}'s validation "
+                         f"videos were not kept out of its training, so it is not tested on that head")
             heads[n] = "k710"
         else:
             heads[n] = n
+    missing = [n for n, head in heads.items() if head == "k710" and not os.path.isdir(os.path.join(data_dir, n))]
+    if missing or ("k710" in names and not versions):
+        folders = ", ".join(f"{v}/" for v in missing or kinetics.VERSIONS)
+        sys.exit(f"error: the k710 head is tested on {', '.join(versions) or 'the Kinetics versions'}, and {data_dir} "
+                 f"has no {folders}: point --data_dir at the folder that holds them")
     return heads
+
+
+def k710_versions(names, train_sets):
+    """The Kinetics versions a k710 training set was merged from, recorded in the run's config; None without k710."""
+    return kinetics.versions(train_sets[names.index("k710")].samples) if "k710" in names else None
 
 
 def arguments(description):
@@ -164,6 +186,7 @@ def open_datasets(args, rt, run, label_maps, names, split="val"):
         sys.exit(f"error: {e}")
     if any(n in label_maps and ds.classes != label_maps[n] for n, ds in datasets.items()):
         sys.exit("error: the classes on disk differ from the ones the checkpoint was trained with")
+    loaders.guard(datasets.values(), os.path.dirname(os.path.abspath(args.ckpt)))  # quarantined: failed, unread
     return datasets
 
 
@@ -196,7 +219,13 @@ def main(argv=None):
         for p, i in zip(*prob.topk(min(5, len(prob)))):
             print(f"{p.item():7.2%}  {label_maps[names[0]][i]}")
         return
-    heads = test_heads(names, label_maps, args.data_dir or run["data_dir"])
+    data_dir = args.data_dir or run["data_dir"]
+    versions = run.get("k710_versions")
+    if "k710" in label_maps and versions is None:  # a run from before the record: the versions on disk
+        versions = kinetics.present(data_dir)
+        print(f"warning: the checkpoint does not record which Kinetics versions k710 trained on; testing those in "
+              f"{data_dir} ({', '.join(versions) or 'none'}): one it did not train on may hold its training videos")
+    heads = test_heads(names, label_maps, versions, data_dir)
     datasets = open_datasets(args, rt, run, label_maps, list(heads), args.split)
     try:
         test_all(model, datasets, batch_sizes=dict.fromkeys(label_maps, args.batch_size), rank=rt.rank,

@@ -34,7 +34,7 @@ RENAMES = {
     'hugging': 'hugging (not baby)',
     'making bed': 'making the bed',
     'opening bottle': 'opening bottle (not wine)',
-    'passing american football (not in game)': 'passing American football (not in game)',  # K600's casing
+    'passing american football (not in game)': 'passing American football (not in game)',  # recased in K700
     'throwing ball': 'throwing ball (not baseball or American football)',
     'tying tie': 'tying necktie',
 }
@@ -97,7 +97,18 @@ def merge(root, parts):
     if len(keep) < len(ids):
         problems['same_video_in_a_later_version'] = len(ids) - len(keep)
     report = '; '.join(f'{v}: {parts[v].report}' for v in versions if parts[v].report)
-    return layouts.Listing(root, classes, paths[keep], labels[keep], problems, report=report, ids=ids[keep])
+    absent = np.unique(np.concatenate([parts[v].absent_ids for v in versions]))  # of the validation lists
+    return layouts.Listing(root, classes, paths[keep], labels[keep], problems, report=report, ids=ids[keep],
+                           absent_ids=absent, parts=list(parts))
+
+
+def versions(samples):
+    """The versions a k710 listing was merged from, as it records them (one saved before it did: the
+    folders of its paths)."""
+    if samples.parts is not None:
+        return samples.parts
+    folders = set(np.unique(np.char.partition(samples.paths, os.fsencode(os.sep))[:, 0]).tolist())
+    return [v for v in VERSIONS if os.fsencode(v) in folders]
 
 
 def label_rows(version, classes, merged):

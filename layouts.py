@@ -53,14 +53,25 @@ class DatasetError(Exception):
 
 class Listing:
     """One split of a dataset: sample i is the file root/paths[i] of class labels[i], a clip of the YouTube
-    video ids[i] (b'' where its file name does not say). left_out: what the guard left out, if it ran."""
+    video ids[i] (b'' where its file name does not say). absent_ids: the videos its list names that are not
+    samples (not on disk, or of a class training lacks), kept for a validation split, whose every video the
+    guard leaves out. parts: the datasets a merged listing was made of (k710: its versions). left_out: what
+    the guard left out, if it ran."""
 
-    def __init__(self, root, classes, paths, labels, problems, file=None, report='', ids=None, left_out=None):
+    def __init__(self, root, classes, paths, labels, problems, file=None, report='', ids=None, left_out=None,
+                 absent_ids=(), parts=None):
         self.root, self.classes, self.problems, self.file = root, classes, problems, file
         self.paths, self.labels = paths, labels  # bytes (N,), int32 (N,)
         self.report = report  # the problems in words, with an example of each
-        self.ids = youtube_ids(paths) if ids is None else ids  # bytes (N,)
-        self.left_out = left_out  # what the guard left out (leave_out)
+        self._ids = ids  # bytes (N,); None: read off the paths when first asked for, once a process
+        self.absent_ids = np.array(absent_ids, dtype='S')
+        self.left_out, self.parts = left_out, parts  # what the guard left out (leave_out); the merged sets
+
+    @property
+    def ids(self):
+        if self._ids is None:  # a listing saved before ids, or made here: its paths are read once
+            self._ids = youtube_ids(self.paths)
+        return self._ids
 
     @classmethod
     def from_pairs(cls, root, classes, pairs, problems=None, report=''):
@@ -78,18 +89,28 @@ class Listing:
         return os.path.join(self.root, os.fsdecode(self.paths[i]))
 
     def save(self, file):
-        """Write the arrays and a JSON sidecar (atomically: rename), then return the memory-mapped copy."""
+        """Write the arrays and a JSON sidecar (atomically: rename), then return the memory-mapped copy. The
+        temporary names are this save's own: ranks on several hosts may save to one shared folder."""
         for ext, write in [('.npy', lambda f: np.save(f, np.rec.fromarrays([self.paths, self.labels, self.ids],
                                                                             names='path,label,id'))),
                            ('.json', lambda f: f.write(json.dumps(self.meta()).encode()))]:
-            with open(f'{file}{ext}.tmp-{os.getpid()}', 'wb') as f:
+            tmp = f'{file}{ext}.tmp-{os.urandom(8).hex()}'
+            with open(tmp, 'wb') as f:
                 write(f)
-            os.replace(f'{file}{ext}.tmp-{os.getpid()}', file + ext)
+            os.replace(tmp, file + ext)
         return Listing.load(file)
 
     def meta(self):
         return {'root': self.root, 'classes': self.classes, 'problems': self.problems, 'report': self.report,
-                'left_out': self.left_out}
+                'left_out': self.left_out, 'absent_ids': [i.decode() for i in self.absent_ids],
+                'parts': self.parts}
+
+    def digest(self):
+        """A short hash of what the listing holds: its arrays and its sidecar."""
+        h = hashlib.sha1(json.dumps(self.meta()).encode())
+        for a in (self.paths, self.labels, self.ids):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:8]
 
     @classmethod
     def load(cls, file):
@@ -98,12 +119,12 @@ class Listing:
         records = np.load(file + '.npy', mmap_mode='r')
         ids = records['id'] if 'id' in records.dtype.names else None  # a listing saved before ids: read anew
         return cls(meta['root'], meta['classes'], records['path'], records['label'], meta['problems'], file,
-                   meta.get('report', ''), ids, meta.get('left_out'))
+                   meta.get('report', ''), ids, meta.get('left_out'), meta.get('absent_ids', ()), meta.get('parts'))
 
     def subset(self, rows):
         """The samples `rows` (indices), as a Listing in memory."""
         return Listing(self.root, self.classes, self.paths[rows], self.labels[rows], self.problems,
-                       report=self.report, ids=self.ids[rows])
+                       report=self.report, ids=self.ids[rows], absent_ids=self.absent_ids, parts=self.parts)
 
     def __getstate__(self):  # a saved listing travels to workers as its file name, not as a copy
         return self.meta() | {'file': self.file} if self.file else self.__dict__
@@ -136,6 +157,7 @@ def listing(name, data_dir, split, layout, cache_dir=None):
         raise DatasetError(f"dataset '{name}' ({split}) cannot be read: {e}.\n  Expected under {root}/: "
                            f"{DESCRIPTIONS[layout]}.\n  Fix: put the data there in that layout, or point "
                            f"--data_dir at the folder that holds '{name}/'.") from None
+    named = entries  # every entry of the list, on disk or not
     entries = drop_missing(entries, problems, examples) if listed else entries
     index = {c: i for i, c in enumerate(classes)}
     if len(index) < len(classes) and any(isinstance(label, str) for _, label in entries):
@@ -156,6 +178,9 @@ def listing(name, data_dir, split, layout, cache_dir=None):
                            f"({report or 'nothing listed'}).\n  Expected: {DESCRIPTIONS[layout]}.")
     say_problems(name, split, report, file)
     result = Listing.from_pairs(root, classes, pairs, problems, report)
+    if split == 'val':  # a validation video is one whether or not its file is here (the guard)
+        listed_ids = youtube_ids([os.fsencode(p) for p, _ in named])
+        result.absent_ids = np.setdiff1d(listed_ids[listed_ids != b''], result.ids)
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         result = result.save(file)
@@ -191,16 +216,18 @@ def youtube_ids(paths):
 
 def leave_out(samples, validation, file=None):
     """The guard: `samples` less those whose YouTube video is a video of a validation set in `validation`
-    ({name: Listing}), with left_out = {'total': how many, 'of': {name: how many were its videos}} (a video
-    may be in several; None where no file name gives an id). When some are left out the rest is saved to
-    `file`, shared with the workers as a listing is."""
+    ({name: Listing}): a sample of it, or a video its list names that is not one (absent_ids). left_out =
+    {'total': how many, 'of': {name: how many were its videos}} (a video may be in several), and 'unchecked':
+    how many have no id in their file name, where some do; None where none does. When some are left out the
+    rest is saved to `file`-<hash of it>, shared with the workers as a listing is: the first process saves
+    it, the others (other ranks, later starts) find it there and read it."""
     named = samples.ids != b''
     if not named.any():  # not a set of YouTube clips: nothing to check
         samples.left_out = None
         return samples
     hit, counts = np.zeros(len(samples), bool), {}
     for name, val in validation.items():
-        theirs = named & np.isin(samples.ids, val.ids[val.ids != b''])
+        theirs = named & np.isin(samples.ids, np.concatenate([val.ids[val.ids != b''], val.absent_ids]))
         counts[name] = int(theirs.sum())
         hit |= theirs
     if hit.all():
@@ -209,9 +236,11 @@ def leave_out(samples, validation, file=None):
                            "--train_on_val_videos")
     if hit.any():
         samples = samples.subset(np.flatnonzero(~hit))
-    samples.left_out = {'total': int(hit.sum()), 'of': counts}
+    unchecked = int((~named).sum())
+    samples.left_out = {'total': int(hit.sum()), 'of': counts} | ({'unchecked': unchecked} if unchecked else {})
     if hit.any() and file:
-        samples = samples.save(file)
+        file = f'{file}-{samples.digest()}'
+        samples = Listing.load(file) if os.path.exists(file + '.json') else samples.save(file)
     return samples
 
 

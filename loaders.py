@@ -2,18 +2,33 @@
 The loaders: DataLoaders over data.py's datasets, driven by its multi-dataset sampler. Training batches are
 one dataset's clips (uint8, collated side by side); evaluation shards a split over the ranks with no
 padding. Workers start from a clean forkserver process, decode with one thread, and end with the run.
+The training loader is watched (TrainBatches): a worker that dies or sticks on one sample costs a restart
+at the first micro-batch the loop has not consumed, and the sample it was reading is quarantined: never
+read again, on any rank, also after a resume (<out_dir>/quarantine.jsonl).
 """
 
+import contextlib
 import functools
+import json
+import multiprocessing.connection
 import os
+import signal
 import threading
 import time
+import weakref
 
 import cv2
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from data import MultiDatasetBatchSampler
+from video import SampleError
 
+POLL = 1.0  # seconds between the watchdog's looks at the workers
+RESTARTS, WINDOW = 3, 600.0  # more restarts than this within the window: not one bad file, the machine
+QUARANTINE = "quarantine.jsonl"
+PID, DATASET, INDEX, SINCE = range(4)  # the columns of a watched loader's table, a row per worker
 TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm; runtime.shm_warning)
 EVAL_PREFETCH = 2  # and each evaluation worker
 
@@ -23,10 +38,15 @@ class MultiDataset(torch.utils.data.Dataset):
 
     def __init__(self, datasets, num_sample):
         self.datasets, self.num_sample = list(datasets), list(num_sample)
+        self.row = None  # in a watched loader's worker: its row of the table
 
     def __getitem__(self, key):
         d, index, seed = key
-        return {**self.datasets[d][(index, seed, self.num_sample[d])], 'dataset': d}
+        try:
+            return {**self.datasets[d][(index, seed, self.num_sample[d])], 'dataset': d}
+        finally:
+            if self.row is not None:
+                self.row[SINCE] = 0  # between samples
 
 
 def collate_train(batch):
@@ -44,11 +64,12 @@ def collate_train(batch):
 
 
 def build_train_loader(datasets, batch_sizes, *, num_sample=None, weights=None, grad_accum=1, rank=0, world=1,
-                       seed=0, workers=4, start_micro=0, pin_memory=False):
+                       seed=0, workers=4, start_micro=0, pin_memory=False, table=None):
     """An endless loader of {'x': (B, C, T, H, W) uint8, 'y': (B,), 'dataset': int, 'failed': [paths],
     'dropped': [lines], 'blank': bool}, B = batch_sizes[d] clips: B / R samples of dataset d with
     R = num_sample[d] clips each (default 1), fewer where a sample was dropped (collate_train).
-    To resume, pass start_micro = the number of micro-batches already consumed."""
+    To resume, pass start_micro = the number of micro-batches already consumed. With a `table` (TrainBatches)
+    the workers note in it what they read."""
     assert all(d.train for d in datasets), "build_train_loader needs datasets built with train=True"
     num_sample = num_sample or [1] * len(datasets)
     assert all(b % r == 0 for b, r in zip(batch_sizes, num_sample)), (batch_sizes, num_sample)
@@ -56,7 +77,8 @@ def build_train_loader(datasets, batch_sizes, *, num_sample=None, weights=None, 
     sampler = MultiDatasetBatchSampler([len(d) for d in datasets], samples, weights, grad_accum, rank, world,
                                        seed, start_micro)
     return torch.utils.data.DataLoader(MultiDataset(datasets, num_sample), batch_sampler=sampler,
-                                       collate_fn=collate_train, **loader_kwargs(workers, pin_memory, TRAIN_PREFETCH))
+                                       collate_fn=collate_train,
+                                       **loader_kwargs(workers, pin_memory, TRAIN_PREFETCH, table))
 
 
 def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_memory=False, indices=None):
@@ -68,9 +90,246 @@ def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_me
                                        **loader_kwargs(workers, pin_memory, EVAL_PREFETCH))
 
 
-def loader_kwargs(workers, pin_memory, prefetch):
-    kw = dict(num_workers=workers, pin_memory=pin_memory,
-              worker_init_fn=functools.partial(worker_init, owner=os.getpid()))
+# -----------------------------------------------------------------------------
+# the watched training loader
+
+
+class TrainBatches:
+    """build_train_loader's batches, one micro-batch a next(), watched. A worker that dies (any signal, any
+    exit), that reads one sample for longer than `time_limit` seconds, or that gives no batch for that long
+    while the loop waits and no worker reads (stopped): the workers are ended, what they were reading is
+    named and quarantined, and a new loader starts at the first micro-batch the loop has not consumed (the
+    sampler's whole state), so the loop gets the batches it would have got, a quarantined sample replaced
+    as an unreadable file is. More than RESTARTS restarts within WINDOW seconds: the rest is loaded in this
+    process, and `failed` says why the run must stop."""
+
+    def __init__(self, datasets, names, batch_sizes, *, out_dir, time_limit, rank=0, workers=4, start_micro=0,
+                 **kw):
+        self.datasets, self.names, self.batch_sizes, self.kw = datasets, names, batch_sizes, kw
+        self.out_dir, self.limit, self.rank, self.workers = out_dir, time_limit, rank, workers
+        self.micro = start_micro  # the first micro-batch the loop has not consumed
+        self.quarantine = read_quarantine(out_dir)  # {path: entry}
+        if self.quarantine and rank == 0:
+            print(f"quarantine: {len(self.quarantine)} files that stopped a loader worker are replaced unread "
+                  f"({os.path.join(out_dir, QUARANTINE)})")
+        self.new = []  # entries quarantined here since the ranks last shared theirs
+        self.restarts, self.failed = [], None  # when each restart was; why the run must stop
+        self.lock, self.waiting = threading.Lock(), None  # since when the loop waits for a batch
+        self.start(workers)
+        if workers:
+            threading.Thread(target=watchdog, args=(weakref.ref(self),), daemon=True).start()
+
+    def start(self, workers):
+        """A new loader at micro-batch self.micro; its iterator (and its workers) come with the first next()."""
+        for ds in self.datasets:
+            ds.before_read = Guard(self.quarantine)
+        self.applied = set(self.quarantine)
+        table = torch.zeros(workers, 4, dtype=torch.float64).share_memory_() if workers else None
+        self.rows = table.numpy() if workers else None  # this process's view of the workers' rows
+        self.ended = {}  # pid -> why the watchdog ended that worker
+        self.loader = build_train_loader(self.datasets, self.batch_sizes, rank=self.rank, workers=workers,
+                                         start_micro=self.micro, table=table, **self.kw)
+        self.batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            batch, fault = self.next_or_fault()
+            if fault is None:
+                self.micro += 1
+                return batch
+            self.restart(*fault)
+
+    def next_or_fault(self):
+        """-> (the next batch, None), or (None, (what happened, [(d, index) being read])) when a worker died."""
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        self.waiting = time.monotonic()
+        try:
+            return next(self.batches), None
+        except Exception:  # DataLoader's word that a worker died, a failed read of what it sent, or its own error
+            fault = self.fault()
+            if fault is None:
+                raise  # a worker's own error, raised again here by DataLoader: the run's to see
+            return None, fault
+        finally:
+            self.waiting = None
+
+    def fault(self):
+        """-> (what happened, [(d, index) the dead workers were reading]) when a worker has died, else None."""
+        workers = getattr(self.batches, "_workers", None)  # DataLoader's processes
+        if not workers:  # loading in this process
+            return None
+        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=POLL)  # an exit may lag its signs
+        for process in workers:
+            if process.pid in self.ended:  # SIGKILLed by the watchdog: gone in a moment
+                process.join(timeout=POLL)
+        what, reading = [], []
+        with self.lock:
+            for w, (process, row) in enumerate(zip(workers, self.rows)):
+                if process.exitcode is not None:
+                    why = self.ended.get(process.pid) or exit_status(process.exitcode)
+                    what.append(f"loader worker {w} (pid {process.pid}) {why}")
+                    if row[SINCE]:
+                        reading.append((int(row[DATASET]), int(row[INDEX])))
+        return (what, reading) if what else None
+
+    def look(self):
+        """The watchdog's look (watchdog()): end a worker that reads one sample for longer than the limit, and
+        all of them when the loop has waited that long for a batch while none reads. The loop then meets dead
+        workers, as it meets one the kernel killed."""
+        with self.lock:
+            if self.rows is None:  # loading in this process
+                return
+            now, waiting = time.monotonic(), self.waiting
+            for pid, _, _, since in self.rows.tolist():
+                if since and now - since > self.limit:
+                    self.end(int(pid), f"stuck for {now - since:.0f} s on one sample ({{state}}; "
+                                       f"--sample_time_limit {self.limit:g}): ended")
+            if waiting and now - waiting > self.limit and self.rows[:, PID].all() and not self.rows[:, SINCE].any():
+                for pid in self.rows[:, PID].astype(int).tolist():
+                    self.end(pid, f"{{state}} while none read and the loop waited {now - waiting:.0f} s for a "
+                                  "batch: ended")
+
+    def end(self, pid, why):  # the watchdog's; why has a {state} to fill in
+        state = process_state(pid)
+        if pid in self.ended or state in ("gone", "dead (Z)"):  # one already dead tells its own exit
+            return
+        self.ended[pid] = why.format(state=state)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)  # it also ends a stopped (SIGSTOP) process
+
+    def restart(self, what, reading):
+        """End the workers, quarantine what the dead ones were reading, and start again at self.micro."""
+        paths = [self.datasets[d].samples.path(i) for d, i in reading]
+        for (d, _), path in zip(reading, paths):
+            entry = {"dataset": self.names[d], "path": path, "why": "; ".join(what)}
+            self.quarantine[path] = entry
+            self.new.append(entry)
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < WINDOW] + [now]
+        tqdm.write(f"[rank {self.rank}] {'; '.join(what)}" + (f", reading {', '.join(paths)}: quarantined"
+                                                              if paths else "")
+                   + f"; the loader starts again at micro-batch {self.micro}")
+        if len(self.restarts) > RESTARTS:
+            self.failed = (f"the loader's workers failed {len(self.restarts)} times within {WINDOW / 60:g} "
+                           f"minutes, the last: {'; '.join(what)}. More than a few bad files: is the machine "
+                           "out of memory (dmesg names the OOM killer) or /dev/shm full? Try fewer --workers")
+        self.start_again()
+
+    def start_again(self):
+        with self.lock:
+            for process in getattr(self.batches, "_workers", []):
+                if process.exitcode is None:
+                    process.kill()
+            self.batches = self.loader = None  # DataLoader's shutdown joins the workers, closes its queues
+            self.start(0 if self.failed else self.workers)
+
+    def share(self, rt):
+        """After a step on which some rank quarantined samples: every rank takes every rank's, rank 0 writes
+        the list, and a loader started without some of them starts again at the next micro-batch."""
+        new = self.new
+        if rt.world > 1:
+            every = [None] * rt.world
+            dist.all_gather_object(every, self.new, group=rt.startup_group)
+            new = [entry for entries in every for entry in entries]
+        self.new = []
+        for entry in new:
+            self.quarantine.setdefault(entry["path"], entry)
+        if rt.master:
+            write_quarantine(self.out_dir, self.quarantine)
+        if set(self.quarantine) != self.applied:
+            self.start_again()
+
+
+def watchdog(ref):
+    """A thread: a TrainBatches' look() each POLL seconds while it lives (`ref` is a weak reference). A thread,
+    as the loop may wait where it cannot look: a stopped worker never answers the request for the memory of
+    a batch it sent."""
+    while True:
+        time.sleep(POLL)
+        batches = ref()
+        if batches is None:
+            return
+        batches.look()
+        del batches  # no strong reference while asleep: the loader's end is the thread's
+
+
+class Guard:
+    """ClipDataset.before_read (data.py): a quarantined path raises as an unreadable file does. In a watched
+    loader's worker it first writes the dataset, the index and the time into the worker's row."""
+
+    def __init__(self, paths, row=None, d=0):
+        self.paths, self.row, self.d = frozenset(paths), row, d
+
+    def __call__(self, index, path):
+        if self.row is not None:
+            self.row[SINCE] = 0  # the row is read while it is written: the time goes last
+            self.row[DATASET], self.row[INDEX], self.row[SINCE] = self.d, index, time.monotonic()
+        if path in self.paths:
+            raise SampleError(f"quarantined: it stopped a loader worker ({QUARANTINE} in the run's folder)")
+
+
+def guard(datasets, folder):
+    """Each dataset skips the paths quarantined in `folder` (a run's out_dir), counted as unreadable."""
+    quarantine = read_quarantine(folder)
+    for ds in datasets:
+        ds.before_read = Guard(quarantine)
+
+
+def read_quarantine(folder):
+    """{path: entry} from <folder>/quarantine.jsonl, a {"dataset", "path", "why"} object a line; {} if none.
+    A line that is not one is said and left out (at worst its file stops a worker again)."""
+    file, entries = os.path.join(folder, QUARANTINE), {}
+    if not os.path.exists(file):
+        return entries
+    with open(file) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                entry = json.loads(line)
+                entries[entry["path"]] = entry
+            except (ValueError, TypeError, KeyError):
+                if line.strip():
+                    print(f"warning: {file} line {n} is not a quarantine entry ({{\"path\": ...}}): ignored")
+    return entries
+
+
+def write_quarantine(folder, entries):
+    """Write the list whole (a temporary file, renamed); a disk that refuses is one line, and the run goes on."""
+    file = os.path.join(folder, QUARANTINE)
+    try:
+        with open(f"{file}.tmp", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in entries.values())
+        os.replace(f"{file}.tmp", file)
+    except OSError as e:
+        tqdm.write(f"warning: cannot write {file} ({e.strerror or e}): a resumed run will read its samples again")
+
+
+def exit_status(code):
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+
+
+def process_state(pid):
+    """'stopped (T)' and the like, from /proc where there is one (a stalled disk shows as D); 'gone'."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone" if os.path.isdir("/proc") else "state unknown"
+    except (OSError, IndexError):
+        return "state unknown"
+    return f"{STATES.get(state, 'state')} ({state})"
+
+
+STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible disk wait", "T": "stopped", "Z": "dead"}
+
+
+def loader_kwargs(workers, pin_memory, prefetch, table=None):
+    # the workers' seeds from a generator of the loader's own: a restart draws nothing from torch's
+    kw = dict(num_workers=workers, pin_memory=pin_memory, generator=torch.Generator(),
+              worker_init_fn=functools.partial(worker_init, owner=os.getpid(), table=table))
     if workers > 0:
         # Workers start from a clean forkserver process, not a fork of this one: a fork inherits OpenCV's
         # thread pool (a worker forked while it was busy hangs in cv2) and, under DDP, the process group's
@@ -79,11 +338,18 @@ def loader_kwargs(workers, pin_memory, prefetch):
     return kw
 
 
-def worker_init(_, owner=None):
+def worker_init(worker_id, owner=None, table=None):
     cv2.setNumThreads(1)  # one decoder thread per worker: the workers are the parallelism
     torch.set_num_threads(1)
     if owner is not None:
         threading.Thread(target=exit_with, args=(owner,), daemon=True).start()
+    if table is not None:  # a watched loader: this worker's row of the table says what it reads
+        row = table.numpy()[worker_id]
+        row[PID] = os.getpid()
+        multi = torch.utils.data.get_worker_info().dataset
+        multi.row = row
+        for d, ds in enumerate(multi.datasets):
+            ds.before_read = Guard(ds.before_read.paths, row, d)
 
 
 def exit_with(pid):

@@ -12,6 +12,7 @@ import sys
 from decimal import Decimal
 
 import checkpoints
+import data
 import kinetics
 import model as M
 from runtime import DTYPES
@@ -108,6 +109,8 @@ def parse(argv, description):
            "left out by default): test numbers may then include training videos")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
     a("--workers", type=int, help="DataLoader worker processes per GPU/process")
+    a("--sample_time_limit", type=float, default=120.0, help="seconds a loader worker may read one sample; "
+      "longer, it is ended, the sample quarantined and the loader started again (docs/cluster.md)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     known, _ = p.parse_known_args(argv)  # which recipe, then its values as the defaults of a second parse
     recipe = known.recipe or pick(known.datasets)
@@ -119,6 +122,10 @@ def parse(argv, description):
             setattr(args, flag, None)
     if args.init and known.attention is None:  # None: the weights' own, read by train.build_model
         args.attention = None
+    if args.epochs:  # --max_steps and --weights follow from the budgets; None: not typed (budgets)
+        for flag in ("max_steps", "weights"):
+            if getattr(known, flag) is None:
+                setattr(args, flag, None)
     check(args)
     return args
 
@@ -187,11 +194,18 @@ def check(args):
     except ValueError as e:
         errors.append(str(e))
     try:
-        dataset_weights(args, names)
+        weights = dataset_weights(args, names)
+        idle = [] if args.epochs else idle_datasets(args, names, weights)  # epochs give each dataset steps
+        if idle:
+            errors.append(f"--weights {args.weights}: {', '.join(idle)} would get no step in --max_steps "
+                          f"{args.max_steps}; raise the weight or --max_steps")
         for n in names:
             sampling(args, n)
     except ValueError as e:
         errors.append(str(e))
+    for flag, value in vars(args).items():  # nan and inf would pass the comparisons here and fail later
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"--{flag} {value}: a finite number expected")
     for package in ("tensorboard", "wandb"):  # opt-in extras, imported only when asked for
         if getattr(args, package) and importlib.util.find_spec(package) is None:
             errors.append(f"--{package} needs the {package} package: pip install {package}")
@@ -201,6 +215,9 @@ def check(args):
     if args.save_every == 0 or args.val_samples < 0:
         errors.append(f"--save_every {args.save_every} must be >= 1 (steps) or minutes (15min), --val_samples "
                       f"{args.val_samples} >= 0 (0: all)")
+    if not 0 < args.sample_time_limit < 540:  # a rank's recovery must end before NCCL's 10-minute timeout
+        errors.append(f"--sample_time_limit {args.sample_time_limit:g}: seconds in (0, 540): under DDP the other "
+                      "ranks wait for a stuck one in a collective that NCCL ends after 600 s")
     if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     hub = args.init and args.init.startswith(checkpoints.HUB)
@@ -247,9 +264,9 @@ def normalization(args, own, verbose=True, resumed=False):
     return values
 
 
-def floats(text):  # "0.5,0.5,0.5" -> [0.5, 0.5, 0.5]; None where it is not numbers
+def floats(text):  # "0.5,0.5,0.5" -> [0.5, 0.5, 0.5]; None where it is not finite numbers
     values = [number(v, float) for v in text.split(",")]
-    return None if None in values else values
+    return None if None in values or not all(map(math.isfinite, values)) else values
 
 
 def as_flag(values):  # [0.5, 0.5, 0.5] -> "0.5,0.5,0.5", every digit kept
@@ -272,10 +289,16 @@ def per_dataset(args, flag, kind=str):
         raise ValueError(f"--{flag} {text}: one value, one per dataset ({len(names)}), or name=value pairs")
     if any(n not in names for n, _ in pairs) and text != str(RECIPES[args.recipe].get(flag)):
         raise ValueError(f"--{flag} {text}: a name not in --datasets ({args.datasets})")
+    given = [n for n, _ in pairs]
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        raise ValueError(f"--{flag} {text}: {', '.join(twice)} given twice")
     pairs = [(n, v) for n, v in pairs if n in names]  # the recipe's value may name sets this run leaves out
     values = {n: number(v, kind) if kind in (int, float) else v for n, v in pairs}
     if any(v is None for v in values.values()):
         raise ValueError(f"--{flag} {text}: {'whole numbers' if kind is int else 'numbers'} expected")
+    if kind is float and not all(map(math.isfinite, values.values())):
+        raise ValueError(f"--{flag} {text}: finite numbers expected")
     return values
 
 
@@ -298,22 +321,31 @@ def dataset_weights(args, names):
 def budgets(args, names, train_sets, local_batch, num_sample, world):
     """(the schedule's weights, --max_steps): as given, or from --epochs: a dataset's steps are its epochs x
     its samples / the samples of its global batch (a sample's R clips count once), the weights those steps,
-    max_steps their sum. Beside --epochs, a --weights or --max_steps of the command line that says otherwise
-    is an error (one line)."""
+    max_steps their sum; the schedule then gives each dataset exactly its steps (data.integer_ratio). Beside
+    --epochs, a --weights or --max_steps typed on the command line (parse: None if not) that says otherwise
+    is an error (one line); not typed, --weights becomes the steps, as the run's config records."""
     weights = dataset_weights(args, names)
     if not args.epochs:
         return weights, args.max_steps
-    epochs, recipe = per_dataset(args, "epochs", float), RECIPES[args.recipe]
+    epochs = per_dataset(args, "epochs", float)
     steps = [max(1, round(epochs[n] * len(ds) * num_sample[n] / (local_batch[n] * world * args.grad_accum)))
              for n, ds in zip(names, train_sets)]
-    if args.max_steps != recipe["max_steps"] and args.max_steps != sum(steps):
+    if args.max_steps is not None and args.max_steps != sum(steps):
         sys.exit(f"error: --epochs {args.epochs} makes {sum(steps)} steps in all, not --max_steps {args.max_steps}: "
                  "drop one of the two")
-    if args.weights != recipe["weights"] and any(abs(w / sum(weights) - s / sum(steps)) > 0.01 * s / sum(steps)
-                                                 for w, s in zip(weights, steps)):
+    if args.weights is not None and any(abs(w / sum(weights) - s / sum(steps)) > 0.01 * s / sum(steps)
+                                        for w, s in zip(weights, steps)):
         sys.exit(f"error: --epochs {args.epochs} makes the steps {dict(zip(names, steps))}, not in the ratio of "
                  f"--weights {args.weights}: drop one of the two")
+    args.weights = args.weights or ",".join(f"{n}={s}" for n, s in zip(names, steps))
     return [float(s) for s in steps], sum(steps)
+
+
+def idle_datasets(args, names, weights):
+    """The datasets whose weight gives them no step in the run (data.schedule: weights are made small integers,
+    and a tiny one becomes 0); a run with fewer steps than datasets leaves some out whatever the weights."""
+    steps = max(args.max_steps, len(names))
+    return [n for d, n in enumerate(names) if data.steps_before(steps, d, weights) == 0]
 
 
 def num_sample(args, name, kind):
@@ -332,7 +364,11 @@ def mixing(args, name):
 
 def sampling(args, name):
     """How dataset `name` samples frames if --sampling says (mine=kinetics, mine=kinetics:8 for rate 8,
-    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}."""
+    mine=segment): the spec fields to change, {'sampling': 'kinetics', 'rate': 8}; else {}. A Kinetics version
+    tested through a k710 head samples as k710 trained."""
+    names = args.datasets.split(",")
+    if name in kinetics.VERSIONS and name not in names and "k710" in names:
+        name = "k710"
     value = per_dataset(args, "sampling").get(name)
     if value is None:
         return {}

@@ -209,7 +209,9 @@ def guard_lines(args, names, train_sets):
             lines.append(f"    {n}: not checked (its file names give no YouTube id)")
             continue
         whose = ", ".join(f"{v}: {c}" for v, c in left["of"].items() if c)
-        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else ""))
+        unchecked = left.get("unchecked", 0)  # the samples whose file names give no id, where others do
+        lines.append(f"    {n}: {left['total']} left out" + (f" (validation videos of {whose})" if whose else "")
+                     + (f"; {unchecked} not checked (their file names give no YouTube id)" if unchecked else ""))
     return lines
 
 
@@ -265,21 +267,23 @@ class Meter:
 
 class StepValues:
     """What every rank needs from a step, in its one collective: the loss averaged over the ranks, whether any
-    rank got SIGTERM, whether any kept a sample, and the run's clock (rank 0's seconds of training, counted over
-    resumes). Read one step late: the host queues step N+1 before it waits for step N's values, so the
-    GPU does not idle while the host reads."""
+    rank got SIGTERM, whether any kept a sample, the run's clock (rank 0's seconds of training, counted over
+    resumes), whether any quarantined samples (then `shared(rt)` runs on every rank, where the values are read)
+    and whether any must stop the run with an error (`halt`). Read one step late: the host queues step N+1 before
+    it waits for step N's values, so the GPU does not idle while the host reads."""
 
-    def __init__(self, rt, seconds=0.0):
-        self.rt, self.pending, self.start = rt, [], clock() - seconds  # seconds: the resumed run's clock
-        self.stop, self.clock = False, seconds  # as of the newest values read
+    def __init__(self, rt, seconds=0.0, shared=None):
+        self.rt, self.pending, self.start, self.shared = rt, [], clock() - seconds, shared  # seconds: a resumed run's
+        self.stop, self.halt, self.clock = False, False, seconds  # as of the newest values read
 
-    def send(self, step, dataset, loss, stop, kept=True):
-        """Queue step `step`'s values (loss: a 0-d tensor; stop, kept a sample: this rank's) into the collective
+    def send(self, step, dataset, loss, stop, kept=True, quarantined=False, halt=False):
+        """Queue step `step`'s values (loss: a 0-d tensor; the flags: this rank's) into the collective
         and, on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for
         the work queued after it."""
         rt = self.rt
         seconds = (clock() - self.start) * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
-        values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in (stop, kept, seconds))])
+        flags = (stop, kept, seconds, quarantined, halt)
+        values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in flags)])
         if rt.distributed:
             dist.all_reduce(values, op=dist.ReduceOp.AVG)
         copied = None
@@ -298,8 +302,10 @@ class StepValues:
         for step, dataset, values, copied in ready:
             if copied is not None:
                 copied.synchronize()
-            loss, stop, kept, self.clock = values.tolist()  # the step's one read of the device
-            self.stop = self.stop or stop > 0
+            loss, stop, kept, self.clock, quarantined, halt = values.tolist()  # the step's one read of the device
+            self.stop, self.halt = self.stop or stop > 0, self.halt or halt > 0
+            if quarantined and self.shared:  # on every rank at this same read, so before any save that follows
+                self.shared(self.rt)
             losses.append((step, dataset, loss, kept != 0))  # an average of 0s and 1s: 0 only if every one is
         return losses
 
@@ -382,7 +388,8 @@ class RunLog:
     so a resumed run continues the same curves (W&B: the run id is kept in out_dir)."""
 
     def __init__(self, out_dir, enabled, args):
-        self.file = open(os.path.join(out_dir, "log.jsonl"), "a") if enabled else None
+        self.path, self.enabled, self.file = os.path.join(out_dir, "log.jsonl"), enabled, None
+        self.failed = None  # why log.jsonl cannot be written: the loop stops on it, after a checkpoint
         self.tensorboard = self.wandb = None
         if enabled and args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # an opt-in extra: pip install tensorboard
@@ -398,9 +405,13 @@ class RunLog:
                                     config=vars(args))
 
     def write(self, record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        if self.enabled and not self.failed:
+            try:  # opened at the first write: a folder that refuses it is met here, as a full disk is
+                self.file = self.file or open(self.path, "a")
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.failed = f"cannot write {self.path}: {e.strerror or e}"
         values = scalars(record) if self.tensorboard or self.wandb else {}
         if self.tensorboard:
             for name, value in values.items():
@@ -410,16 +421,20 @@ class RunLog:
             self.wandb.log(values, step=record["step"])
 
     def say(self, message):
-        if self.file:
+        if self.enabled:
             tqdm.write(message)
 
     def close(self):
+        """Close the loggers; a write that failed since the loop last looked ends the run here, in one line."""
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk refuses the last flush again
+                self.file.close()
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+        if self.failed:
+            sys.exit(f"error: {self.failed}")
 
 
 def scalars(record, prefix=""):
@@ -454,29 +469,50 @@ class CheckpointFiles:
         self.step = None  # the step of ckpt.pt when it is known to be whole (read or written here)
         self.previous_step = None
 
-    def load(self, verbose=True):
+    def load(self):
         """-> (checkpoint, its path): the newest that reads and holds what train.py writes, with a line on
-        each newer file skipped; (None, None) for a run with no checkpoint. Where there are checkpoint files
-        and none of them reads, the run ends with one line."""
-        if not any(os.path.exists(p) for p in (self.path, self.previous)):
-            return None, None
+        the files skipped; (None, None) for a run with no checkpoint. A temporary file that a save left whole
+        (it stopped between its two renames, with no ckpt.pt) is newer than ckpt.prev.pt: it is renamed to
+        ckpt.pt, finishing that save. CheckpointError, one line, where there are checkpoint files and none
+        of them reads."""
+        stopped = sorted(glob.glob(glob.escape(self.path) + ".tmp-*"), key=os.path.getmtime, reverse=True)
         skipped = []
-        for path in (self.path, self.previous):
+        on_disk = any(os.path.exists(p) for p in (self.path, self.previous))
+        for path in [self.path, *stopped, self.previous] if on_disk else stopped:
             try:
-                ckpt = checkpoints.read_file(path)
-                check_run_checkpoint(ckpt, path)
+                ckpt = self.read(path)
             except ValueError as e:
-                skipped.append(str(e))
+                if path not in stopped:  # a temporary file that does not read is a save cut short: expected
+                    skipped.append(str(e))
                 continue
-            if path == self.path:
-                self.step = ckpt["step"]
-            else:
-                self.previous_step = ckpt["step"]
-            for line in skipped if verbose else ():
-                print(f"warning: {line}; resuming from {path} (step {ckpt['step']})")
+            said = skipped + [f"resuming from {path} (step {ckpt['step']})"]
+            if path in stopped:  # finish the save that stopped between its renames
+                try:
+                    os.replace(path, self.path)
+                    sync_folder(os.path.dirname(self.path) or ".")
+                except OSError as e:
+                    raise CheckpointError(f"cannot rename {path}, the whole checkpoint of step {ckpt['step']} "
+                                          f"that a save left, to {self.path}: {e.strerror}") from None
+                said.append(f"a save left it whole but did not rename it: now {self.path}")
+                path, self.step = self.path, ckpt["step"]
+            if len(said) > 1:
+                print("warning: " + "; ".join(said))
             return ckpt, path
-        sys.exit("error: no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in its "
-                 "place, or use a new --out_dir to start again")
+        if not on_disk:
+            return None, None
+        raise CheckpointError("no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in "
+                              "its place, or use a new --out_dir to start again")
+
+    def read(self, path):
+        """The checkpoint in `path`, checked (ValueError, one line, otherwise); the step of ckpt.pt or
+        ckpt.prev.pt noted."""
+        ckpt = checkpoints.read_file(path)
+        check_run_checkpoint(ckpt, path)
+        if path == self.path:
+            self.step = ckpt["step"]
+        elif path == self.previous:
+            self.previous_step = ckpt["step"]
+        return ckpt
 
     def save(self, state):
         """Write the temporary file and flush it to disk, rename (keeping the previous one), sync the
@@ -516,7 +552,7 @@ class CheckpointFiles:
             cause = cause.__context__
         why = (cause.strerror or str(cause)) if cause is not None else str(error).splitlines()[0]
         if os.path.isdir(folder):
-            why += f" (it needs about {need / 1e6:.1f} MB; {shutil.disk_usage(folder).free / 1e6:.1f} MB are free)"
+            why += f" (it needs about {need / 1e6:.1f} MB{free_space(folder)})"
         else:
             why = f"the folder is gone (it needed about {need / 1e6:.1f} MB)"
         intact = [f"{p} (step {s})" for p, s in ((self.path, self.step), (self.previous, self.previous_step))
@@ -543,6 +579,39 @@ def save_on_rank0(rt, files, state):
     if error:
         sys.exit(error)
     files.step = step
+
+
+def resume_on_every_rank(rt, files):
+    """-> (checkpoint, its path), or (None, None), the same on every rank: rank 0 chooses it
+    (CheckpointFiles.load) and names the file and its step to the other ranks, which read that file and check
+    the step. Where any rank cannot, every rank stops with one line: ranks that started from different steps
+    would train different datasets in one step, and then their collectives would no longer line up."""
+    ckpt = path = error = None
+    if rt.master:
+        try:
+            ckpt, path = files.load()
+        except CheckpointError as e:
+            error = str(e)
+    if rt.world > 1:  # on the gloo group: Python objects, and the long wait while rank 0 reads
+        choice = [path, ckpt["step"] if ckpt else None]
+        dist.broadcast_object_list(choice, src=0, group=rt.startup_group)
+        if not rt.master and choice[0] is not None:
+            path, step = choice
+            try:
+                ckpt = files.read(path)
+                if ckpt["step"] != step:
+                    raise ValueError(f"{path} holds step {ckpt['step']} here: is --out_dir one folder that "
+                                     "every node shares?")
+            except ValueError as e:
+                error = f"rank {rt.rank} cannot resume from {path} (step {step}), as rank 0 does: {e}"
+        errors = [None] * rt.world
+        dist.all_gather_object(errors, error, group=rt.startup_group)
+        first = next((r for r, e in enumerate(errors) if e), rt.rank)
+        if first != rt.rank:
+            error = f"rank {rt.rank} stops: {errors[first]}"
+    if error:
+        sys.exit(f"error: {error}")
+    return ckpt, path
 
 
 def check_run_checkpoint(ckpt, path):
@@ -575,14 +644,27 @@ def state_bytes(state):
     return 0
 
 
-def sync_folder(folder):
-    """Make the renames in `folder` durable (some file systems cannot sync a folder: theirs are as durable
-    as they get)."""
-    fd = os.open(folder, os.O_RDONLY)
+def free_space(folder):
+    """'; N MB are free' for an error message, or nothing where the file system will not say."""
     try:
-        os.fsync(fd)
+        return f"; {shutil.disk_usage(folder).free / 1e6:.1f} MB are free"
+    except OSError:
+        return ""
+
+
+# what a file system answers when it cannot sync a folder (or open one to sync it); its renames are then as
+# durable as they get there
+CANNOT_SYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EROFS, errno.EBADF, errno.EACCES, errno.EPERM}
+
+
+def sync_folder(folder):
+    """Make the renames in `folder` durable, where the file system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
-        if e.errno != errno.EINVAL:
+        if e.errno not in CANNOT_SYNC:
             raise
-    finally:
-        os.close(fd)

@@ -32,7 +32,7 @@ import loaders
 import model as M
 import recipes
 import runtime
-from eval import test_all, test_heads
+from eval import k710_versions, test_all, test_heads
 
 
 def get_args(argv=None):
@@ -71,13 +71,14 @@ def train(args, rt):
     val_sets = runtime.rank0_first(rt, open_datasets, args, names, "val", (1, 1))
     train_sets = runtime.rank0_first(rt, open_datasets, args, names, "train", guard=val_sets)
     label_maps = {n: ds.classes for n, ds in zip(names, train_sets)}
+    args.k710_versions = k710_versions(names, train_sets)  # in ckpt.pt: the versions tested on its head
     num_sample = {n: recipes.num_sample(args, n, ds.spec.kind) for n, ds in zip(names, train_sets)}
     local_batch = recipes.local_batch_sizes(args, names, train_sets, rt.world, num_sample)  # per micro-batch
     weights, args.max_steps = recipes.budgets(args, names, train_sets, local_batch, num_sample, rt.world)
     lr_factor = {n: recipes.per_dataset(args, "lr_factor", float).get(n, 1.0) for n in names}
 
     # ---- model and optimizer: the run's checkpoint > --init > scratch
-    ckpt, ckpt_path = files.load(verbose=rt.master)  # the newest that reads; a line on each one skipped
+    ckpt, ckpt_path = runtime.resume_on_every_rank(rt, files)  # rank 0's choice: the newest that reads
     model, source = build_model(args, {n: len(c) for n, c in label_maps.items()}, ckpt, ckpt_path, rt)
     # kept in ckpt.pt; a resumed run's are its own
     args.mean, args.std = recipes.normalization(args, model.normalization, rt.master, resumed=ckpt is not None)
@@ -104,11 +105,12 @@ def train(args, rt):
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=len(names) > 1) if rt.distributed else model
-    loader = loaders.build_train_loader(train_sets, [local_batch[n] for n in names], weights=weights,
-                                     num_sample=[num_sample[n] for n in names],
-                                     grad_accum=args.grad_accum, rank=rt.rank, world=rt.world, seed=args.seed,
-                                     workers=args.workers, start_micro=step * args.grad_accum,
-                                     pin_memory=device.type == "cuda")
+    # the batches; a loader worker that dies or sticks costs a restart, and its sample is quarantined
+    batches = loaders.TrainBatches(train_sets, names, [local_batch[n] for n in names], weights=weights,
+                                   num_sample=[num_sample[n] for n in names], grad_accum=args.grad_accum,
+                                   rank=rt.rank, world=rt.world, seed=args.seed, workers=args.workers,
+                                   start_micro=step * args.grad_accum, pin_memory=device.type == "cuda",
+                                   out_dir=args.out_dir, time_limit=args.sample_time_limit)
     normalize = data.Normalize(args.mean, args.std, device)
     mixing = {n: recipes.mixing(args, n) for n in names}  # (mixup, cutmix) alphas
     smoothing = {n: 0.0 if any(mixing[n]) else args.label_smoothing for n in names}  # mixed targets have it
@@ -130,16 +132,14 @@ def train(args, rt):
     log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
-    batches = iter(loader)
-    late = runtime.StepValues(rt, seconds)  # a step's loss, flags and the run's clock, read a step late
+    # a step's loss, flags and the run's clock, read a step late; quarantines shared as they are read
+    late = runtime.StepValues(rt, seconds, shared=batches.share)
     since = seconds  # the run's clock at the last decisions to validate and save
     wrapped.train()
     while step < args.max_steps:
-        if step == args.stop_at or late.stop:  # --stop_at, or SIGTERM on any rank (it comes with a step's values)
+        if step == args.stop_at or late.stop or late.halt:  # or SIGTERM, or a halt, on any rank (read with a step)
             settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
-            log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue." if late.stop
-                    else f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
         name = names[d]
@@ -172,7 +172,10 @@ def train(args, rt):
                 scaler.scale(loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
             meter.count(x.shape[0] * rt.world, flops[name] * x.shape[0] * rt.world)
-        late.send(step, d, step_loss, sigterm.is_set(), not blank)  # over the ranks: loss, SIGTERM, a sample kept
+        # over the ranks: loss, SIGTERM, a sample kept, samples quarantined, a stop with an error (the loader
+        # gave up, log.jsonl is refused)
+        halt = bool(batches.failed or log.failed)
+        late.send(step, d, step_loss, sigterm.is_set(), not blank, bool(batches.new), halt)
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
@@ -207,10 +210,16 @@ def train(args, rt):
         if saves:
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
     bar.close()
+    if late.halt:  # after the checkpoint: each rank's line, the one that stopped the run saying why
+        why = batches.failed or log.failed or f"rank {rt.rank} stops: another rank stopped the run"
+        sys.exit(f"error: {why}. Saved {files.path} at step {step}: the same command continues from it")
+    if step < args.max_steps:  # stopped early: --stop_at or SIGTERM
+        log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue." if late.stop
+                else f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
-        heads = test_heads(names, label_maps, args.data_dir)  # k710: each Kinetics version, on its rows
+        heads = test_heads(names, label_maps, args.k710_versions, args.data_dir)  # k710: each version it holds
         val = dict(zip(heads, open_datasets(args, list(heads), "val")))
         log.say(f"\ntesting the {'moving average of the weights (--ema)' if ema else 'weights'}")
         results = test_all(tested, val, heads=heads, label_maps=label_maps, guard=runtime.guard_state(vars(args)),

@@ -8,6 +8,7 @@ A box is (y0, x0, h, w) in the original pixels; only that region is resized to t
 resizing the whole frame and then cropping, up to rounding, for less work.
 """
 
+import collections
 import itertools
 import logging
 import math
@@ -48,7 +49,8 @@ READ_ERRORS = (SampleError, OSError, ValueError, SyntaxError, EOFError, struct.e
 # -----------------------------------------------------------------------------
 # videos. Frame i is the i-th frame that a decode from the start shows. Two readers, the same frames: PyAV's
 # (an optional install, used when importable) decodes from the keyframe before each wanted frame; OpenCV's
-# decodes from the start. Each opens the file once per sample: its length and fps, then the frames.
+# decodes from the start. Each opens the file once per sample: its length and fps, then the frames (PyAV's
+# lists a file's packets once per process).
 
 BACKEND = 'pyav' if av else 'opencv'
 
@@ -64,9 +66,11 @@ def open_video(path):
     """An open video: .length (frames), .fps, .read(indices), and close() (or use it in a with block)."""
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
+    stat = os.stat(path)
+    if stat.st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
-    return PyAVVideo(path) if BACKEND == 'pyav' else OpenCVVideo(path)
+    key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)  # a file written again is another file
+    return PyAVVideo(path, key) if BACKEND == 'pyav' else OpenCVVideo(path)
 
 
 def read_video(path, indices):
@@ -178,22 +182,21 @@ SAME_RGB = {'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p',
 
 
 class PyAVVideo(Video):
-    """Lists the packets once (timestamps and keyframe flags only: no decoding, no packet kept, so a long
-    video costs no memory) and numbers the frames by their sorted timestamps. Each wanted frame is decoded
-    from the last keyframe at or before it (a seek), unless the decoder is already on its way there. Every
-    packet after a seek must be the one the list has there, and every frame decoded must carry the timestamp
-    its number expects; where timestamps are missing or repeat, or any of this fails, the file is decoded
-    from the start, as OpenCVVideo does. Only the kept frames are converted to RGB (libswscale, as OpenCV)."""
+    """Lists the packets (timestamps and keyframe flags only: no decoding, no packet kept) and numbers the
+    frames by their sorted timestamps, once per file and process (KNOWN). Each wanted frame is decoded from
+    the last keyframe at or before it (a seek), unless the decoder is already on its way there. Every packet
+    after a seek must be the one the list has there, and every frame decoded must carry the timestamp its
+    number expects; where timestamps are missing or repeat, or any of this fails, the file is decoded from the
+    start, as OpenCVVideo does, from then on. Only the kept frames are converted to RGB (libswscale, as OpenCV)."""
 
-    def __init__(self, path):
-        self.path, self.container = path, None
+    def __init__(self, path, key):
+        self.path, self.container, self.opencv = path, None, None
         try:
-            self.open()
-            same_rgb = self.decoder.format and self.decoder.format.name in SAME_RGB
-            self.opencv = None if same_rgb else OpenCVVideo(path)  # reads the frames; PyAV counts them
-            self.list_packets()
-            fps = self.stream.average_rate or self.stream.guessed_rate
-            self.fps = self.check_fps(float(fps) if fps else 0.0)
+            self.known = KNOWN.get(key) or self.list_packets()
+            KNOWN.add(key, self.known)
+            self.length, self.fps = self.known.length, self.known.fps
+            if self.known.opencv:  # reads the frames; PyAV counted them
+                self.opencv = OpenCVVideo(path)
         except BaseException:
             self.close()
             raise
@@ -211,6 +214,8 @@ class PyAVVideo(Video):
         if self.stream is None:
             raise VideoError(f"{self.path}: no video stream")
         self.decoder = self.stream.codec_context
+        if self.decoder is None:  # a codec FFmpeg has no decoder for (an AVI's unknown fourcc)
+            raise VideoError(f"{self.path}: FFmpeg has no decoder for its video codec")
         self.decoder.thread_count = 1  # the parallelism comes from DataLoader workers
         self.to_rgb = av.video.reformatter.VideoReformatter()  # one conversion set-up for all frames
 
@@ -218,56 +223,76 @@ class PyAVVideo(Video):
         return (p for p in self.container.demux(self.stream) if p.size)  # the end: an empty packet
 
     def list_packets(self):
-        self.packets = []  # (pts, dts, keyframe, discarded) in decoding order
-        try:
-            self.packets += [(p.pts, p.dts, p.is_keyframe, p.is_discard) for p in self.demux()]
+        """What the file's packets say (PacketList), read through once."""
+        self.open()
+        rows = []  # (pts, dts, keyframe, shown) in decoding order; shown is False for packets an edit list
+        try:       # discards (decoded, never shown)
+            rows += [(p.pts, p.dts, p.is_keyframe, not p.is_discard) for p in self.demux()]
         except av.FFmpegError:
             pass  # a truncated file: what could be read is what there is
-        shown = [p[0] for p in self.packets if not p[3]]  # discarded: decoded, never shown (an edit list)
-        self.length = len(shown)
-        if not self.length:
+        dropped = self.drop_leading(rows)
+        fps = self.stream.average_rate or self.stream.guessed_rate
+        same_rgb = bool(self.decoder.format) and self.decoder.format.name in SAME_RGB
+        packets = PacketList(rows, dropped, self.check_fps(float(fps) if fps else 0.0), opencv=not same_rgb)
+        if packets.length <= 0:
             raise VideoError(f"{self.path}: no decodable frames")
-        self.exact = None not in shown and len(set(shown)) == len(shown)
-        if self.exact:
-            self.pts = sorted(shown)  # frame i is shown at self.pts[i]
-            self.number = {t: i for i, t in enumerate(self.pts)}
-            self.position = {self.number[p[0]]: q for q, p in enumerate(self.packets) if not p[3]}
-            self.keyframes = [q for q, p in enumerate(self.packets) if q == 0 or (p[2] and not p[3])]
+        return packets
+
+    def drop_leading(self, rows):
+        """Marks as not shown the packets a decode from the start drops: those before the first keyframe,
+        and the keyframe's leading pictures (shown before it), which refer to pictures before the file begins
+        (a stream-copied cut at an open-GOP keyframe: H.264 B-frames, HEVC RASL pictures; an MPEG-TS cut
+        mid-GOP). The decoder decides, so the packets up to the next keyframe are decoded, once, in a file
+        that has such packets. -> the frames it dropped that no timestamp names (0: the numbering holds)."""
+        keys = [q for q, r in enumerate(rows) if r[2] and r[3]][:2]
+        if not keys or rows[keys[0]][0] is None:
+            return 0  # no keyframe, or no timestamps to number by: decoded from the start
+        first, end = keys[0], keys[1] if len(keys) > 1 else len(rows)
+        leading = [q for q in range(end) if rows[q][3] and (q < first or rows[q][0] is None
+                                                            or rows[q][0] < rows[first][0])]
+        if not leading:
+            return 0
+        self.open()  # back to the first packet
+        shown = [f.pts for q, p in zip(range(end), self.demux()) for f in self.decode(p, last=q == end - 1)]
+        for q in leading:
+            if rows[q][0] not in shown:
+                rows[q] = (*rows[q][:3], False)
+        return sum(r[3] for r in rows[:end]) - len(shown)
 
     def frames(self, wanted):
         if self.opencv:
             return self.opencv.frames(wanted)
-        if self.exact and wanted[-1] < self.length:
+        if self.known.exact and wanted[-1] < self.length:
+            if self.container is None:
+                self.open()
             kept = self.seek_and_decode(wanted)
             if kept is not None:
                 return kept
-            self.exact = False  # the timestamps lied: no more seeking in this file
+            self.known.exact = False  # the timestamps lied: no more seeking in this file, in this process
         return self.decode_from_start(wanted)
 
     def seek_and_decode(self, wanted):
         """{i: RGB frame i} for the wanted frames (ascending), or None where the numbering proves wrong."""
-        kept, want, fed = {}, set(wanted), None  # fed: the position of the last packet the decoder got
+        k, kept, want, fed = self.known, {}, set(wanted), None  # fed: the position of the last packet decoded
         for i in wanted:
-            # the last keyframe before frame i both in decoding and in showing order
-            start = next(q for q in reversed(self.keyframes)
-                         if q <= self.position[i] and (q == 0 or self.packets[q][0] <= self.pts[i]))
+            start = k.start(i)
             if fed is None or start > fed + 1:  # not on its way to frame i: go to that keyframe
                 packets, at = self.seek(start)
                 if packets is None:
                     return None
-                fed, first = at - 1, self.packets[at][0] if at else None
-                expect = self.number[first] if at else 0
+                fed, first = at - 1, int(k.pts[at]) if at else None
+                expect = k.number(first) if at else 0
             while i not in kept:
                 packet = next(packets, None)
                 if packet is None:  # past the last packet: nothing to drain any more
                     return None
                 fed += 1
-                if fed == len(self.packets) or packet.pts != self.packets[fed][0]:
+                if fed == len(k.pts) or stamp(packet.pts) != k.pts[fed]:
                     return None  # not the packet listed there (dts may be guessed anew after a seek)
-                for frame in self.decode(packet, last=fed == len(self.packets) - 1):
+                for frame in self.decode(packet, last=fed == len(k.pts) - 1):
                     if first is not None and frame.pts is not None and frame.pts < first:
                         continue  # shown before the keyframe but decoded after it: not ours to check
-                    if expect >= self.length or frame.pts != self.pts[expect]:
+                    if expect >= k.length or frame.pts != k.frame_pts[expect]:
                         return None
                     if expect in want:
                         kept[expect] = self.rgb(frame)
@@ -277,18 +302,20 @@ class PyAVVideo(Video):
     def seek(self, q):
         """The demuxer and the decoder moved to the keyframe at decoding position q (or to one before it)
         -> (its packets from there, the position of the first), or (None, None) where no seek lands there."""
-        for target in self.packets[q][:2]:  # most containers seek by pts; some (MPEG-TS) only land by dts
+        k = self.known
+        for target in (k.pts[q], k.dts[q]):  # most containers seek by pts; some (MPEG-TS) only land by dts
+            if target == NO_PTS:
+                continue
             try:  # to the last keyframe at or before that time
-                self.container.seek(target, stream=self.stream)
-            except (av.FFmpegError, TypeError):  # TypeError: no timestamp
+                self.container.seek(int(target), stream=self.stream)
+            except av.FFmpegError:
                 continue
             self.decoder.flush_buffers()
             packets = self.demux()
             landed = next(packets, None)
-            shown_at = None if landed is None else landed.pts
-            at = next((k for k in range(q, -1, -1) if self.packets[k][0] == shown_at), None)
-            if at in self.keyframes:  # that keyframe or one before it, never after
-                return itertools.chain([landed], packets), at
+            same = [] if landed is None else np.flatnonzero(k.pts[:q + 1] == stamp(landed.pts))
+            if len(same) and k.is_keyframe(same[-1]):  # that keyframe or one before it, never after
+                return itertools.chain([landed], packets), int(same[-1])
         return None, None
 
     def decode_from_start(self, wanted):
@@ -313,13 +340,98 @@ class PyAVVideo(Video):
 
     def rgb(self, frame):
         rgb = self.to_rgb.reformat(frame, format='rgb24').to_ndarray()
-        return np.rot90(rgb, frame.rotation // 90) if frame.rotation else rgb  # as shown, as OpenCV turns it
+        turns = quarter_turns(frame) if frame.rotation else 0
+        return np.rot90(rgb, turns) if turns else rgb  # as shown, as OpenCV turns it
 
     def close(self):
         if self.container:
             self.container.close()
-        if getattr(self, 'opencv', None):
+        if self.opencv:
             self.opencv.close()
+
+
+def quarter_turns(frame):
+    """Counter-clockwise quarter turns that show a frame as OpenCV shows it: the angle of its display matrix
+    (as FFmpeg's av_display_rotation_get reads it, flips ignored) rounded to whole degrees, where that is a
+    multiple of 90; any other angle leaves the frame as it is."""
+    a, b, c, d = np.frombuffer(bytes(frame.side_data.get('DISPLAYMATRIX')), np.int32)[[0, 1, 3, 4]] / 65536
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if not scale_x or not scale_y:
+        return 0
+    degrees = round(-math.degrees(math.atan2(b / scale_y, a / scale_x)))
+    return degrees // 90 % 4 if degrees % 90 == 0 else 0
+
+
+NO_PTS = np.iinfo(np.int64).min  # a missing timestamp, in a PacketList
+
+
+def stamp(t):
+    return NO_PTS if t is None else t
+
+
+class PacketList:
+    """What a video's packets say, in arrays (a few bytes a frame, so a process keeps many): the length and
+    fps; whether the frames can be numbered by timestamp (exact), and then per packet in decoding order its
+    pts and dts, frame i's pts and the position of its packet, and the positions a decode may start from
+    (the keyframes, and position 0); and whether OpenCV decodes the frames (PyAV's RGB may round otherwise)."""
+
+    def __init__(self, rows, dropped, fps, opencv):
+        shown = [r[0] for r in rows if r[3]]
+        self.length, self.fps, self.opencv = len(shown) - dropped, fps, opencv
+        self.exact = dropped == 0 and None not in shown and len(set(shown)) == len(shown)
+        empty = np.zeros(0, np.int64)
+        self.pts = self.dts = self.frame_pts = self.frame_at = self.keyframes = empty
+        if self.exact:
+            self.pts = np.array([stamp(r[0]) for r in rows], np.int64)
+            self.dts = np.array([stamp(r[1]) for r in rows], np.int64)
+            order = np.argsort(shown)
+            self.frame_pts = np.array(shown, np.int64)[order]  # frame i is shown at frame_pts[i]
+            self.frame_at = np.array([q for q, r in enumerate(rows) if r[3]], np.int64)[order]  # from this packet
+            self.keyframes = np.array([q for q, r in enumerate(rows) if q == 0 or (r[2] and r[3])], np.int64)
+
+    @property
+    def nbytes(self):
+        return 200 + sum(a.nbytes for a in (self.pts, self.dts, self.frame_pts, self.frame_at, self.keyframes))
+
+    def number(self, pts):
+        """The frame shown at `pts`."""
+        return int(np.searchsorted(self.frame_pts, pts))
+
+    def start(self, i):
+        """Where a decode that shows frame i starts: the last keyframe before it both in decoding and in
+        showing order."""
+        j = int(np.searchsorted(self.keyframes, self.frame_at[i], 'right')) - 1
+        while j and self.pts[self.keyframes[j]] > self.frame_pts[i]:
+            j -= 1
+        return int(self.keyframes[j])
+
+    def is_keyframe(self, q):
+        j = np.searchsorted(self.keyframes, q)
+        return j < len(self.keyframes) and self.keyframes[j] == q
+
+
+class Known:
+    """What videos taught this process (a DataLoader worker has its own): their PacketLists by (path, size,
+    mtime, inode), up to `limit` bytes, the least recently used let go first. A video read again (another clip,
+    another epoch) is not listed again, and one that proved unseekable is not tried again."""
+
+    def __init__(self, limit):
+        self.limit, self.lists, self.bytes = limit, collections.OrderedDict(), 0
+
+    def get(self, key):
+        if key in self.lists:
+            self.lists.move_to_end(key)
+        return self.lists.get(key)
+
+    def add(self, key, packets):
+        if key not in self.lists:
+            self.lists[key] = packets
+            self.bytes += packets.nbytes
+        while self.bytes > self.limit:
+            self.bytes -= self.lists.popitem(last=False)[1].nbytes
+
+
+KNOWN = Known(64 * 2**20)  # Known(0): every open lists the packets anew
 
 # -----------------------------------------------------------------------------
 # images

@@ -1,10 +1,13 @@
 """Shared by the model and checkpoint tests: a small config, random weights, foreign key layouts, a
-plain ViT written out with no code shared with model.py, checkpoint files spoilt as disks leave them, and a
-Hugging Face Hub cache laid out as huggingface_hub lays out a download."""
+plain ViT written out with no code shared with model.py, checkpoint files spoilt as disks leave them, a
+Hugging Face Hub cache laid out as huggingface_hub lays out a download, and, for the loader tests, the
+process reading a file, found in /proc and signalled mid-read."""
 
+import errno
 import hashlib
 import math
 import os
+import time
 import zipfile
 
 import torch
@@ -90,6 +93,40 @@ def spoil(path, kind):
     if kind == "zip":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("notes.txt", "a zip archive of something else")
+
+
+def readers_of(path):
+    """The processes but this one that have the file `path` open, from /proc."""
+    pids = []
+    for pid in set(filter(str.isdigit, os.listdir("/proc"))) - {str(os.getpid())}:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in fds):
+                pids.append(int(pid))
+        except OSError:  # gone, or a file descriptor closed meanwhile
+            continue
+    return pids
+
+
+def signal_the_reader(fifo, sig, timeout=300):
+    """Wait until a process opens the FIFO to read, let its open return (as a writer), and send it `sig`:
+    it is then in the middle of reading that sample. -> its pid."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails until a reader waits in open()
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    try:
+        while not (pids := readers_of(fifo)):
+            time.sleep(0.01)
+        os.kill(pids[0], sig)
+        return pids[0]
+    finally:
+        os.close(fd)
 
 
 def hub_cache(cache, repo, folder):

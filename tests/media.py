@@ -100,3 +100,18 @@ def ffmpeg_video(path, *args, source="testsrc2=s=64x48:r=25:d=6,noise=alls=30:al
            *(inputs or ["-f", "lavfi", "-i", source]), *args, str(path)]
     subprocess.run(cmd, check=True)
     return str(path)
+
+
+def image_set_with_a_stall(root, n=12, classes=2):
+    """A custom image set listed in train.csv and val.csv: n PNG files, then stall.png, a FIFO: a read of it
+    never returns (opening it waits for a writer), as on a stalled network mount. -> the FIFO's path."""
+    lines = [f"{i}.png {i % classes}" for i in range(n)]
+    for i in range(n):
+        write_image(os.path.join(root, f"{i}.png"), (24, 24), seed=i)
+    fifo = os.path.join(str(root), "stall.png")
+    os.mkfifo(fifo)
+    with open(os.path.join(root, "train.csv"), "w") as f:
+        f.write("\n".join(lines + ["stall.png 0"]) + "\n")
+    with open(os.path.join(root, "val.csv"), "w") as f:
+        f.write("\n".join(lines[:4]) + "\n")
+    return fifo

@@ -42,6 +42,24 @@ def test_schedule_round_robin_and_weighted():
         data.schedule(0, [1, 0])
 
 
+def test_whole_number_weights_give_each_dataset_exactly_its_steps():
+    """--epochs makes the weights each dataset's steps, the run their sum: past 100,000 steps a period they are
+    kept exactly (not rounded to 1/10,000), so the run is one period and each dataset gets its budget, spread
+    as evenly as before (after t steps, dataset d has had t x its share, give or take less than one step)."""
+    for w in [[225_000, 53_000, 43_203], [109_687, 8]]:
+        run = sum(w)
+        assert [data.steps_before(run, d, w) for d in range(len(w))] == w
+        order = np.frombuffer(data.interleave(tuple(float(k) for k in w)), np.uint8)
+        t = np.arange(1, run + 1)
+        assert len(order) == run and all(np.abs(np.cumsum(order == d) - t * k / run).max() < 1 for d, k in enumerate(w))
+        # a peer of the rule on the first steps: step t goes to the dataset furthest behind t x its share
+        had = [0] * len(w)
+        for step in range(3000):
+            d = max(range(len(w)), key=lambda i: ((step + 1) * w[i] - run * had[i], -i))
+            assert data.schedule(step, w) == d
+            had[d] += 1
+
+
 def test_grad_accum_micro_batches_share_a_dataset():
     smp = data.MultiDatasetBatchSampler([50, 30, 20], [2, 3, 4], weights=[2, 1, 1], grad_accum=4)
     ds_of = [smp.batch(m)[0][0] for m in range(64)]

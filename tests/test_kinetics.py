@@ -2,6 +2,7 @@
 training sets that hold validation videos of another version and of their own, renamed classes, a video in
 two versions; real train.py and eval.py runs."""
 
+import argparse
 import json
 import os
 
@@ -13,6 +14,7 @@ import data
 import eval as evaluate_mod
 import kinetics
 import layouts
+import recipes
 import train
 from media import tiny_video, write_kinetics_csv
 
@@ -160,7 +162,7 @@ def test_training_never_reads_a_validation_video_and_says_what_it_left_out(kinet
         train.main(common + ["--out_dir", str(tmp_path / "off")])  # the guard on would change its training set
 
 
-def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, tmp_path):
+def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(RUN + ["--datasets", "k710", "--data_dir", kinetics_dir, "--out_dir", str(out), "--max_steps", "4",
                       "--final_eval", "multiview"])
@@ -176,6 +178,14 @@ def test_k710_trains_one_head_and_tests_each_version_on_its_rows(kinetics_dir, t
     evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0", "--datasets", "k600", "--out",
                        str(out / "k600.json")])
     assert json.load(open(out / "k600.json"))["k600"]["top1"] == results["k600"]["top1"]
+    assert ckpt["config"]["k710_versions"] == list(kinetics.VERSIONS)
+    del ckpt["config"]["k710_versions"]  # a checkpoint from before the record: the versions on disk, said
+    (out / "old").mkdir()
+    torch.save(ckpt, out / "old" / "ckpt.pt")
+    evaluate_mod.main(["--ckpt", str(out / "old" / "ckpt.pt"), "--workers", "0"])
+    assert "does not record which Kinetics versions" in capsys.readouterr().out
+    assert {v: r["top1"] for v, r in json.load(open(out / "old" / "eval.json")).items()} == \
+        {v: results[v]["top1"] for v in results}
 
 
 def test_bad_input_is_one_line(tmp_path, kinetics_dir):
@@ -196,3 +206,80 @@ def test_bad_input_is_one_line(tmp_path, kinetics_dir):
         ["--datasets", "k710", "--data_dir", clash])
     with pytest.raises(layouts.DatasetError, match="trained without k700"):
         kinetics.label_rows("k700", ["abseiling", "zumba"], MERGED)
+
+
+def test_the_guard_leaves_out_every_video_a_validation_list_names_on_disk_or_not(tmp_path):
+    """K400's val.csv names v2 (its file missing, as 1-3% are) and v3 (a class K400 does not train): both are
+    validation videos, and K700's training copies of them are left out; so in k710, whose merged validation
+    set lists neither as a sample."""
+    root = tmp_path / "d"
+    lists = {"k400": {"train": [("abseiling", "a1"), ("zumba", "a2")],
+                      "val": [("abseiling", "v1"), ("zumba", "v2"), ("yoga", "v3")]},
+             "k700": {"train": [("abseiling", "c1"), ("abseiling", "v1"), ("zumba", "v2"), ("yoga", "v3")],
+                      "val": [("yoga", "c9")]}}
+    for v, splits in lists.items():
+        for split, rows in splits.items():
+            write_kinetics_csv(root / v / "annotations" / f"{split}.csv",
+                               [[label, yid(t), 10, 20, split] for label, t in rows])
+            for _, t in rows:
+                if (v, t) != ("k400", "v2"):
+                    tiny_video(root / v / ("train" if split == "train" else "val") / f"{yid(t)}_000010_000020.mp4")
+    val = {v: data.build_dataset(v, str(root), "val", cache_dir=str(tmp_path / "cache")).samples for v in lists}
+    assert ids_of_listing(val["k400"]) == ["v1"] and val["k400"].problems == {"missing": 1, "unknown_label": 1}
+    assert sorted(val["k400"].absent_ids.tolist()) == [yid("v2").encode(), yid("v3").encode()]
+    k700 = data.build_dataset("k700", str(root), "train", validation=val)
+    assert ids_of(k700) == ["c1"] and k700.samples.left_out == {"total": 3, "of": {"k400": 3, "k700": 0}}
+    cached = data.build_dataset("k400", str(root), "val", cache_dir=str(tmp_path / "cache")).samples
+    assert cached.absent_ids.tolist() == val["k400"].absent_ids.tolist()  # kept with the saved listing
+    k710_val = data.build_dataset("k710", str(root), "val").samples
+    k710 = data.build_dataset("k710", str(root), "train", validation={"k710": k710_val})
+    assert sorted(ids_of(k710)) == ["a1", "a2", "c1"] and k710.samples.left_out["total"] == 3
+
+
+def ids_of_listing(samples):
+    return sorted(i.decode().rstrip("-") for i in samples.ids.tolist())
+
+
+def test_a_k710_run_is_tested_on_the_versions_it_was_built_from(tmp_path):
+    """A k710 run built from K400 and K700 records them; K600 appears mid-run (its validation video v600a is
+    in K700's training list, so k710 trained on it, and its 'yoga' is no class of the head): the final test and
+    eval.py test K400 and K700 only, at k710's --sampling; K600 asked for, or a version missing, is one line."""
+    root = write_versions(tmp_path / "d", ["k400", "k700"], spoil=False)
+    out = tmp_path / "run"
+    run = RUN + ["--datasets", "k710", "--data_dir", root, "--out_dir", str(out), "--max_steps", "2",
+                 "--final_eval", "multiview", "--sampling", "k710=kinetics:4"]
+    train.main(run + ["--stop_at", "1"])
+    write_versions(tmp_path / "d", ["k600"], spoil=False)
+    with open(os.path.join(root, "k600", "annotations", "train.csv"), "a") as f:
+        f.write(f"yoga,{yid('b9')},10,20,train,0\n")
+    tiny_video(os.path.join(root, "k600", "train", f"{yid('b9')}_000010_000020.mp4"))
+    train.main(run)  # resumed: its listing is the one it started with
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["k710_versions"] == ["k400", "k700"]
+    assert set(json.load(open(out / "eval.json"))) == {"k400", "k700"}
+    evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0", "--out", str(out / "again.json")])
+    assert set(json.load(open(out / "again.json"))) == {"k400", "k700"}
+    run_config = ckpt["config"]
+    for v in ("k400", "k700"):  # tested as k710 trained: --sampling k710=kinetics:4
+        assert recipes.sampling(argparse.Namespace(**run_config), v) == {"sampling": "kinetics", "rate": 4}
+        assert evaluate_mod.sizes(argparse.Namespace(views=None), run_config, v)["sampling"]["rate"] == 4
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            evaluate_mod.main(["--ckpt", str(out / "ckpt.pt"), "--workers", "0", "--out", str(out / "e.json"), *argv])
+        assert "\n" not in str(e.value) and e.value.code != 0, e.value
+        return str(e.value)
+
+    assert "built from k400, k700, not k600" in error("--datasets", "k600")
+    (tmp_path / "empty").mkdir()
+    assert "has no k400/, k700/" in error("--data_dir", str(tmp_path / "empty"))
+    only = write_versions(tmp_path / "only400", ["k400"], spoil=False)
+    assert "has no k700/" in error("--data_dir", only)
+
+
+def test_the_versions_of_a_k710_listing_saved_before_it_recorded_them(kinetics_dir, tmp_path):
+    merged = data.build_dataset("k710", kinetics_dir, "train").samples
+    assert merged.parts == ["k400", "k600", "k700"] == kinetics.versions(merged)
+    merged.parts = None  # as saved before the record: the folders of its paths
+    assert kinetics.versions(merged.subset(np.flatnonzero(merged.paths < b"k600"))) == ["k400"]
+    assert kinetics.versions(merged) == ["k400", "k600", "k700"]

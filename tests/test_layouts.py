@@ -1,6 +1,7 @@
 """layouts.py: each dataset's on-disk layout parsed from real files written here, and the compact
 listings that every rank and DataLoader worker shares."""
 
+import argparse
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 
 import data
 import layouts
+import runtime
 from media import make_ssv2, tiny_video, write_image, write_kinetics_csv
 
 
@@ -279,19 +281,67 @@ def test_the_guard_leaves_out_the_validation_videos_it_counts(tmp_path):
     val = {'one': listing([clip('BBBBBBBBBBB'), clip('DDDDDDDDDDD'), 'plain.mp4']),
            'two': listing(['y/' + clip('BBBBBBBBBBB')])}
     kept = layouts.leave_out(train, val, str(tmp_path / 'guarded'))
-    assert kept.left_out == {'total': 2, 'of': {'one': 2, 'two': 1}}
+    assert kept.left_out == {'total': 2, 'of': {'one': 2, 'two': 1}, 'unchecked': 2}  # 2 names give no id
     assert [os.path.basename(kept.path(i)) for i in range(len(kept))] == [
         clip('AAAAAAAAAAA'), clip('CCCCCCCCCCC'), 'CCCCCCCCCCC.mp4', 'short_000001_000011.mp4']
     assert isinstance(kept.labels, np.memmap) and len(pickle.dumps(kept)) < 500  # to workers as a file name
-    assert layouts.Listing.load(str(tmp_path / 'guarded')).left_out == kept.left_out
+    assert layouts.Listing.load(kept.file).left_out == kept.left_out
+    assert runtime.guard_lines(argparse.Namespace(train_on_val_videos=False), ['mine'], [data.ClipDataset(
+        data.custom_spec('mine', kept.paths), kept)])[1] == \
+        "    mine: 2 left out (validation videos of one: 2, two: 1); 2 not checked (their file names give no YouTube id)"
+    assert layouts.leave_out(listing([clip('AAAAAAAAAAA'), clip('BBBBBBBBBBB')]), val).left_out == \
+        {'total': 1, 'of': {'one': 1, 'two': 1}}  # every sample has an id: none unchecked
     assert layouts.leave_out(listing(['plain.mp4']), val).left_out is None  # no ids: not checked
     with pytest.raises(layouts.DatasetError, match='every training sample .* is a validation video of one'):
         layouts.leave_out(listing([clip('BBBBBBBBBBB')]), val)
 
 
-def test_a_listing_saved_without_ids_reads_them_from_its_paths(tmp_path):
+def test_a_listing_saved_without_ids_reads_them_from_its_paths(tmp_path, monkeypatch):
     paths = np.array([b'k/ABCDEFGHIJK_000001_000011.mp4', b'k/x.mp4'])
     np.save(tmp_path / 'old.npy', np.rec.fromarrays([paths, np.zeros(2, np.int32)], names='path,label'))
     (tmp_path / 'old.json').write_text(json.dumps({'root': str(tmp_path), 'classes': ['a'], 'problems': {}}))
+    calls = []
+    read = layouts.youtube_ids
+    monkeypatch.setattr(layouts, 'youtube_ids', lambda paths: calls.append(len(paths)) or read(paths))
     old = layouts.Listing.load(str(tmp_path / 'old'))
+    assert calls == []  # not at every load (each worker loads it): when first asked for, once
     assert old.ids.tolist() == [b'ABCDEFGHIJK', b''] and old.left_out is None
+    assert old.ids.tolist() == [b'ABCDEFGHIJK', b''] and calls == [2]
+
+
+def test_a_guarded_listing_is_saved_once_and_read_by_the_others(tmp_path, monkeypatch):
+    """The first process saves the kept samples under a hash of them; another rank (or a later start) finds
+    them and reads them, and a listing that changed is saved anew. Two hosts whose processes have one pid
+    save to one shared folder: each save's temporary files are its own."""
+    clip = '{}_000001_000011.mp4'.format
+
+    def listing(ids):
+        return layouts.Listing.from_pairs(str(tmp_path), ['a'], [(str(tmp_path / clip(i * 11)), 0) for i in ids])
+
+    val = {'v': listing('B')}
+    first = layouts.leave_out(listing('ABC'), val, str(tmp_path / 'k-train-guarded'))
+    saved = sorted(os.listdir(tmp_path))
+    assert [f for f in saved if f.endswith('.json')] == [os.path.basename(first.file) + '.json']
+
+    def no_save(self, file):
+        raise AssertionError(f'saved again: {file}')
+
+    with monkeypatch.context() as m:
+        m.setattr(layouts.Listing, 'save', no_save)
+        other = layouts.leave_out(listing('ABC'), val, str(tmp_path / 'k-train-guarded'))  # rank 1: reads it
+    assert other.file == first.file and other.paths.tolist() == first.paths.tolist() and sorted(os.listdir(tmp_path)) == saved
+    changed = layouts.leave_out(listing('ABCD'), val, str(tmp_path / 'k-train-guarded'))
+    assert changed.file != first.file and len(changed) == 3
+
+    monkeypatch.setattr(os, 'getpid', lambda: 4242)  # the same pid on two hosts
+    replace, nested = os.replace, []
+
+    def replace_after_another_save(src, dst):  # the other host saves the same file between write and rename
+        if not nested:
+            nested.append(src)
+            listing('XY').save(str(tmp_path / 'shared'))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', replace_after_another_save)
+    assert len(listing('XY').save(str(tmp_path / 'shared'))) == 2
+    assert not [f for f in os.listdir(tmp_path) if '.tmp-' in f]

@@ -137,14 +137,20 @@ def test_layer_decay_sets_each_groups_lr(demo_dir, tmp_path):
 def test_epochs_set_the_weights_and_the_steps():
     """Steps = epochs x samples / samples a step (the global batch over R clips a sample), by hand: 30 x 240,000 /
     (64 / 2) = 225,000; 20 x 169,600 / 64 = 53,000; 1 x 11,060,000 / 256 = 43,203.125, rounded."""
-    def budgets(*flags):
-        args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
+    def budgets(*flags, args=None):
+        args = args or train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1", *flags])
         return recipes.budgets(args, ["a", "b", "c"], [range(240_000), range(169_600), range(11_060_000)],
                                {"a": 64, "b": 64, "c": 256}, {"a": 2, "b": 1, "c": 1}, world=1)
 
-    assert budgets() == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    args = train.get_args(["--datasets", "a,b,c", "--epochs", "a=30,b=20,c=1"])
+    assert budgets(args=args) == ([225_000.0, 53_000.0, 43_203.0], 321_203)
+    assert args.weights == "a=225000,b=53000,c=43203"  # the run's config records the weights it ran
+    weights, steps = budgets()
+    assert [data.steps_before(steps, d, weights) for d in range(3)] == [225_000, 53_000, 43_203]  # the table's
     assert budgets("--max_steps", "321203", "--weights", "225000,53000,43203") == budgets()  # agreeing: fine
+    cover_steps = str(recipes.RECIPES["cover"]["max_steps"])  # typed, the recipe's value is compared too
     for flags, says in [(["--max_steps", "1000"], "makes 321203 steps in all, not --max_steps 1000"),
+                        (["--max_steps", cover_steps], f"makes 321203 steps in all, not --max_steps {cover_steps}"),
                         (["--weights", "c=2"], "not in the ratio of --weights c=2")]:
         with pytest.raises(SystemExit, match=says):
             budgets(*flags)
@@ -456,6 +462,7 @@ def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backen
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
+    (["--sample_time_limit", "600"], "--sample_time_limit 600: seconds in (0, 540)"),
     (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
     (["--save_every", "0min"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),  # as 0 steps
     (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
@@ -475,6 +482,31 @@ def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
         train.main(["--data_dir", demo_dir, "--out_dir", str(tmp_path / "o")] + flags)
     assert message in str(e.value)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weights", "nan"], "--weights nan: finite numbers expected"),
+    (["--weights", "demo_ssv2=inf"], "--weights demo_ssv2=inf: finite numbers expected"),
+    (["--mixup", "nan"], "--mixup nan: finite numbers expected"),
+    (["--lr", "inf"], "--lr inf: a finite number expected"),
+    (["--label_smoothing", "nan"], "--label_smoothing nan: a finite number expected"),
+    (["--std", "0.2,inf,0.2"], "--std 0.2,inf,0.2: three numbers, one per RGB channel (std > 0)"),
+    (["--weights", "0.0004,1,1"], "--weights 0.0004,1,1: demo_kinetics would get no step in --max_steps 1200; "
+                                  "raise the weight or --max_steps"),
+    # periods of 12 steps: 10 to demo_imagenet, and one each to demo_kinetics (step 3) and demo_ssv2 (step 7)
+    (["--weights", "1,1,10", "--max_steps", "4"], "--weights 1,1,10: demo_ssv2 would get no step in --max_steps 4; "
+                                                  "raise the weight or --max_steps"),
+    (["--weights", "demo_ssv2=2,demo_ssv2=1"], "--weights demo_ssv2=2,demo_ssv2=1: demo_ssv2 given twice"),
+    (["--num_sample", "demo_ssv2=2,demo_ssv2=2"], "--num_sample demo_ssv2=2,demo_ssv2=2: demo_ssv2 given twice"),
+])
+def test_flags_that_slipped_past_the_checks_are_one_line_before_any_listing(flags, message):
+    """Not a number, infinite, a weight so small that its dataset never trains in the run (the schedule makes
+    weights small integers), a name given twice: one line each, from the flags' check (train.get_args), which
+    runs before anything is listed."""
+    with pytest.raises(SystemExit) as e:
+        train.get_args(flags)
+    assert str(e.value) == f"error: {message}"
+    assert train.get_args(["--max_steps", "1"]).max_steps == 1  # a run shorter than one step per dataset is no error
 
 
 @pytest.mark.parametrize("kind, says", [("truncated", "is cut short"), ("empty", "is empty (0 bytes)"),

@@ -2,6 +2,8 @@
 on both readers (PyAV's seeking one and OpenCV's), checked against a decode from the start, on the files fast
 readers get wrong; lying and missing headers, image modes and EXIF, crop boxes."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +48,9 @@ def test_read_video_matches_pyav(tmp_path, ext):
 
 X264 = ['-c:v', 'libx264', '-pix_fmt', 'yuv420p', '-preset', 'veryfast']
 OPEN_GOP = X264 + ['-g', '12', '-bf', '3', '-x264-params', 'open-gop=1:scenecut=0']
+X265_OPEN_GOP = ['-c:v', 'libx265', '-pix_fmt', 'yuv420p', '-preset', 'veryfast', '-x265-params',
+                 'keyint=12:min-keyint=12:scenecut=0:bframes=3:open-gop=1:log-level=error']  # CRA keyframes
+CUT = ['-c', 'copy']  # as people cut clips: ffmpeg -ss T -i long.mp4 -c copy clip.mkv, at the keyframe before T
 VFR = "testsrc2=s=64x48:r=50:d=5,noise=alls=30:allf=t+u,select='not(eq(mod(n\\,5)\\,3))*not(eq(mod(n\\,7)\\,2))'"  # drops
 # name -> (FFmpeg arguments, lavfi source or input file): what makes frame numbering or seeking go wrong
 HARD_FILES = {
@@ -65,6 +70,17 @@ HARD_FILES = {
     'dts_as_pts.avi': (X264 + ['-g', '12', '-bf', '2'], None),  # AVI stamps frames in decoding order
     'ten_bit.mkv': (X264[:2] + ['-pix_fmt', 'yuv420p10le', '-g', '12'], None),
     'prepared_gop8.mp4': (X264 + ['-g', '8', '-bf', '0', '-tune', 'fastdecode', '-movflags', '+faststart'], None),
+    # stream-copied cuts that start at an open-GOP keyframe keep the pictures that lead it (shown before it,
+    # referring to the cut-off GOP), which a decoder drops: H.264 B-frames, HEVC RASL pictures
+    'open_gop.ts': (OPEN_GOP, None),
+    'open_gop_hevc.mkv': (X265_OPEN_GOP, None),
+    'cut.mp4': (CUT, ['-ss', '1.3', '-i', 'open_gop.mkv']),  # an edit list marks them
+    'cut.mkv': (CUT, ['-ss', '1.3', '-i', 'open_gop.mkv']),  # without timestamps
+    'cut.ts': (CUT, ['-ss', '1.3', '-i', 'open_gop.ts']),  # with timestamps
+    'cut_hevc.mp4': (CUT + ['-tag:v', 'hvc1'], ['-ss', '1.3', '-i', 'open_gop_hevc.mkv']),
+    'cut_hevc.mkv': (CUT, ['-ss', '1.3', '-i', 'open_gop_hevc.mkv']),
+    'cut_hevc.ts': (CUT, ['-ss', '1.3', '-i', 'open_gop_hevc.mkv']),
+    'cut_mid_gop.ts': (['-ss', '1.2'] + CUT + ['-copyinkf'], ['-i', 'open_gop.ts']),  # starts before a keyframe
 }
 
 
@@ -72,7 +88,7 @@ HARD_FILES = {
 def hard_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp('hard')
     for name, (args, source) in HARD_FILES.items():
-        inputs = [str(folder / a) if a.endswith('.mp4') else a for a in source] if isinstance(source, list) else None
+        inputs = [str(folder / a) if a in HARD_FILES else a for a in source] if isinstance(source, list) else None
         ffmpeg_video(folder / name, *args, inputs=inputs, **({'source': source} if isinstance(source, str) else {}))
     return folder
 
@@ -80,21 +96,39 @@ def hard_files(tmp_path_factory):
 @pytest.mark.parametrize('name', HARD_FILES)
 def test_frames_equal_a_decode_from_the_start(hard_files, name, backend):
     """Any indices, in any order, with repeats: the frames a decode from the start shows (OpenCV's, which
-    turns rotated video upright and converts 10-bit its own way), on both readers."""
+    turns rotated video upright and converts 10-bit its own way), on both readers. PyAV's reader counts the
+    frames; OpenCV's takes a header's count, which can be too large, until a read runs off the end."""
     path = str(hard_files / name)
     full = decode_all(path)
     assert len(full) > 100 and all((full[i] != full[i + 1]).any() for i in range(len(full) - 1))
     n = len(full)
     rng = np.random.default_rng(0)
     with video.open_video(path) as v:
-        if not name.startswith('start_offset.mkv'):  # that header counts the offset as frames (OpenCV)
-            assert v.length == n or backend == 'opencv'
+        assert v.length == n or backend == 'opencv'
         for idx in [rng.integers(0, n, 8), [n - 1, 3, 3, 0, n // 2, n - 1], [n - 1], np.arange(0, n, 7)[::-1],
                     rng.permutation(n)]:
             np.testing.assert_array_equal(v.read(idx), full[np.asarray(idx)], err_msg=f'{name} {idx}')
         if backend == 'pyav':  # it kept seeking (not decoding from the start after a broken numbering)
-            assert v.exact == (name not in ('dts_as_pts.avi', 'repeated_pts.mp4'))
+            assert v.known.exact == (name not in ('dts_as_pts.avi', 'repeated_pts.mp4'))
             assert (v.opencv is None) == (name != 'ten_bit.mkv')
+
+
+@pytest.mark.parametrize('name', [name for name in HARD_FILES if name.startswith('cut')])
+def test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows(hard_files, name, backend):
+    """A stream-copied cut keeps packets that a decoder drops (the pictures that lead its first keyframe, a TS
+    cut's packets before it): they are no frames. Every index read from a fresh open (no read of the first
+    frames that would show a wrong numbering) is that frame of a decode from the start, and frame n is past
+    the end, on both readers; PyAV's counts n frames and still seeks."""
+    path = str(hard_files / name)
+    full = decode_all(path)
+    n = len(full)
+    for i in range(0, n, 9):
+        np.testing.assert_array_equal(video.read_video(path, [i]), full[[i]], err_msg=f'{name} {i}')
+    with pytest.raises(video.VideoError, match=f'ends after {n} frames'):
+        video.read_video(path, [n])
+    if backend == 'pyav':
+        with video.open_video(path) as v:
+            assert v.length == n and v.known.exact and len(v.known.pts) > n  # packets listed that are no frame
 
 
 @pytest.mark.parametrize('name', ['long_gop_bframes.mp4', 'open_gop.mkv', 'vfr.mp4', 'altref.webm', 'edit_list.mp4',
@@ -115,7 +149,7 @@ def test_pyav_decodes_from_the_keyframe_before_each_frame(hard_files, monkeypatc
     real = video.PyAVVideo.decode
     monkeypatch.setattr(video.PyAVVideo, 'decode', lambda self, p, **kw: fed.append(p) or real(self, p, **kw))
     with video.open_video(str(hard_files / 'prepared_gop8.mp4')) as v:
-        assert v.exact and len(v.keyframes) == (v.length + 7) // 8
+        assert v.known.exact and len(v.known.keyframes) == (v.length + 7) // 8
         v.read([100])
         assert len(fed) <= 9, len(fed)
         fed.clear()
@@ -123,7 +157,7 @@ def test_pyav_decodes_from_the_keyframe_before_each_frame(hard_files, monkeypatc
         assert len(fed) <= 8 + 8 + 2, len(fed)
     with video.open_video(str(hard_files / 'dts_as_pts.avi')) as v:
         np.testing.assert_array_equal(v.read([100]), decode_all(hard_files / 'dts_as_pts.avi')[[100]])
-        assert not v.exact
+        assert not v.known.exact
         fed.clear()
         v.read([100])
         assert len(fed) >= 101
@@ -136,7 +170,89 @@ def test_pyav_seeks_land_on_the_keyframe_itself(hard_files, name, monkeypatch):
     dts where the container's seek needs it (MPEG-TS)."""
     monkeypatch.setattr(video, 'BACKEND', 'pyav')
     with video.open_video(str(hard_files / name)) as v:
-        assert [v.seek(q)[1] for q in v.keyframes] == v.keyframes
+        v.open()
+        assert [v.seek(q)[1] for q in v.known.keyframes] == v.known.keyframes.tolist()
+
+
+def test_rotation_as_opencv_shows_it(hard_files, tmp_path, monkeypatch):
+    """A display matrix may turn the picture by any angle. OpenCV turns a frame by that angle rounded to whole
+    degrees where it is a multiple of 90 (89.9: a quarter turn) and leaves it as it is otherwise (-45, 135);
+    PyAV's reader turns it the same."""
+    monkeypatch.setattr(video, 'BACKEND', 'pyav')
+    for angle, upright in [('-45', (48, 64)), ('89.9', (64, 48)), ('90', (64, 48)), ('135', (48, 64)),
+                           ('180', (48, 64)), ('270', (64, 48))]:
+        path = ffmpeg_video(tmp_path / f'turned{angle}.mp4', *CUT,
+                            inputs=['-display_rotation', angle, '-i', str(hard_files / 'prepared_gop8.mp4')])
+        full = decode_all(path)
+        assert full.shape[1:3] == upright, angle
+        np.testing.assert_array_equal(video.read_video(path, [0, 50, 99]), full[[0, 50, 99]], err_msg=angle)
+
+
+def test_any_file_reads_or_is_a_read_error(hard_files, tmp_path, backend):
+    """A header of each container kind followed by junk, junk written over parts of a file, and an AVI whose
+    codec FFmpeg has no decoder for (an unknown fourcc): each reads, or fails with one of READ_ERRORS (the
+    dataset replaces the file), never with another exception, which would end a DataLoader worker."""
+    sources = [hard_files / name for name in ('prepared_gop8.mp4', 'open_gop.mkv', 'altref.webm', 'open_gop.ts')]
+    sources.append(write_video(tmp_path / 'mjpeg.avi', noise_frames(20)))
+    rng, outcomes = np.random.default_rng(0), set()
+    for source in map(str, sources):
+        blob = open(source, 'rb').read()
+        for k, keep in enumerate([64, 512, 4096, None, None, None]):
+            spoilt = bytearray(blob[:keep] + rng.bytes(8000) if keep else blob)
+            for _ in range(0 if keep else 3):
+                at = int(rng.integers(0, len(spoilt)))
+                spoilt[at:at + 100] = rng.bytes(100)
+            path = tmp_path / f'spoilt{k}{source[-4:]}'
+            path.write_bytes(bytes(spoilt))
+            try:
+                with video.open_video(str(path)) as v:
+                    v.read([0, v.length - 1])
+                outcomes.add('read')
+            except video.READ_ERRORS:
+                outcomes.add('read error')
+    assert outcomes == {'read', 'read error'}
+    unknown = tmp_path / 'unknown_fourcc.avi'
+    unknown.write_bytes(open(sources[-1], 'rb').read().replace(b'MJPG', b'XQZW'))
+    with pytest.raises(video.VideoError, match='FFmpeg'):
+        video.read_video(str(unknown), [0])
+
+
+def test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_again(hard_files, tmp_path,
+                                                                                        monkeypatch):
+    """What a file teaches is kept per process by (path, size, mtime, inode), bounded in bytes: a second read lists no
+    packets; a file changed on disk is listed anew; the least recently used list goes first; and a file where
+    seeking proved the numbering wrong (AVI's B-frame timestamps) is read from the start next time without a
+    failed seek first."""
+    monkeypatch.setattr(video, 'BACKEND', 'pyav')
+    monkeypatch.setattr(video, 'KNOWN', video.Known(2**20))
+    listed, seeks = [], []
+    list_packets, seek = video.PyAVVideo.list_packets, video.PyAVVideo.seek
+    monkeypatch.setattr(video.PyAVVideo, 'list_packets', lambda self: listed.append(self.path) or list_packets(self))
+    monkeypatch.setattr(video.PyAVVideo, 'seek', lambda self, q: seeks.append(q) or seek(self, q))
+    a, b = str(tmp_path / 'a.mp4'), str(tmp_path / 'b.mp4')
+    shutil.copy(hard_files / 'prepared_gop8.mp4', a)
+    shutil.copy(hard_files / 'prepared_gop8.mp4', b)
+    full = decode_all(a)
+    for _ in range(3):
+        np.testing.assert_array_equal(video.read_video(a, [100, 7]), full[[100, 7]])
+    assert listed == [a] and seeks
+    one = video.KNOWN.bytes  # the list of one file
+    os.utime(a, ns=(os.stat(a).st_atime_ns, os.stat(a).st_mtime_ns + 10**9))  # as if written again
+    video.read_video(a, [3])
+    assert listed == [a, a]
+    video.KNOWN.limit = one * 3 // 2  # room for one such list
+    video.read_video(b, [3])
+    assert [key[0] for key in video.KNOWN.lists] == [b]
+    assert video.KNOWN.bytes <= video.KNOWN.limit
+    video.read_video(a, [3])
+    assert listed == [a, a, b, a]
+
+    avi = str(hard_files / 'dts_as_pts.avi')
+    expect = decode_all(avi)[[100]]
+    for tries in range(3):
+        seeks.clear()
+        np.testing.assert_array_equal(video.read_video(avi, [100]), expect)
+        assert bool(seeks) == (tries == 0)
 
 
 def test_truncated_file_ends_where_its_reader_stops(hard_files, tmp_path, backend):

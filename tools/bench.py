@@ -18,6 +18,9 @@ own or all together; CUDA when present, else CPU.
   prepare the same per-worker rates (and bit rates) on tools/prepare_videos.py's output under
           other options: keyframe interval 4 / 8 / 16, short side, CRF
   memory  activation and peak memory of a training step, with and without grad_checkpointing
+  long    our train item on a 10-minute video (as downloaded, and prepared), with the packet lists each
+          process keeps (video.KNOWN) and with every read listing the packets again; the bytes kept per
+          frame; with --before FILE also the reader of FILE (git show REV:video.py > FILE)
 
   python tools/bench.py --section train infer           # ViT-B, 8x224, batch 2 (the paper's model)
   python tools/bench.py --section train --depth 2       # same block shapes, 2 of the 12 blocks
@@ -78,6 +81,7 @@ def parse_args(argv=None):
                    help="videos for the data section (default: Kinetics-like clips it writes itself)")
     p.add_argument("--clips", type=int, default=2, help="clips per video per round in the data section")
     p.add_argument("--images", type=int, default=200, help="JPEGs in the image benchmark")
+    p.add_argument("--before", default=None, help="long section: a video.py of another commit, timed beside")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--json", default=None, help="append the JSON lines to this file")
@@ -914,8 +918,79 @@ def section_prepare(args):
           f"Kinetics {args.frames}x32:\n" + per_worker_table(results, sides))
 
 
+def long_videos(args):
+    """{name: path}: a 10-minute 640x360 H.264 video at 30 fps with x264's defaults (a keyframe every 250
+    frames), as downloaded and as tools/prepare_videos.py writes it; kept in <tmp>/cover_bench_videos."""
+    seconds, size = (20, "320x180") if args.quick else (600, "640x360")
+    cache = os.path.join(tempfile.gettempdir(), "cover_bench_videos")
+    path = os.path.join(cache, f"long_v{GEN_VERSION}_{size}_{seconds}s.mp4")
+    if not os.path.exists(path):
+        print(f"writing {path}", flush=True)
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                        f"testsrc2=s={size}:r=30:d={seconds},noise=alls=4:allf=t+u", "-c:v", "libx264",
+                        "-preset", "veryfast", "-pix_fmt", "yuv420p", f"{path}.part.mp4"], check=True)
+        os.replace(f"{path}.part.mp4", path)
+    ready = os.path.join(cache, f"{os.path.basename(path)}.prepared")
+    if not os.path.exists(ready):
+        os.makedirs(ready)
+        prepared([path], ready)
+    return {"as downloaded": path, "prepared": os.path.join(ready, os.listdir(ready)[0])}
+
+
+def with_reader(item, open_video, known):
+    """The train item run with data.py reading through `open_video`, and video.KNOWN = `known`."""
+    def run():
+        import data
+        import video
+
+        data.open_video, video.KNOWN = open_video, known
+        return item()
+    return run
+
+
+def section_long(args):
+    import importlib.util
+
+    import data
+    import video
+
+    single_threaded()
+    sides, clips, results = {}, {}, {}
+    before = None
+    if args.before:  # another commit's reader, as a module of its own
+        spec = importlib.util.spec_from_file_location("video_before", args.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+    for name, path in long_videos(args).items():
+        fns, counts, _ = clip_jobs(args, "k400", [path], ["ours R=1"])
+        clips[name] = counts["ours R=1"]
+        sides[(name, "lists kept")] = with_reader(fns["ours R=1"], video.open_video, video.Known(64 * 2**20))
+        sides[(name, "listed at every read")] = with_reader(fns["ours R=1"], video.open_video, video.Known(0))
+        if before:
+            sides[(name, args.before)] = with_reader(fns["ours R=1"], before.open_video, video.Known(0))
+        video.KNOWN = video.Known(64 * 2**20)  # the bytes one file's list keeps: its arrays'
+        n = video.video_info(path)[0]
+        kept = video.KNOWN.bytes
+        results[name] = {"frames": n, "bytes_kept": kept, "bytes_per_frame": kept / n, "clips_per_s": {}}
+    best, _ = alternate(sides, args.rounds, 1, torch.device("cpu"), stat=min)  # each side's fastest round
+    data.open_video, video.KNOWN = video.open_video, video.Known(64 * 2**20)
+    rows = []
+    for (name, side), t in best.items():
+        results[name]["clips_per_s"][side] = clips[name] / t
+    for name, r in results.items():
+        cps = r["clips_per_s"]
+        rows += [(f"[{name}] clips/s: {side} / listed at every read", cps[side], cps["listed at every read"],
+                  ratio(cps[side], cps["listed at every read"]), "") for side in cps if side != "listed at every read"]
+        rows.append((f"[{name}] bytes a packet list keeps per frame ({r['frames']} frames)", r["bytes_per_frame"],
+                     "", "", ""))
+    config = {"clips_per_video": args.clips, "frames": args.frames, "img_size": args.img_size, "rate": 32,
+              "rounds": args.rounds, "threads": 1}
+    report(args, "long", config, rows, results)
+
+
 SECTIONS = {"train": section_train, "infer": section_infer, "mfu": section_mfu, "data": section_data,
-            "prepare": section_prepare, "memory": section_memory}
+            "prepare": section_prepare, "memory": section_memory, "long": section_long}
 
 
 def main():

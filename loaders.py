@@ -29,7 +29,8 @@ POLL = 1.0  # seconds between the watchdog's looks at the workers
 RESTARTS, WINDOW = 3, 600.0  # more restarts than this within the window: not one bad file, the machine
 QUARANTINE = "quarantine.jsonl"
 PID, DATASET, INDEX, SINCE = range(4)  # the columns of a watched loader's table, a row per worker
-TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm)
+TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm; runtime.shm_warning)
+EVAL_PREFETCH = 2  # and each evaluation worker
 
 
 class MultiDataset(torch.utils.data.Dataset):
@@ -86,7 +87,7 @@ def build_eval_loader(dataset, *, batch_size, rank=0, world=1, workers=4, pin_me
     assert not dataset.train, "build_eval_loader needs a dataset built with train=False"
     mine = (range(len(dataset)) if indices is None else indices)[rank::world]
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=mine,
-                                       **loader_kwargs(workers, pin_memory, prefetch=2))
+                                       **loader_kwargs(workers, pin_memory, EVAL_PREFETCH))
 
 
 # -----------------------------------------------------------------------------

@@ -215,7 +215,7 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
         self.heads = nn.ModuleDict({name: nn.Linear(D, n) for name, n in (heads or {}).items()})
         self.grad_checkpointing = False
-        self.compiled_trunk = None  # compile_trunk()
+        self.compiled_trunk, self.compiled_shapes = None, None  # compile_trunk()
         self.normalization = None  # the mean and std the weights were trained with: from_pretrained
         self.init_weights()
 
@@ -272,12 +272,17 @@ class TimeSformer(nn.Module):
             head = next(iter(self.heads))
         elif head not in self.heads:
             raise KeyError(f"no head {head!r}; the model has {list(self.heads)}")
-        trunk = self.compiled_trunk if self.training and self.compiled_trunk else self.forward_features
+        compiled = self.training and self.compiled_trunk is not None and (
+            self.compiled_shapes is None or tuple(x.shape) in self.compiled_shapes)
+        trunk = self.compiled_trunk if compiled else self.forward_features  # evaluation, other shapes: plain
         return self.heads[head](trunk(x))
 
-    def compile_trunk(self, **kwargs):
+    def compile_trunk(self, shapes=None, **kwargs):
         """torch.compile the trunk for training, not the heads: one graph per input shape, not per head and
-        shape, each with static shapes (clips and images: two). Evaluation, whose batch sizes vary, runs eager."""
+        shape, each with static shapes. shapes: the (B, C, T, H, W) that run compiled, training's full batches
+        (clips and images: two graphs); a batch of another shape, one that lost samples, runs the plain trunk
+        rather than compile a graph of its own (None: every shape compiles). Evaluation runs the plain trunk."""
+        self.compiled_shapes = None if shapes is None else {tuple(s) for s in shapes}
         self.compiled_trunk = torch.compile(self.forward_features, dynamic=False, **kwargs)
 
     def param_groups(self, weight_decay, layer_decay=1.0):

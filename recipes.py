@@ -9,6 +9,7 @@ import importlib.util
 import math
 import os
 import sys
+from decimal import Decimal
 
 import checkpoints
 import data
@@ -130,14 +131,19 @@ def parse(argv, description):
 
 
 def cadence(text):
-    """--save_every / --eval_every: a whole number of steps (an int), or minutes as 'Mmin' (kept as text)."""
-    minutes = number(text.removesuffix("min"), float) if text.endswith("min") else None
-    if minutes is not None and minutes > 0:
-        return f"{minutes:g}min"
-    steps = number(text, int)
-    if steps is None or steps < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: say a number of steps (1000) or of minutes (15min)")
-    return steps
+    """--save_every / --eval_every: a whole number of steps (an int), or minutes as 'Mmin', the exact number typed,
+    never rounded (1e3min: 1000min); 0 and 0min alike are never (--eval_every: only at the end; --save_every
+    refuses it). One line of error for anything else, and for minutes whose period in seconds is 0 or infinite."""
+    if text.endswith("min"):
+        minutes = number(text.removesuffix("min"), Decimal)  # exact: 15.0000001 stays itself
+        if minutes is not None and minutes.is_finite() and (minutes == 0 or 0 < 60 * float(minutes) < math.inf):
+            return 0 if minutes == 0 else f"{minutes.normalize():f}min"
+    else:
+        steps = number(text, int)
+        if steps is not None and steps >= 0:
+            return steps
+    raise argparse.ArgumentTypeError(f"{text!r}: say a whole number of steps (1000) or of minutes (15min, 0.5min), "
+                                     "0 for never")
 
 
 def pick(datasets):
@@ -299,7 +305,7 @@ def per_dataset(args, flag, kind=str):
 def number(text, kind):  # None where `text` is not a number of that kind
     try:
         return kind(text)
-    except ValueError:
+    except (ValueError, ArithmeticError):  # Decimal's InvalidOperation is an ArithmeticError
         return None
 
 

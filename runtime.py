@@ -157,25 +157,42 @@ def report(args, recipe, model, source, rt, peak, names, train_sets, val_sets, l
               + (f"  problems: {problems}" if problems else ""))
     for line in guard_lines(args, names, train_sets):
         print(line)
-    line = shm_warning(args, [local_batch[n] * 3 * tr.frames * args.img_size ** 2 for n, tr in zip(names, train_sets)])
+    clips = [local_batch[n] * tr.frames * 3 * args.img_size ** 2 for n, tr in zip(names, train_sets)]  # uint8
+    # a test batch holds local_batch samples of every view: the final test's, one view in periodic validation
+    views = [tr.spec.test_crops * (tr.spec.test_clips if tr.spec.kind == "video" else 1)
+             if args.final_eval == "multiview" else 1 for tr in train_sets]
+    line = shm_warning(args, max(clips), max(c * v for c, v in zip(clips, views)), pinned=rt.device.type == "cuda")
     if line:
         print(line)
 
 
-def shm_warning(args, batch_bytes, shm="/dev/shm"):
-    """One line when `shm`, through which DataLoader workers hand their batches over, has no room for the batches
-    this node's workers prefetch (a container's default is 64 MB), with the fix; None when it has."""
+def shm_warning(args, train_batch, test_batch, pinned, shm="/dev/shm"):
+    """One line when `shm` has no room for the batches this node's DataLoader workers hand over through it (a
+    container's default is 64 MB), with the fix; None when it has. A batch sits there from its worker's hand-over
+    until the training process lets it go. Without pinned memory (CPU runs) that is after its use: each worker's
+    prefetched batches and the one in use, of the training loader and, while validating or testing beside it, of
+    the evaluation loader. With pin_memory (CUDA runs) a thread copies each batch into pinned memory as it arrives,
+    so about one batch a worker of each loader sits there. Batch sizes in bytes, the largest of each loader."""
     if not args.workers or not os.path.isdir(shm):
         return None
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need = processes * (args.workers * loaders.TRAIN_PREFETCH + 2) * max(batch_bytes)  # + the one in use, pinned
-    free = shutil.disk_usage(shm).free
+    train_mib, test_mib = train_batch / 2**20, test_batch / 2**20
+    if pinned:  # each worker's newest batch, until the pin-memory thread has copied it
+        per_process = args.workers * (train_batch + test_batch)
+        what = (f"about one batch a worker of each loader, on its way into pinned memory: {args.workers} training "
+                f"batches of up to {train_mib:.1f} MiB and {args.workers} test batches of up to {test_mib:.1f} MiB")
+    else:  # each worker's prefetched batches, and the one in use
+        per_process = ((args.workers * loaders.TRAIN_PREFETCH + 1) * train_batch
+                       + (args.workers * loaders.EVAL_PREFETCH + 1) * test_batch)
+        what = (f"{args.workers} workers x {loaders.TRAIN_PREFETCH} prefetched training batches of up to "
+                f"{train_mib:.1f} MiB and the one in use, and while testing {args.workers} x "
+                f"{loaders.EVAL_PREFETCH} test batches of up to {test_mib:.1f} MiB and one more")
+    need, free = processes * per_process, shutil.disk_usage(shm).free
     if free >= need:
         return None
-    return (f"warning: {shm} has {free / 2**20:.0f} MiB free, and the loaders of this node's {processes} process(es) "
-            f"hand over about {need / 2**20:.0f} MiB of prefetched batches through it ({args.workers} workers x "
-            f"{loaders.TRAIN_PREFETCH} batches of up to {max(batch_bytes) / 2**20:.1f} MiB each); they would crash "
-            f"with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
+    return (f"warning: {shm} has {free / 2**20:.0f} MiB free, and the DataLoaders of this node's {processes} "
+            f"process(es) keep up to about {need / 2**20:.0f} MiB of batches there ({what} a process); they would "
+            f"crash with a bus error: run the container with --ipc=host or --shm-size={math.ceil(2 * need / 2**30)}g")
 
 
 def guard_lines(args, names, train_sets):
@@ -250,25 +267,21 @@ class Meter:
 
 class StepValues:
     """What every rank needs from a step, in its one collective: the loss averaged over the ranks, whether any
-    rank got SIGTERM, whether any kept a sample, rank 0's clock (seconds of training, counted over resumes),
-    whether any quarantined samples (then `shared(rt)` runs on every rank, where the values are read) and
-    whether any must stop the run with an error (`halt`). Read one step late: the host queues step N+1 before
+    rank got SIGTERM, whether any kept a sample, the run's clock (rank 0's seconds of training, counted over
+    resumes), whether any quarantined samples (then `shared(rt)` runs on every rank, where the values are read)
+    and whether any must stop the run with an error (`halt`). Read one step late: the host queues step N+1 before
     it waits for step N's values, so the GPU does not idle while the host reads."""
 
     def __init__(self, rt, seconds=0.0, shared=None):
-        self.rt, self.pending, self.start, self.shared = rt, [], clock() - seconds, shared
-        self.stop, self.halt, self.seconds = False, False, seconds  # as of the newest values read
-
-    def now(self):
-        """This process's clock: seconds of training over resumes (rank 0's is the run's)."""
-        return clock() - self.start
+        self.rt, self.pending, self.start, self.shared = rt, [], clock() - seconds, shared  # seconds: a resumed run's
+        self.stop, self.halt, self.clock = False, False, seconds  # as of the newest values read
 
     def send(self, step, dataset, loss, stop, kept=True, quarantined=False, halt=False):
         """Queue step `step`'s values (loss: a 0-d tensor; the flags: this rank's) into the collective
         and, on a GPU, a copy to the host that an event marks: the host later waits for that copy alone, not for
         the work queued after it."""
         rt = self.rt
-        seconds = self.now() * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
+        seconds = (clock() - self.start) * rt.world if rt.master else 0.0  # the average over the ranks is rank 0's
         flags = (stop, kept, seconds, quarantined, halt)
         values = torch.stack([loss, *(torch.full_like(loss, float(v)) for v in flags)])
         if rt.distributed:
@@ -282,14 +295,14 @@ class StepValues:
 
     def read(self, everything=False):
         """-> [(step, dataset, loss, whether a rank kept a sample)] of the steps sent before the newest one
-        (everything: it too), in order; self.stop and self.seconds follow the values read."""
+        (everything: it too), in order; self.stop and self.clock follow the values read."""
         ready = self.pending if everything else self.pending[:-1]
         self.pending = self.pending[len(ready):]
         losses = []
         for step, dataset, values, copied in ready:
             if copied is not None:
                 copied.synchronize()
-            loss, stop, kept, self.seconds, quarantined, halt = values.tolist()  # the step's one read of the device
+            loss, stop, kept, self.clock, quarantined, halt = values.tolist()  # the step's one read of the device
             self.stop, self.halt = self.stop or stop > 0, self.halt or halt > 0
             if quarantined and self.shared:  # on every rank at this same read, so before any save that follows
                 self.shared(self.rt)
@@ -297,21 +310,14 @@ class StepValues:
         return losses
 
 
-class Cadence:
-    """--save_every / --eval_every: due every N steps (0: never), or whenever the run's clock (rank 0's, as every
-    rank reads it in StepValues) passes a multiple of M minutes; multiples of the clock, which counts over
-    resumes, so a resumed run keeps the times it saves at."""
-
-    def __init__(self, every, seconds=0.0):
-        self.steps = every if isinstance(every, int) else None
-        self.period = None if self.steps is not None else 60 * float(every.removesuffix("min"))
-        self.last = seconds  # the clock at the last decision
-
-    def due(self, step, seconds):
-        if self.steps is not None:
-            return self.steps > 0 and step % self.steps == 0
-        passed, self.last = seconds // self.period > self.last // self.period, seconds
-        return passed
+def due(every, step, since, now):
+    """Whether --save_every / --eval_every falls on this step: every N steps (0: never), or 'Mmin' when the run's
+    clock passed a multiple of M minutes between the step before's decision (since) and this one's (now). The
+    run's clock counts over resumes, so a resumed run keeps the times it saves at."""
+    if isinstance(every, int):
+        return every > 0 and step % every == 0
+    period = 60 * float(every.removesuffix("min"))
+    return now // period > since // period
 
 
 def compile_counts():

@@ -98,8 +98,9 @@ def train(args, rt):
             ema.load_state_dict(ckpt["ema"])
         failures.restore(ckpt)  # the counts of failed and dropped samples and of blank steps
         del ckpt
-    if args.compile:
-        model.compile_trunk(backend=args.compile)
+    if args.compile:  # a graph for each dataset's full batch; one that lost samples runs the plain trunk
+        model.compile_trunk({(local_batch[n], 3, ds.frames, args.img_size, args.img_size)
+                             for n, ds in zip(names, train_sets)}, backend=args.compile)
     # Each step trains one head, the same on all ranks; the others get no gradient (their .grad stays
     # None, so neither the optimizer nor weight decay moves them).
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -118,7 +119,6 @@ def train(args, rt):
     model_params = [p.detach() for p in model.parameters()] if ema else None  # detached: no graph to build
     test_kw = dict(batch_sizes=local_batch, normalize=normalize, device=device, dtype=dtype, rank=rt.rank,
                    world=rt.world, workers=args.workers)
-    saving, validating = runtime.Cadence(args.save_every, seconds), runtime.Cadence(args.eval_every, seconds)
     peak = runtime.peak_flops(device, dtype)
     flops = {n: 6 * model.flops(ds.frames, args.img_size) for n, ds in zip(names, train_sets)}  # per clip
     recipe = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k not in ("mean", "std")}  # their own line
@@ -132,14 +132,14 @@ def train(args, rt):
     log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
-    # a step's loss, flags and clock, read after the next step is queued; quarantines shared as they are read
+    # a step's loss, flags and the run's clock, read a step late; quarantines shared as they are read
     late = runtime.StepValues(rt, seconds, shared=batches.share)
+    since = seconds  # the run's clock at the last decisions to validate and save
     wrapped.train()
     while step < args.max_steps:
-        if step == args.stop_at:
-            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
-            log.say(f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
+        if step == args.stop_at or late.stop or late.halt:  # or SIGTERM, or a halt, on any rank (read with a step)
+            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
             break
         d = data.schedule(step, weights)  # the dataset this step trains: CoVeR's one decision
         name = names[d]
@@ -187,9 +187,13 @@ def train(args, rt):
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema)
         step += 1
 
-        # log, validate, save; the step before's values are read now, this step's too where it logs or saves
+        # what this step does, alike on every rank: by the step count, and by the run's clock as last read
         logs = step % args.log_every == 0 or step == args.max_steps
-        settle(late.read(everything=logs), loss_ema, failures, weights, names, args, bar)
+        validates = runtime.due(args.eval_every, step, since, late.clock) and step < args.max_steps  # last: the test
+        saves = runtime.due(args.save_every, step, since, late.clock) or step == args.max_steps
+        since = late.clock
+        # the step before's values; this step's too if it logs, validates or saves (settle: its loss is finite)
+        settle(late.read(everything=logs or validates or saves), loss_ema, failures, weights, names, args, bar)
         if logs:
             record = {"step": step, "lr": lr, **meter.read(peak * rt.world),
                       "loss": {n: round(v, 4) for n, v in loss_ema.items()}, **failures.totals(rt),
@@ -199,23 +203,19 @@ def train(args, rt):
                                 f"MFU {record['mfu']:.1%}")
             log.write(record)
         bar.update(1)
-        if validating.due(step, late.seconds) and step < args.max_steps:  # a fixed subset of each set
-            # the weights validated had a finite loss
-            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)
+        if validates:  # a fixed subset of each set
             val = test_all(tested, dict(zip(names, val_sets)), samples=args.val_samples, **test_kw)
             log.write({"step": step, "val": val, "weights": which})
             wrapped.train()
-        if saving.due(step, late.seconds) or step == args.max_steps or late.stop or late.halt:
-            settle(late.read(everything=True), loss_ema, failures, weights, names, args, bar)  # nothing unread saved
-            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.now())
-        if late.halt:  # after the checkpoint: each rank's line, the one that stopped the run saying why
-            bar.close()
-            why = batches.failed or log.failed or f"rank {rt.rank} stops: another rank stopped the run"
-            sys.exit(f"error: {why}. Saved {files.path} at step {step}: the same command continues from it")
-        if late.stop:
-            log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue.")
-            break
+        if saves:
+            save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
     bar.close()
+    if late.halt:  # after the checkpoint: each rank's line, the one that stopped the run saying why
+        why = batches.failed or log.failed or f"rank {rt.rank} stops: another rank stopped the run"
+        sys.exit(f"error: {why}. Saved {files.path} at step {step}: the same command continues from it")
+    if step < args.max_steps:  # stopped early: --stop_at or SIGTERM
+        log.say(f"\nSIGTERM: saved {files.path} at step {step}; rerun the same command to continue." if late.stop
+                else f"\n--stop_at {step}: saved {files.path}; rerun without --stop_at to continue.")
 
     # ---- the final test: every view of every validation clip
     if args.final_eval == "multiview" and step == args.max_steps:
@@ -287,10 +287,9 @@ def ema_copy(model):
 
 
 def settle(losses, loss_ema, failures, weights, names, args, bar):
-    """Take in the steps' values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite
-    loss ends the run before anything is saved (the model in memory is lost; the last checkpoint on disk is not);
-    a step no rank kept a sample of trained nothing and is counted, and ends the run only for a dataset that
-    never read one (Failures.blank_step)."""
+    """Take in the values read, [(step, dataset index, loss, whether a rank kept a sample)]: a non-finite loss ends
+    the run before anything is logged or saved (the model in memory is lost; the last checkpoint is not); a step
+    no rank kept a sample of trained nothing, is counted, and ends the run only for a dataset that never read one."""
     for step, d, loss, kept in losses:
         if not math.isfinite(loss):
             bar.close()

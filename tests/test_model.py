@@ -234,6 +234,29 @@ def test_compiled_trunk_makes_one_graph_per_input_shape_whatever_the_head():
     torch._dynamo.reset()
 
 
+def test_a_batch_that_lost_samples_runs_the_plain_trunk_and_compiles_no_graph():
+    """Training's full batches (8 clips, 32 images) run compiled, a graph each; batches that lost samples (7 clips
+    down to 1, a blank one; 31 images) run the plain trunk and compile nothing: no rank compiles while the others
+    wait, and no count of batch sizes reaches dynamo's recompile limit."""
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts the graphs compiled, runs them as they are
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.clear_compilation_metrics()
+    before = runtime.compile_counts()["compile"]
+    model = M.TimeSformer(small_cfg(), heads={"v": 3, "i": 5})
+    model.compile_trunk([(8, 3, 4, 32, 32), (32, 3, 1, 32, 32)], backend=backend)
+    for B, T in [(8, 4), (32, 1), *((b, 4) for b in range(7, 0, -1)), (31, 1), (8, 4), (32, 1)]:
+        model(torch.randn(B, 3, T, 32, 32), head="v" if T > 1 else "i").sum().backward()
+    after = runtime.compile_counts()["compile"]
+    assert len(graphs) == 2 and after["graphs"] - before["graphs"] == 2, len(graphs)  # clips and images
+    assert after["recompiles"] - before["recompiles"] == 1  # the second kind
+    torch._dynamo.reset()
+
+
 # Logits of a seeded small model of each attention type, written down before the attention types were
 # separated into their own classes: at init (seeded draws, in their order), then with every weight random,
 # in eval and in train mode (drop path seeded) and on an image. A refactoring must keep them.

@@ -179,42 +179,50 @@ def test_step_values_are_read_one_step_late_unless_all_are_asked_for(monkeypatch
     late = runtime.StepValues(runtime.Runtime(0, 1, torch.device("cpu")), seconds=100.0)
     now[0] = 9.5
     late.send(0, "a", torch.tensor(2.5), False)
-    assert late.read() == [] and late.seconds == 100.0 and late.now() == 102.5
+    assert late.read() == [] and late.clock == 100.0
+    now[0] = 12.0
     late.send(1, "b", torch.tensor(float("nan")), True, kept=False)
-    assert late.read() == [(0, "a", 2.5, True)] and not late.stop and late.seconds == 102.5
+    assert late.read() == [(0, "a", 2.5, True)] and not late.stop and late.clock == 102.5
     got = late.read(everything=True)
     assert [(s, n, k) for s, n, _, k in got] == [(1, "b", False)] and got[0][2] != got[0][2] and late.stop  # NaN
+    assert late.clock == 105.0
     late.send(2, "a", torch.tensor(1.0), False)
     assert late.read(everything=True) == [(2, "a", 1.0, True)] and late.stop and late.read(everything=True) == []
 
 
 def test_a_cadence_in_minutes_is_due_when_the_clock_passes_a_multiple():
-    steps, minutes = runtime.Cadence(3), runtime.Cadence("1min", seconds=50.0)  # resumed at 50 s
-    assert [s for s in range(1, 10) if steps.due(s, 0.0)] == [3, 6, 9]
-    assert [t for t in (55, 59.9, 60, 61, 119, 125, 250) if minutes.due(0, t)] == [60, 125, 250]
-    assert not any(runtime.Cadence(0).due(s, 0.0) for s in range(1, 10))  # --eval_every 0: only at the end
+    assert [s for s in range(1, 10) if runtime.due(3, s, 0.0, 0.0)] == [3, 6, 9]
+    clocks = [50.0, 55, 59.9, 60, 61, 119, 125, 250]  # a run resumed at 50 s, its clock at each step's decision
+    assert [now for since, now in zip(clocks, clocks[1:]) if runtime.due("1min", 0, since, now)] == [60, 125, 250]
+    assert runtime.due("15.0000001min", 0, 899.9, 900.000006) and not runtime.due("15.0000001min", 0, 899.9, 900.0)
+    assert not any(runtime.due(0, s, 0.0, 1e9) for s in range(1, 10))  # --eval_every 0: only at the end
 
 
-@pytest.mark.parametrize("free_mib, processes, says", [
-    (64, 1, "--shm-size=1g"),      # a container's default shm, one process
-    (64, 8, "--shm-size=5g"),      # eight processes on the node
-    (2 ** 14, 8, None),            # 16 GiB: room
+@pytest.mark.parametrize("pinned, free_mib, processes, says", [
+    (False, 64, 1, "--shm-size=2g"),     # a CPU run in a container's default shm
+    (True, 64, 1, "--shm-size=1g"),      # a GPU
+    (True, 64, 8, "--shm-size=5g"),      # eight GPUs on the node
+    (True, 2 ** 12, 8, None),            # 4 GiB: room
+    (False, 2 ** 12, 8, "--shm-size=13g"),
 ])
-def test_shm_too_small_for_the_prefetched_batches_is_one_line_with_the_fix(tmp_path, monkeypatch, free_mib,
-                                                                          processes, says):
-    """The cover recipe's 8 workers a process, each 4 batches ahead, 8 clips of 3x8x224x224 bytes (9.2 MiB):
-    34 batches a process (and the one in use, and the one pinned): 312 MiB a process, 2.4 GiB for 8."""
+def test_shm_too_small_for_the_batches_kept_there_is_one_line_with_the_fix(tmp_path, monkeypatch, pinned, free_mib,
+                                                                           processes, says):
+    """The cover recipe's 8 workers a process, 8 training clips of 3x8x224x224 bytes (9.2 MiB) a batch, test batches
+    of 3 views (27.6 MiB). Without pinned memory (CPU) the batches stay in shm until used: 8 x 4 prefetched and the
+    one in use, and beside them while testing 8 x 2 and one: 33 + 17 x 3 = 84 training batches' worth, 772 MiB a
+    process. With pinned memory (GPU) a thread copies each out as it comes: one a worker of each, 8 + 8 x 3 = 32,
+    294 MiB a process, 2.3 GiB for 8."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: usage._replace(free=free_mib * 2**20)
                         if path == str(tmp_path) else usage)
     args = train.get_args(["--datasets", "k400,ssv2,in21k"])
     batch = 8 * 3 * 8 * 224 * 224
-    line = runtime.shm_warning(args, [batch, 4 * batch // 8], shm=str(tmp_path))
+    line = runtime.shm_warning(args, batch, 3 * batch, pinned, shm=str(tmp_path))
     if says is None:
         assert line is None
     else:
-        need = processes * (8 * 4 + 2) * batch / 2**20
+        need = processes * (32 if pinned else 84) * batch / 2**20
         assert line.startswith(f"warning: {tmp_path} has {free_mib} MiB free") and "\n" not in line
-        assert f"about {need:.0f} MiB" in line and "--ipc=host" in line and says in line
-    assert runtime.shm_warning(argparse.Namespace(workers=0), [batch], shm=str(tmp_path)) is None
+        assert f"about {need:.0f} MiB" in line and "--ipc=host" in line and says in line, line
+    assert runtime.shm_warning(argparse.Namespace(workers=0), batch, batch, pinned, shm=str(tmp_path)) is None

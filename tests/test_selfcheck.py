@@ -4,6 +4,7 @@ them), a wrong kernel makes it fail, and its counting (launches, the GPU's busy 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # tools/ is a folder of scripts, not a package
 
+import model as M  # noqa: E402
 import profile_train  # noqa: E402
 import selfcheck  # noqa: E402
 
@@ -88,6 +90,44 @@ def test_nan_gradient_from_a_backend_fails_and_names_the_rows(monkeypatch, capsy
     assert lines[-1] == "self-check FAILED: " + "; ".join(failed)
 
 
+def doubled_gradient(y):
+    """y's value, with every gradient through it twice as large (as a gradient summed twice would be)."""
+    return 2 * y - y.detach()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return selfcheck.Setup(torch.device("cpu"), M.make_config("demo", drop_path=0.1), 2, "aot_eager", True,
+                           str(tmp_path))
+
+
+def test_a_bf16_step_whose_gradients_are_twice_too_large_fails_its_row(setup, monkeypatch):
+    """Under autocast the trunk's gradients double (its output is the same): the loss and every gradient's
+    direction are those of fp32, so the loss and cosine alone pass it; the norm ratio before clipping fails it."""
+    plain = M.TimeSformer.forward_features
+
+    def sabotaged(self, x):  # in bf16 only
+        return doubled_gradient(plain(self, x)) if torch.is_autocast_enabled("cpu") else plain(self, x)
+
+    monkeypatch.setattr(M.TimeSformer, "forward_features", sabotaged)
+    rows = selfcheck.check_bf16(setup)
+    assert [r["check"] for r in rows] == ["bf16 video step", "bf16 image step"] and not any(r["ok"] for r in rows)
+    for r in rows:
+        cosine, ratio = map(float, re.search(r"grad cosine >= ([\d.]+) .*norm ratio ([\d.]+)", r["detail"]).groups())
+        assert cosine > selfcheck.BF16_COSINE and 1.9 < ratio < 2.1, r  # the direction holds, the size does not
+    monkeypatch.undo()
+    assert all(r["ok"] for r in selfcheck.check_bf16(setup))
+
+
+def test_a_compiled_step_whose_gradients_are_twice_too_large_fails_its_row(setup, monkeypatch):
+    """The gradients compared are the backward's, before clipping scales a doubled gradient back to norm 1."""
+    monkeypatch.setattr(M.TimeSformer, "compile_trunk", lambda self, **kw: setattr(
+        self, "compiled_trunk", lambda x: doubled_gradient(self.forward_features(x))))
+    rows = {r["check"]: r for r in selfcheck.check_grads(setup)}
+    assert [ok for r in rows.values() for ok in [r["ok"]]] == [True, True, False] * 2, rows
+    assert "grad Δ 1.0e+00" in rows["grads video compile"]["detail"]
+
+
 def test_gradient_error_and_cosine_report_the_worst_parameter():
     reference = {"a": torch.ones(4), "b": torch.ones(2)}
     error, name = selfcheck.gradient_error({"a": torch.full((4,), 1.5), "b": torch.ones(2)}, reference)
@@ -118,6 +158,21 @@ def test_gpu_busy_time_is_the_union_of_kernels_within_the_steps():
     kernels = [(0, 2), (1, 3), (5, 6), (9, 12)]
     assert profile_train.busy_time(kernels, 0, 10) == 2 + 1 + 1 + 1  # (0, 3), (5, 6), (9, 10)
     assert profile_train.busy_time(kernels, 1.5, 5.5) == 1.5 + 0.5
+
+
+def test_a_profiled_window_cut_short_by_the_runs_end_counts_only_whole_steps():
+    """profile_train's Recorder, stepped as train.py's optimizer steps it. A run that ends inside the window (skip 1,
+    a warm-up step, 5 to profile; 3 steps taken) leaves the profiler a last span from its third step to its end
+    (the final save, test and teardown): no step, so one whole step is left. A window the run completes counts
+    its steps; one the run ends before, none."""
+    for skip, steps, taken, whole in [(1, 5, 3, 1), (8, 10, 20, 10), (0, 1, 2, 1), (1, 3, 2, 0), (5, 3, 2, 0)]:
+        recorder = profile_train.Recorder(skip, steps, cuda=False)
+        recorder.profiler.start()
+        for _ in range(taken):
+            torch.randn(64, 64) @ torch.randn(64, 64)
+            recorder.after_step(None, (), {})
+        recorder.profiler.stop()
+        assert recorder.result.get("steps", 0) == whole, (skip, steps, taken, recorder.result)
 
 
 def test_readme_row_from_a_runs_json():

@@ -381,6 +381,23 @@ def test_a_step_that_lost_every_sample_trains_nothing_and_the_run_goes_on(tmp_pa
     assert all(torch.equal(x[k], y[k]) for x, y in moments for k in x)
 
 
+def test_a_compiled_run_whose_batches_lost_samples_compiles_one_graph(tmp_path):
+    """--compile on a mostly unreadable set, 3 samples a step (seed 0: steps of 3, 2 and 1 clips, and blank ones):
+    the full batch runs the one graph, the others the plain trunk; log.jsonl counts 1 graph and no recompile."""
+    data_dir = mostly_unreadable(tmp_path)
+    smp = data.MultiDatasetBatchSampler([16], [3])
+    kept = {3 - sum(dropped_in(data_dir, smp.batch(m))) for m in range(6)}
+    assert {3, 2, 1} <= kept, kept  # batches of every size
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.clear_compilation_metrics()
+    train.main(FAST + ["--datasets", "mine", "--data_dir", data_dir, "--max_steps", "6", "--batch_size", "3",
+                       "--workers", "0", "--compile", "eager", "--out_dir", str(tmp_path / "o")])
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl") if '"loss"' in line]
+    assert log[-1]["compile"] == {"graphs": 1, "recompiles": 0, "graph_breaks": 0} and log[-1]["dropped"]["mine"] > 0
+    torch._dynamo.reset()
+
+
 NCCL_AVG = """
 import sys
 sys.path.insert(0, {root!r})
@@ -447,6 +464,7 @@ def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backen
     (["--init", "README.md"], "--init README.md"),
     (["--sample_time_limit", "600"], "--sample_time_limit 600: seconds in (0, 540)"),
     (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
+    (["--save_every", "0min"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),  # as 0 steps
     (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
     (["--epochs", "demo_ssv2=0"], "--epochs demo_ssv2=0: each dataset's budget must be a number of epochs > 0"),
     (["--epochs", "demo_ssv2=2"], "give every dataset in --datasets its epochs (one number for all, or name=epochs "
@@ -739,16 +757,19 @@ def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save
                         or save(self, state))
     train.main(FAST + ["--data_dir", demo_dir, "--out_dir", str(tmp_path), "--max_steps", "7", "--workers", "0",
                        "--log_every", "3", "--save_every", "5"])
-    # step s is sent in the iteration after which s + 1 steps are done: logs after 3 and 6, saves after 5 and 7
+    # step s is sent in the iteration after which s + 1 steps are done: logs after 3 and 6, saves after 5 and 7;
+    # one read a step, of the step before, and of the step itself too where it logs or saves
     assert events == [("send", 0), ("read", []), ("send", 1), ("read", [0]), ("send", 2), ("read", [1, 2]),
-                      ("send", 3), ("read", []), ("send", 4), ("read", [3]), ("read", [4]), ("save", 5),
-                      ("send", 5), ("read", [5]), ("send", 6), ("read", [6]), ("read", []), ("save", 7)]
+                      ("send", 3), ("read", []), ("send", 4), ("read", [3, 4]), ("save", 5),
+                      ("send", 5), ("read", [5]), ("send", 6), ("read", [6]), ("save", 7)]
 
 
 def test_saving_and_validating_by_the_clock_keep_their_times_over_a_resume(demo_dir, tmp_path, monkeypatch):
-    """--save_every 1min, --eval_every 0.5min, each step 10 s of a clock the test drives: saves when the run's
-    clock passes 60, 120, 180 s, validation at 30, 60, ... A run stopped at step 8 and resumed in a process whose
-    clock starts elsewhere continues the run's clock from its checkpoint: the same steps save and validate."""
+    """--save_every 1min, --eval_every 0.5min, each step 10 s of a clock the test drives (step s sends 10 (s + 1)):
+    a step's decisions read the clock of the values read before it, the step before's (a step late), so saves
+    follow the clock's passing 60, 120, 180 s a step later, at steps 7, 13, 19; validation 30, 60, ... at steps
+    4, 7, ... A run stopped at step 8 and resumed in a process whose clock starts elsewhere continues the run's
+    clock from its checkpoint: the same steps save and validate."""
     now = [0.0]
     monkeypatch.setattr(runtime, "clock", lambda: now[0])
 
@@ -770,10 +791,10 @@ def test_saving_and_validating_by_the_clock_keep_their_times_over_a_resume(demo_
     train.main(common + ["--out_dir", str(tmp_path / "resumed"), "--stop_at", "8"])
     now[0] = 1000.0  # a new process: another clock
     train.main(common + ["--out_dir", str(tmp_path / "resumed")])
-    assert saves == {"straight": [6, 12, 18, 20], "resumed": [6, 8, 12, 18, 20]}  # 8: --stop_at
+    assert saves == {"straight": [7, 13, 19, 20], "resumed": [7, 8, 13, 19, 20]}  # 8: --stop_at
     for run in ("straight", "resumed"):
         validated = [r["step"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "val" in r]
-        assert validated == [3, 6, 9, 12, 15, 18], run  # not at the last step: the final test is there
+        assert validated == [4, 7, 10, 13, 16, 19], run  # not at the last step: the final test is there
         assert load(tmp_path / run / "ckpt.pt")["clock"] == 200.0
 
 
@@ -794,9 +815,15 @@ def test_periodic_validation_reads_the_same_evenly_spaced_samples_also_after_a_r
     assert [v[n]["clips"] for v in vals for n in demo.NAMES] == [5] * 6
 
 
-@pytest.mark.parametrize("text, value", [("1000", 1000), ("0", 0), ("15min", "15min"), ("0.5min", "0.5min"),
-                                         ("15m", None), ("-1", None), ("0min", None), ("min", None)])
+@pytest.mark.parametrize("text, value", [
+    ("1000", 1000), ("0", 0), ("15min", "15min"), ("0.5min", "0.5min"), ("15m", None), ("-1", None), ("min", None),
+    ("0min", 0), ("-0min", 0),  # never, as 0 steps is
+    ("15.0000001min", "15.0000001min"), ("15.0min", "15min"), ("1e3min", "1000min"),  # the number typed, exact
+    ("1e400min", None), ("1e307min", None), ("infmin", None), ("nanmin", None),  # a period that would never end
+    ("1e-400min", None), ("-5min", None), ("1e3", None)])  # 0 seconds; negative; steps are whole numbers
 def test_save_and_eval_cadence_is_steps_or_minutes(text, value):
+    """Steps are a whole number, minutes any number, kept exactly (a rounded one would save at other times), and
+    refused in one line where its period in seconds would be 0, infinite or not a number."""
     if value is None:
         with pytest.raises(argparse.ArgumentTypeError, match="steps .* or of minutes"):
             recipes.cadence(text)

@@ -44,10 +44,14 @@ def busy_time(intervals, start, end):
     return busy
 
 
-def summarize(events):
+def summarize(events, whole):
     """Step time, the GPU's idle share and kernels per step of the profiled steps, from the profiler's events:
-    its ProfilerStep spans (one per optimizer step) and the GPU's kernels and copies."""
-    spans = [e.time_range for e in events if e.name.startswith("ProfilerStep")]
+    the first `whole` of its ProfilerStep spans (one per optimizer step; a span after them no optimizer step
+    ended: the run's final save, test and teardown) and the GPU's kernels and copies; {} for none."""
+    spans = sorted((e.time_range for e in events if e.name.startswith("ProfilerStep")), key=lambda r: r.start)
+    spans = spans[:max(whole, 0)]
+    if not spans:
+        return {}
     gpu = [e for e in events if e.device_type == DeviceType.CUDA]
     start, end = min(s.start for s in spans), max(s.end for s in spans)
     out = {"steps": len(spans), "step_ms": (end - start) / len(spans) / 1000}
@@ -62,17 +66,19 @@ class Recorder:
     """The profiler, stepped by the optimizer's steps, and what it and the steps show."""
 
     def __init__(self, skip, steps, cuda):
-        self.result, self.profiler = {}, None
+        self.result, self.profiler, self.skip, self.steps, self.taken = {}, None, skip, steps, 0
         if steps:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             self.profiler = profile(activities=activities, on_trace_ready=self.trace_ready,
                                     schedule=schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1))
 
-    def trace_ready(self, prof):
-        self.result.update(summarize(prof.events()))
+    def trace_ready(self, prof):  # after the window's last step, or at stop() when the run ended within it
+        whole = min(self.steps, self.taken - self.skip - 1)  # the steps taken after the warm-up one
+        self.result.update(summarize(prof.events(), whole))
 
     def after_step(self, optimizer, args, kwargs):  # an optimizer step-post hook
         self.result.setdefault("backend", dist.get_backend() if dist.is_initialized() else None)
+        self.taken += 1
         if self.profiler is not None:
             self.profiler.step()
 
@@ -90,7 +96,7 @@ def main(argv=None):
         train.main(train_argv)
     finally:
         if recorder.profiler is not None:
-            recorder.profiler.stop()  # a window cut short by the run's end is summarized too
+            recorder.profiler.stop()  # a window cut short by the run's end: its whole steps are summarized
         hook.remove()
     if int(os.environ.get("RANK", 0)) == 0:
         recorder.result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None

@@ -8,8 +8,9 @@ if any row failed.
             and backward (output, input and qkv-weight gradients), against the math backend in fp32; and which
             backend PyTorch picks
   bf16      a train step in bf16 against the same step in fp32 (exact fp32 matmuls, the same drop-path draws):
-            the loss, and the cosine of each parameter's gradient
-  grads     the bf16 step with --grad_checkpoint and with --compile: the gradients of the plain step
+            the loss, and each parameter's gradient (before clipping): its cosine and its norm's ratio
+  grads     the bf16 step with --grad_checkpoint and with --compile: the gradients of the plain step (before
+            clipping, which would scale a gradient of the wrong size back)
   launches  kernels that one eager bf16 train step launches (on the CPU: the operators that would each launch one)
   torchrun  train.py under `torchrun --nproc_per_node=1 ... --ddp`: a real process group (NCCL; gloo on the CPU)
             and DDP wrapper for one process, ViT-B 8x224, the cover recipe (SGD, drop path 0.1, bf16), clips
@@ -69,8 +70,9 @@ SDPA_TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 # moves a gradient by a few percent at most; a lost or wrong branch moves it by its whole size.
 GRAD_TOL = 0.1
 # bf16 against fp32: the loss within 2%, each parameter's gradient pointing the same way (a wrong cast or an
-# overflow turns one around, or zeroes it)
-BF16_LOSS_TOL, BF16_COSINE = 0.02, 0.98
+# overflow turns one around, or zeroes it) and of the same size within 10% (a gradient summed twice, or scaled
+# by a forgotten factor, points the same way)
+BF16_LOSS_TOL, BF16_COSINE, BF16_NORM = 0.02, 0.98, 0.1
 VARIANTS = {"plain": (False, False), "ckpt": (False, True), "compile": (True, False)}  # (compile, checkpoint)
 HEADS = {"video": 400, "image": 1000}
 IMAGE_BATCHES = (64, 8192)  # the search doubles from the first, up to the second to bound its time
@@ -210,14 +212,17 @@ def sgd(model):
     return torch.optim.SGD(model.param_groups(1e-4), lr=0.005, momentum=0.9, nesterov=True, foreach=True)
 
 
-def train_step(model, optimizer, x, y, head, dtype=torch.bfloat16, seed=2):
-    """One training step as train.py takes it (drop path drawn from `seed`); the gradients stay in .grad."""
+def train_step(model, optimizer, x, y, head, dtype=torch.bfloat16, seed=2, grads=None):
+    """One training step as train.py takes it (drop path drawn from `seed`) -> its loss. grads, a dict where
+    given, gets each parameter's gradient as the backward left it: before clipping scales them all alike."""
     optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     with runtime.autocast(x.device, dtype):
         logits = model(x, head=head)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
+    if grads is not None:
+        grads.update(gradients(model))
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)  # the form a GPU runs
     optimizer.step()
     return loss.item()
@@ -239,6 +244,19 @@ def gradient_error(grads, reference):
     return worst, worst_name
 
 
+def worst_norm_ratio(grads, reference):
+    """The ratio of a parameter's gradient norm to its reference's farthest from 1 (either way), and its name."""
+    worst, worst_name, farthest = 1.0, "-", 0.0
+    for name, ref in reference.items():
+        if name not in grads:
+            return 0.0, f"{name} got no gradient"
+        ratio = (grads[name].norm() / ref.norm().clamp_min(1e-30)).item()
+        distance = abs(math.log(ratio)) if ratio > 0 else math.inf  # 0 and NaN: the farthest
+        if distance > farthest:
+            worst, worst_name, farthest = ratio, name, distance
+    return worst, worst_name
+
+
 def lowest_cosine(grads, reference):
     """The lowest cosine between a parameter's gradient and its reference, and that parameter's name."""
     worst, worst_name = 1.0, "-"
@@ -257,16 +275,18 @@ def check_bf16(s):
         x, y = make_batch(s.cfg, s.device, kind, s.batch if kind == "video" else 4 * s.batch)
         runs = {}
         for dtype in (torch.float32, torch.bfloat16):
-            model = make_model(s.cfg, s.device)
+            model, grads = make_model(s.cfg, s.device), {}
             with exact_fp32() if dtype == torch.float32 else contextlib.nullcontext():
-                runs[dtype] = train_step(model, sgd(model), x, y, kind, dtype), gradients(model)
+                runs[dtype] = train_step(model, sgd(model), x, y, kind, dtype, grads=grads), grads
             del model
         (loss32, grads32), (loss16, grads16) = runs[torch.float32], runs[torch.bfloat16]
         cosine, name = lowest_cosine(grads16, grads32)
+        ratio, ratio_name = worst_norm_ratio(grads16, grads32)
         gap = abs(loss16 - loss32) / abs(loss32)
-        ok = gap <= BF16_LOSS_TOL and cosine >= BF16_COSINE
+        ok = gap <= BF16_LOSS_TOL and cosine >= BF16_COSINE and abs(ratio - 1) <= BF16_NORM
         rows.append(row(f"bf16 {kind} step", f"loss {loss16:.4f} vs {loss32:.4f}",
-                        f"grad cosine >= {cosine:.4f} ({name}), drop path {s.cfg.drop_path}", ok))
+                        f"grad cosine >= {cosine:.4f} ({name}), norm ratio {ratio:.4f} ({ratio_name}), drop path "
+                        f"{s.cfg.drop_path}", ok))
     return rows
 
 
@@ -286,11 +306,11 @@ def check_grads(s):
                 model.grad_checkpointing = ckpt
                 if compiled:
                     model.compile_trunk(backend=s.compile_backend)  # as train.py --compile does
-                loss = train_step(model, sgd(model), x, y, kind)
+                grads = {}
+                loss = train_step(model, sgd(model), x, y, kind, grads=grads)
             except Exception as e:  # a variant that crashes is a failed row, and the others still run
                 rows.append(error_row(check, e))
                 continue
-            grads = gradients(model)
             if variant == "plain":
                 reference, detail, ok = grads, "the reference", math.isfinite(loss)
             elif reference is None:

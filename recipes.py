@@ -15,7 +15,7 @@ import checkpoints
 import data
 import kinetics
 import model as M
-from runtime import DTYPES
+from runtime import DTYPES, CheckpointFiles
 
 RECIPES = {
     # The built-in demo sets (demo.py), a small model from scratch, fp32 on a CPU in a few minutes.
@@ -218,7 +218,7 @@ def check(args):
     if not 0 < args.sample_time_limit < 540:  # a rank's recovery must end before NCCL's 10-minute timeout
         errors.append(f"--sample_time_limit {args.sample_time_limit:g}: seconds in (0, 540): under DDP the other "
                       "ranks wait for a stuck one in a collective that NCCL ends after 600 s")
-    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
+    if args.resume and not CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt")).any():
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     hub = args.init and args.init.startswith(checkpoints.HUB)
     if hub and importlib.util.find_spec("huggingface_hub") is None:

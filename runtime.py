@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -475,7 +476,7 @@ class CheckpointFiles:
         (it stopped between its two renames, with no ckpt.pt) is newer than ckpt.prev.pt: it is renamed to
         ckpt.pt, finishing that save. CheckpointError, one line, where there are checkpoint files and none
         of them reads."""
-        stopped = sorted(glob.glob(glob.escape(self.path) + ".tmp-*"), key=os.path.getmtime, reverse=True)
+        stopped = self.stopped()
         skipped = []
         on_disk = any(os.path.exists(p) for p in (self.path, self.previous))
         for path in [self.path, *stopped, self.previous] if on_disk else stopped:
@@ -502,6 +503,17 @@ class CheckpointFiles:
             return None, None
         raise CheckpointError("no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in "
                               "its place, or use a new --out_dir to start again")
+
+    def stopped(self):
+        """The temporary files saves left, newest first."""
+        return sorted(glob.glob(glob.escape(self.path) + ".tmp-*"), key=os.path.getmtime, reverse=True)
+
+    def any(self):
+        """Whether load has a checkpoint to resume from, without reading one: ckpt.pt or ckpt.prev.pt (load
+        reads them or says why not), or a temporary file a save left whole (a whole zip archive, as torch.save
+        writes; a cut-short one is skipped by load)."""
+        return (any(os.path.exists(p) for p in (self.path, self.previous))
+                or any(zipfile.is_zipfile(p) for p in self.stopped()))
 
     def read(self, path):
         """The checkpoint in `path`, checked (ValueError, one line, otherwise); the step of ckpt.pt or

@@ -679,6 +679,28 @@ def test_a_save_that_stopped_between_its_renames_is_finished_and_resumed_bit_exa
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
+def test_resume_is_accepted_where_a_whole_temporary_file_is_the_only_checkpoint(tmp_path):
+    """A run's first save killed after writing its temporary file and before renaming it: no ckpt.pt, no
+    ckpt.prev.pt. load resumes from that file, so --resume accepts the folder; a temporary file cut short
+    (the save itself killed) is no checkpoint, for load as for --resume."""
+    out = tmp_path / "run"
+    out.mkdir()
+    tmp = out / "ckpt.pt.tmp-4242"
+    state = {k: {} for k in runtime.RUN_KEYS} | {
+        "step": 6, "sampler": {"micro": 6}, "config": {}, "model_config": {"width": 4, "depth": 1},
+        "model": {"cls_token": torch.zeros(1, 1, 4), "blocks.0.norm2.weight": torch.ones(4)}, "failed": {}}
+    torch.save(state, tmp)
+    whole = tmp.read_bytes()
+    assert train.get_args(["--out_dir", str(out), "--resume"]).resume
+    ckpt, path = runtime.CheckpointFiles(str(out / "ckpt.pt")).load()
+    assert ckpt["step"] == 6 and path == str(out / "ckpt.pt")
+    (out / "ckpt.pt").unlink()
+    tmp.write_bytes(whole[:len(whole) // 2])
+    assert runtime.CheckpointFiles(str(out / "ckpt.pt")).load() == (None, None)
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        train.get_args(["--out_dir", str(out), "--resume"])
+
+
 RANK1_READS_OTHERWISE = """
 import errno, os, sys
 sys.path.insert(0, {root!r})

@@ -490,10 +490,14 @@ class CheckpointFiles:
             if path in stopped:  # finish the save that stopped between its renames
                 try:
                     os.replace(path, self.path)
-                    sync_folder(os.path.dirname(self.path) or ".")
                 except OSError as e:
                     raise CheckpointError(f"cannot rename {path}, the whole checkpoint of step {ckpt['step']} "
                                           f"that a save left, to {self.path}: {e.strerror}") from None
+                try:
+                    sync_folder(os.path.dirname(self.path) or ".")
+                except OSError as e:
+                    raise CheckpointError(f"renamed {path}, the whole checkpoint of step {ckpt['step']} that a save "
+                                          f"left, to {self.path}, but cannot sync its folder: {e.strerror}") from None
                 said.append(f"a save left it whole but did not rename it: now {self.path}")
                 path, self.step = self.path, ckpt["step"]
             if len(said) > 1:
@@ -529,7 +533,7 @@ class CheckpointFiles:
     def save(self, state):
         """Write the temporary file and flush it to disk, rename (keeping the previous one), sync the
         folder so the renames last. When the disk or the folder refuses: CheckpointError, one line, with
-        the temporary file removed and what is intact named."""
+        the temporary file removed and what is intact named (where only the sync fails: what was saved)."""
         folder, tmp = os.path.dirname(self.path) or ".", f"{self.path}.tmp-{os.getpid()}"
         need = state_bytes(state) * 1.05 + 2**20  # the tensors, and room for the archive's own bytes
         try:
@@ -551,11 +555,17 @@ class CheckpointFiles:
                 self.step, self.previous_step = None, self.step
             os.replace(tmp, self.path)
             self.step = state["step"]
-            sync_folder(folder)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise CheckpointError(self.failure(folder, state["step"], need, e)) from None
+        try:
+            sync_folder(folder)
+        except OSError as e:  # written and renamed, but the rename may not outlast a crash of the machine
+            before = f"; {self.previous} holds step {self.previous_step}" if self.previous_step is not None else ""
+            raise CheckpointError(f"saved the checkpoint of step {self.step} as {self.path}, but cannot sync "
+                                  f"{folder} ({e.strerror}): a crash of the machine may undo the save"
+                                  + before) from None
 
     def failure(self, folder, step, need, error):
         """One line: the folder, the step, why, the size needed, and the checkpoints still whole."""

@@ -100,7 +100,8 @@ FAST = {
                       "test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows",
                       "test_any_file_reads_or_is_a_read_error",
                       "test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_again",
-                      "test_a_seam_where_the_decoder_drops_pictures_numbers_what_it_shows_whatever_was_read_before"],
+                      "test_a_seam_where_the_decoder_drops_pictures_numbers_what_it_shows_whatever_was_read_before",
+                      "test_the_cache_bound_counts_the_memory_its_entries_take"],
 }
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import av
 import cv2
@@ -298,6 +299,33 @@ def test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_
         seeks.clear()
         np.testing.assert_array_equal(video.read_video(avi, [100]), expect)
         assert bool(seeks) == (tries == 0)
+
+
+@pytest.mark.parametrize('frames, exact', [(40, True), (300, True), (300, False), (None, None)])
+def test_the_cache_bound_counts_the_memory_its_entries_take(frames, exact):
+    """Known's byte count is what its entries take, as tracemalloc sees them (keys, paths, the dict, PacketLists
+    and their arrays, OpenCV's counts): never less, so 64 MB are at most 64 MB; and not much more, so the room is
+    used. A 10-second clip's list (300 frames), a short clip's, a list that does not number the frames, a count."""
+    rows = [[3 * i if exact else None, 3 * i, i % 12 == 0, True] for i in range(frames or 0)]  # not kept
+
+    def entry(k):
+        key = (f'/data/ssv2/20bn-something-something-v2/{100000 + k}.webm', 123456 + k, 1700000000123456789 + k,
+               9000000 + k)
+        if frames is None:
+            return (*key, 'opencv'), 100 + k
+        return key, video.PacketList(rows, frames, exact, 25.0, 0, opencv=False)
+
+    for count in (700, 2800):  # the dict's table just grown
+        known = video.Known(2**40)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for k in range(count):
+                known.add(*entry(k))
+            real = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert real <= known.bytes <= 1.5 * real, (count, real / count, known.bytes / count)
 
 
 def test_truncated_file_ends_where_its_reader_stops(hard_files, tmp_path, backend):

@@ -203,9 +203,9 @@ def test_a_lying_header_gives_the_same_bytes_whatever_was_read_before(tmp_path, 
 
 def test_test_views_of_a_lying_header_follow_the_test_rule_on_the_true_length(tmp_path, monkeypatch):
     """A truncated webm claims 40 frames (a reader that takes the header believes it). Three test clips of 4
-    frames at rate 5 (12 fps: 2 frames apart, a span of 8): clip k starts at floor((n - 8) * (2k + 1) / 6) of the true n, in order and
-    evenly spread, though the first two clips drawn from the 40 stated would fit. The same views whether the
-    process knew the true length before or not."""
+    frames at rate 5 (12 fps: 2 frames apart, a span of 8): clip k starts at floor((n - 8) * (2k + 1) / 6) of
+    the true n, in order and evenly spread, though the first two clips drawn from the 40 stated would fit. The
+    same views whether the process knew the true length before or not."""
     monkeypatch.setattr(video, 'BACKEND', 'opencv')
     monkeypatch.setattr(video.OpenCVVideo, 'length', STATED)
     path = write_video(tmp_path / 'cust' / 'a.webm', noise_frames(40, seed=5))

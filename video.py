@@ -202,7 +202,7 @@ class PyAVVideo(Video):
     (the same frames either way). Only the kept frames are converted to RGB (libswscale, as OpenCV)."""
 
     def __init__(self, path, key):
-        self.path, self.container, self.opencv = path, None, None
+        self.path, self.container, self.opencv, self.seeks, self.rejected = path, None, None, True, False
         try:
             self.known = KNOWN.get(key) or self.list_packets()
             KNOWN.add(key, self.known)
@@ -297,14 +297,16 @@ class PyAVVideo(Video):
     def frames(self, wanted):
         if self.opencv:
             return self.opencv.frames(wanted)
-        if self.known.exact and wanted[-1] < self.length:
+        if self.known.exact and self.seeks and wanted[-1] < self.length:
             if self.container is None:
                 self.open()
             kept = self.seek_and_decode(wanted)
             if kept is not None:
                 return kept
-            self.known.exact = False  # a seek here shows other frames: from the start from now on (the same
-        return self.decode_from_start(wanted)  # frames, without a failed seek first)
+            self.seeks = False  # other frames than listed: from the start, for this sample
+            if not self.rejected:  # numbered otherwise than listed (the same frames): for the process too
+                self.known.exact = False  # not after a packet the decoder rejected: a seek past it shows the
+        return self.decode_from_start(wanted)  # frame that the list numbers, so its answers must not change
 
     def seek_and_decode(self, wanted):
         """{i: RGB frame i} for the wanted frames (ascending), or None where the numbering proves wrong."""
@@ -373,7 +375,8 @@ class PyAVVideo(Video):
     def send(self, packet):
         try:
             return self.decoder.decode(packet)
-        except av.FFmpegError:  # a broken packet gives no frame and decoding goes on, as in OpenCV
+        except av.FFmpegError:  # a broken packet gives no frame and decoding goes on
+            self.rejected = True
             return []
 
     def rgb(self, frame):

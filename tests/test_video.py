@@ -178,6 +178,28 @@ def test_a_seam_where_the_decoder_drops_pictures_numbers_what_it_shows_whatever_
             video.read_video(path, [n])
 
 
+def test_a_packet_the_decoder_rejects_changes_no_later_answer(tmp_path, monkeypatch):
+    """A partly downloaded mp4 (packet 30's bytes zeroed: the demuxer lists it, the decoder rejects it): a read
+    that meets it decodes from the start, for that read only; what a read returns never depends on what the
+    process read before."""
+    monkeypatch.setattr(video, 'BACKEND', 'pyav')
+    path = tmp_path / 'hole.mp4'
+    ffmpeg_video(path, '-c:v', 'libx264', '-g', '12', '-bf', '0', '-pix_fmt', 'yuv420p')
+    with av.open(str(path)) as c:
+        pos, size = [(p.pos, p.size) for p in c.demux(video=0) if p.size][30]
+    data = bytearray(path.read_bytes())
+    data[pos:pos + size] = bytes(size)
+    path.write_bytes(data)
+    path = str(path)
+    monkeypatch.setattr(video, 'KNOWN', video.Known(2**26))
+    fresh = video.read_video(path, [40, 70])
+    across = video.read_video(path, [25, 33])  # meets the rejected packet: decoded from the start
+    np.testing.assert_array_equal(video.read_video(path, [40, 70]), fresh)
+    monkeypatch.setattr(video, 'KNOWN', video.Known(2**26))  # another process, that read across it first
+    np.testing.assert_array_equal(video.read_video(path, [25, 33]), across)
+    np.testing.assert_array_equal(video.read_video(path, [40, 70]), fresh)
+
+
 @pytest.mark.parametrize('name', ['long_gop_bframes.mp4', 'open_gop.mkv', 'vfr.mp4', 'altref.webm', 'edit_list.mp4',
                                   'prepared_gop8.mp4'])
 def test_pyav_agrees_with_itself_from_the_start(hard_files, name):

@@ -2,9 +2,13 @@
 never returns (a FIFO, as a stalled network mount) costs a restart and that one sample, named and
 quarantined; the batches are the batches of a loader that never read the sample, bit for bit."""
 
+import contextlib
 import itertools
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,8 +17,8 @@ import torch
 
 import data
 import loaders
-from helpers import signal_the_reader
-from media import image_set_with_a_stall
+from helpers import readers_of, signal_the_reader
+from media import image_set_with_a_stall, write_image
 
 KW = dict(weights=[1], seed=3, num_sample=[1])
 MICRO = 8  # micro-batches of 4 from 13 samples: the stall is met in two epochs
@@ -76,3 +80,99 @@ def test_a_worker_killed_between_samples_costs_no_sample(tmp_path, capsys):
     said = [line for line in capsys.readouterr().out.splitlines() if "] loader worker " in line]
     assert len(said) == 1 and "killed by SIGKILL; the loader starts again at micro-batch " in said[0], said
     assert batches.new == [] and batches.quarantine == {}
+
+
+# ---- the job's signals: SIGTERM and SIGSTOP / SIGCONT to the whole process group are no worker's fault
+
+CHILD = """
+import json, os, signal, sys, threading
+sys.path[:0] = [{root!r}, {tests!r}]
+import data, loaders
+
+if __name__ == "__main__":  # the fork server imports this file too
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    datasets = [data.build_dataset("mine", sys.argv[1], "train", img_size=16)]
+    batches = loaders.TrainBatches(datasets, ["mine"], [4], out_dir=sys.argv[2], time_limit=float(sys.argv[3]),
+                                   workers=2, stopping=stopping, weights=[1], seed=3, num_sample=[1])
+    failed = [next(batches)["failed"] for _ in range({micro})]
+    print(json.dumps({{"failed": failed, "restarts": len(batches.restarts), "quarantine": list(batches.quarantine),
+                      "stopping": stopping.is_set()}}), flush=True)
+"""
+
+
+def serve(fifo, content, stop):
+    """Each open of the FIFO to read gets `content`, until `stop` is set: the stall is a slow file, not a dead one."""
+    while not stop.is_set():
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails until a reader waits in open()
+        except OSError:
+            time.sleep(0.02)
+            continue
+        os.set_blocking(fd, True)
+        with contextlib.suppress(BrokenPipeError):  # a reader that left (killed with the job)
+            os.write(fd, content)
+        os.close(fd)
+
+
+def held_reader(fifo, proc=None, timeout=120):
+    """Wait until a process opens the FIFO to read and let its open return: -> the write end, unwritten (the
+    reader now waits in read(), in the middle of the sample)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            assert time.monotonic() < deadline and (proc is None or proc.poll() is None)
+            time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGSTOP"])
+def test_the_jobs_own_signals_quarantine_nothing(tmp_path, signals):
+    """SIGTERM to the process group (preemption, scancel) kills the workers and the fork server with the job: no
+    fault, nothing quarantined or counted, and new workers give the batches. A job suspended for longer than the
+    limit (Ctrl-Z / fg, scontrol suspend) while a worker reads: the read was not stuck, the time was nobody's."""
+    fifo, _ = stall_set(tmp_path)
+    png = tmp_path / "a.png"
+    write_image(png, (24, 24))
+    script = tmp_path / "child.py"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(CHILD.format(root=root, tests=os.path.join(root, "tests"), micro=MICRO))
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), str(tmp_path), "3"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stop = threading.Event()
+    try:
+        fd = held_reader(fifo, p)
+        reader = readers_of(fifo)
+        if signals == "SIGTERM":
+            os.killpg(p.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while any(loaders.process_state(pid) not in ("gone", "dead (Z)") for pid in reader):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.close(fd)
+        else:
+            os.killpg(p.pid, signal.SIGSTOP)
+            time.sleep(8)  # over the limit of 3 s
+            os.killpg(p.pid, signal.SIGCONT)
+            time.sleep(0.5)  # the watchdog's first look after the pause, while the read goes on
+            os.set_blocking(fd, True)
+            os.write(fd, png.read_bytes())
+            os.close(fd)
+        threading.Thread(target=serve, args=(fifo, png.read_bytes(), stop), daemon=True).start()
+        text = p.communicate(timeout=300)[0]
+    finally:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, text[-3000:]
+    result = json.loads([line for line in text.splitlines() if line.startswith('{"failed"')][-1])
+    assert result["quarantine"] == [] and result["restarts"] == 0, text[-3000:]
+    assert all(failed == [] for failed in result["failed"]), result  # the FIFO read whole, each time
+    lines = [line for line in text.splitlines() if "] " in line and "loader" in line]
+    if signals == "SIGTERM":
+        assert result["stopping"] and len(lines) == 1 and lines[0].startswith("[rank 0] SIGTERM: loader worker "), lines
+        assert "quarantined" not in lines[0] and "status 255" not in lines[0]
+    else:
+        assert lines == [], lines

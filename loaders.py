@@ -103,7 +103,8 @@ class TrainBatches:
     sampler's whole state), so the loop gets the batches it would have got, a quarantined sample replaced
     as an unreadable file is. Time is the watchdog's own looks: time it did not see (the job suspended) is
     not stuck time. More than RESTARTS restarts within WINDOW seconds: `failed` says why the run must stop,
-    and the workers stay watched for the batches the loop reads until it stops. Once `stopping` is set
+    and the batches the loop reads until it stops come from watched workers as before where the workers were
+    reading (a stalled mount), from this process where they died reading nothing. Once `stopping` is set
     (SIGTERM: the job's processes all get it), a worker's death is no fault: nothing is quarantined or
     counted, and new workers read what the loop needs before it saves."""
 
@@ -248,16 +249,16 @@ class TrainBatches:
             self.failed = (f"the loader's workers failed {len(self.restarts)} times within {WINDOW / 60:g} "
                            f"minutes, the last: {'; '.join(what)}. More than a few bad files: is the machine "
                            "out of memory (dmesg names the OOM killer) or /dev/shm full? Try fewer --workers")
-        self.start_again()
+        self.start_again(0 if self.failed and not paths else self.workers)  # no file's fault: workers die here
 
-    def start_again(self):
+    def start_again(self, workers=None):
         with self.lock:
             for process in getattr(self.batches, "_workers", []):
                 if process.exitcode is None:
                     process.kill()
             self.batches = self.loader = None  # DataLoader's shutdown joins the workers, closes its queues
             self.pids = []
-            self.start(self.workers)
+            self.start(self.workers if workers is None else workers)
 
     def share_and_restart(self, rt):
         """After a step on which some rank quarantined samples: every rank takes every rank's, rank 0 writes

@@ -160,7 +160,11 @@ class TrainBatches:
     def next_or_fault(self):
         """-> (the next batch, None), or (None, (what happened, [(d, index) being read])) when a worker died."""
         if self.batches is None:
-            batches = iter(self.loader)
+            try:
+                batches = iter(self.loader)
+            except (OSError, EOFError) as e:  # no worker to start: fork refused (ENOMEM, EAGAIN), no fork server
+                return None, ([f"loader workers could not start ({e.strerror or e})"
+                               if isinstance(e, OSError) else f"loader workers could not start ({e!r})"], [])
             with self.lock:
                 self.batches = batches
                 self.pids = [(w.pid, started(w.pid)) for w in getattr(batches, "_workers", [])]

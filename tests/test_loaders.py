@@ -3,6 +3,7 @@ never returns (a FIFO, as a stalled network mount) costs a restart and that one 
 quarantined; the batches are the batches of a loader that never read the sample, bit for bit."""
 
 import contextlib
+import errno
 import itertools
 import json
 import multiprocessing
@@ -329,3 +330,23 @@ def test_every_exit_is_said():
     assert loaders.exit_status(-9) == "killed by SIGKILL" and loaders.exit_status(3) == "exited with status 3"
     assert loaders.exit_status(-40) == "killed by signal 40"  # a real-time signal: no name
     assert loaders.exit_status(255) == "exited with status 255"  # no fork server named: its own exit
+
+
+def test_workers_that_cannot_start_cost_a_restart(tmp_path, capsys, monkeypatch):
+    """The kernel refuses the fork (EAGAIN: too many processes; ENOMEM), injected at the start of a worker:
+    a restart, counted and said, not a traceback; the batches then come."""
+    stalled_set(tmp_path / "data" / "mine", 8, 0)
+    datasets = [data.build_dataset("mine", tmp_path / "data", "train", img_size=16)]
+    batches = loaders.TrainBatches(datasets, ["mine"], [2], out_dir=str(tmp_path), time_limit=60, workers=1, **KW)
+    start, refused = multiprocessing.context.ForkServerProcess._Popen, []
+
+    def refuse_twice(process):
+        if len(refused) < 2:
+            refused.append(process)
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return start(process)
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "_Popen", staticmethod(refuse_twice))
+    assert isinstance(next(batches), dict) and len(batches.restarts) == 2
+    said = [line for line in capsys.readouterr().out.splitlines() if "] loader workers " in line]
+    assert said == ["[rank 0] loader workers could not start (Resource temporarily unavailable); the loader starts "
+                    "again at micro-batch 0"] * 2

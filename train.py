@@ -210,7 +210,8 @@ def train(args, rt):
         if saves:
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
     bar.close()
-    if late.halt:  # after the checkpoint: each rank's line, the one that stopped the run saying why
+    if late.halt or log.failed and step < args.max_steps:  # after the checkpoint: each rank's line, the one that
+        # stopped the run saying why (--stop_at may come before the step that would carry a record's failure)
         why = batches.failed or log.failed or f"rank {rt.rank} stops: another rank stopped the run"
         sys.exit(f"error: {why}. Saved {files.path} at step {step}: the same command continues from it")
     if step < args.max_steps:  # stopped early: --stop_at or SIGTERM

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 from data import MultiDatasetBatchSampler
 from video import SampleError
 
@@ -436,6 +437,7 @@ def worker_init(worker_id, owner=None, table=None):
         multi.row = row
         for d, ds in enumerate(multi.datasets):
             ds.before_read = Guard(ds.before_read.paths, row, d)
+            data._WARNED.update(ds.before_read.paths)  # said where quarantined, not again by each new worker
 
 
 def exit_with(pid):

@@ -350,3 +350,19 @@ def test_workers_that_cannot_start_cost_a_restart(tmp_path, capsys, monkeypatch)
     said = [line for line in capsys.readouterr().out.splitlines() if "] loader workers " in line]
     assert said == ["[rank 0] loader workers could not start (Resource temporarily unavailable); the loader starts "
                     "again at micro-batch 0"] * 2
+
+
+def test_new_workers_do_not_say_each_quarantined_file_again(tmp_path, capfd):
+    """A quarantined file was said where it was quarantined (the restart's line, or the count at start-up): the
+    workers of each new loader skip it without a warning of their own."""
+    stalled_set(tmp_path / "data" / "mine", 8, 0)
+    datasets = [data.build_dataset("mine", tmp_path / "data", "train", img_size=16)]
+    path = datasets[0].samples.path(0)
+    (tmp_path / "quarantine.jsonl").write_text(json.dumps({"dataset": "mine", "path": path, "why": "a test"}) + "\n")
+    batches = loaders.TrainBatches(datasets, ["mine"], [4], out_dir=str(tmp_path), time_limit=60, workers=1, **KW)
+    failed = []
+    for _ in range(3):  # three loaders, each reading an epoch and more
+        failed += [f for _ in range(3) for f in next(batches)["failed"]]
+        batches.start_again()
+    assert failed.count(path) >= 3  # met by each, replaced unread
+    assert "unreadable sample" not in capfd.readouterr().err

@@ -743,9 +743,9 @@ def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save
     sent, which is after its forward and backward; a step that logs or saves reads its own at once."""
     events, send, read, save = [], runtime.StepValues.send, runtime.StepValues.read, runtime.CheckpointFiles.save
 
-    def sent(self, step, *args):
+    def sent(self, step, *args, **kwargs):
         events.append(("send", step))
-        send(self, step, *args)
+        send(self, step, *args, **kwargs)
 
     def got(self, everything=False):
         losses = read(self, everything)

@@ -263,7 +263,7 @@ class TrainBatches:
                     process.kill()
             self.batches = self.loader = None  # DataLoader's shutdown joins the workers, closes its queues
             self.pids = []
-            self.start(self.workers if workers is None else workers)
+            self.start((0 if self.rows is None else len(self.rows)) if workers is None else workers)  # as it was
 
     def share_and_restart(self, rt):
         """After a step on which some rank quarantined samples: every rank takes every rank's, rank 0 writes

@@ -15,7 +15,7 @@ import checkpoints
 import data
 import kinetics
 import model as M
-from runtime import DTYPES
+from runtime import DTYPES, CheckpointFiles
 
 RECIPES = {
     # The built-in demo sets (demo.py), a small model from scratch, fp32 on a CPU in a few minutes.
@@ -195,10 +195,11 @@ def check(args):
         errors.append(str(e))
     try:
         weights = dataset_weights(args, names)
-        idle = [] if args.epochs else idle_datasets(args, names, weights)  # epochs give each dataset steps
+        idle, enough = ([], None) if args.epochs else idle_datasets(args, names, weights)  # epochs: steps each
         if idle:
             errors.append(f"--weights {args.weights}: {', '.join(idle)} would get no step in --max_steps "
-                          f"{args.max_steps}; raise the weight or --max_steps")
+                          f"{args.max_steps}; " + (f"give --max_steps {enough} or more, or raise the weight" if enough
+                                                   else "raise the weight"))
         for n in names:
             sampling(args, n)
     except ValueError as e:
@@ -218,7 +219,7 @@ def check(args):
     if not 0 < args.sample_time_limit <= 300:  # a rank's recovery must end before NCCL's 10-minute timeout
         errors.append(f"--sample_time_limit {args.sample_time_limit:g}: seconds in (0, 300]: under DDP the other "
                       "ranks wait for a stuck one in a collective that NCCL ends after 600 s (docs/cluster.md)")
-    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("ckpt.pt", "ckpt.prev.pt")):
+    if args.resume and not CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt")).any():
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     hub = args.init and args.init.startswith(checkpoints.HUB)
     if hub and importlib.util.find_spec("huggingface_hub") is None:
@@ -342,10 +343,14 @@ def budgets(args, names, train_sets, local_batch, num_sample, world):
 
 
 def idle_datasets(args, names, weights):
-    """The datasets whose weight gives them no step in the run (data.schedule: weights are made small integers,
-    and a tiny one becomes 0); a run with fewer steps than datasets leaves some out whatever the weights."""
-    steps = max(args.max_steps, len(names))
-    return [n for d, n in enumerate(names) if data.steps_before(steps, d, weights) == 0]
+    """A run of at least one step per dataset trains each one (data.schedule makes the weights small integers,
+    and a tiny one becomes 0); a shorter run, a smoke test, may leave some out, whatever the weights. -> (the
+    datasets left out of the run, the smallest --max_steps that gives each a step, or None where none does)."""
+    if args.max_steps < len(names):
+        return [], None
+    firsts = [int(s[0]) if len(s) else None for s in data.steps_of(tuple(float(w) for w in weights))]
+    idle = [n for n, first in zip(names, firsts) if first is None or first >= args.max_steps]
+    return idle, None if None in firsts else max(firsts) + 1
 
 
 def num_sample(args, name, kind):

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -475,7 +476,7 @@ class CheckpointFiles:
         (it stopped between its two renames, with no ckpt.pt) is newer than ckpt.prev.pt: it is renamed to
         ckpt.pt, finishing that save. CheckpointError, one line, where there are checkpoint files and none
         of them reads."""
-        stopped = sorted(glob.glob(glob.escape(self.path) + ".tmp-*"), key=os.path.getmtime, reverse=True)
+        stopped = self.stopped()
         skipped = []
         on_disk = any(os.path.exists(p) for p in (self.path, self.previous))
         for path in [self.path, *stopped, self.previous] if on_disk else stopped:
@@ -489,10 +490,14 @@ class CheckpointFiles:
             if path in stopped:  # finish the save that stopped between its renames
                 try:
                     os.replace(path, self.path)
-                    sync_folder(os.path.dirname(self.path) or ".")
                 except OSError as e:
                     raise CheckpointError(f"cannot rename {path}, the whole checkpoint of step {ckpt['step']} "
                                           f"that a save left, to {self.path}: {e.strerror}") from None
+                try:
+                    sync_folder(os.path.dirname(self.path) or ".")
+                except OSError as e:
+                    raise CheckpointError(f"renamed {path}, the whole checkpoint of step {ckpt['step']} that a save "
+                                          f"left, to {self.path}, but cannot sync its folder: {e.strerror}") from None
                 said.append(f"a save left it whole but did not rename it: now {self.path}")
                 path, self.step = self.path, ckpt["step"]
             if len(said) > 1:
@@ -502,6 +507,17 @@ class CheckpointFiles:
             return None, None
         raise CheckpointError("no checkpoint to resume from: " + "; ".join(skipped) + ". Put a good ckpt.pt in "
                               "its place, or use a new --out_dir to start again")
+
+    def stopped(self):
+        """The temporary files saves left, newest first."""
+        return sorted(glob.glob(glob.escape(self.path) + ".tmp-*"), key=os.path.getmtime, reverse=True)
+
+    def any(self):
+        """Whether load has a checkpoint to resume from, without reading one: ckpt.pt or ckpt.prev.pt (load
+        reads them or says why not), or a temporary file a save left whole (a whole zip archive, as torch.save
+        writes; a cut-short one is skipped by load)."""
+        return (any(os.path.exists(p) for p in (self.path, self.previous))
+                or any(zipfile.is_zipfile(p) for p in self.stopped()))
 
     def read(self, path):
         """The checkpoint in `path`, checked (ValueError, one line, otherwise); the step of ckpt.pt or
@@ -517,7 +533,7 @@ class CheckpointFiles:
     def save(self, state):
         """Write the temporary file and flush it to disk, rename (keeping the previous one), sync the
         folder so the renames last. When the disk or the folder refuses: CheckpointError, one line, with
-        the temporary file removed and what is intact named."""
+        the temporary file removed and what is intact named (where only the sync fails: what was saved)."""
         folder, tmp = os.path.dirname(self.path) or ".", f"{self.path}.tmp-{os.getpid()}"
         need = state_bytes(state) * 1.05 + 2**20  # the tensors, and room for the archive's own bytes
         try:
@@ -539,11 +555,17 @@ class CheckpointFiles:
                 self.step, self.previous_step = None, self.step
             os.replace(tmp, self.path)
             self.step = state["step"]
-            sync_folder(folder)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise CheckpointError(self.failure(folder, state["step"], need, e)) from None
+        try:
+            sync_folder(folder)
+        except OSError as e:  # written and renamed, but the rename may not outlast a crash of the machine
+            before = f"; {self.previous} holds step {self.previous_step}" if self.previous_step is not None else ""
+            raise CheckpointError(f"saved the checkpoint of step {self.step} as {self.path}, but cannot sync "
+                                  f"{folder} ({e.strerror}): a crash of the machine may undo the save"
+                                  + before) from None
 
     def failure(self, folder, step, need, error):
         """One line: the folder, the step, why, the size needed, and the checkpoints still whole."""

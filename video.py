@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import struct
+import sys
 
 # FFmpeg prints a line per broken packet and OpenCV a warning per unopenable file; data.py reports every
 # unreadable file itself, once. Set these variables to override.
@@ -47,10 +48,11 @@ READ_ERRORS = (SampleError, OSError, ValueError, SyntaxError, EOFError, struct.e
                Image.DecompressionBombError, *([av.FFmpegError] if av else []))
 
 # -----------------------------------------------------------------------------
-# videos. Frame i is the i-th frame that a decode from the start shows. Two readers, the same frames: PyAV's
-# (an optional install, used when importable) decodes from the keyframe before each wanted frame; OpenCV's
-# decodes from the start. Each opens the file once per sample: its length and fps, then the frames (PyAV's
-# lists a file's packets once per process).
+# videos. Frame i is the i-th frame that a decode from the start shows, and the length is how many it shows,
+# whatever the process read before. Two readers, the same frames: PyAV's (an optional install, used when
+# importable) decodes from the keyframe before each wanted frame; OpenCV's decodes from the start. Each opens
+# the file once per sample; what the first open of a file learns (PyAV's packet list, OpenCV's count) is kept
+# per process (KNOWN).
 
 BACKEND = 'pyav' if av else 'opencv'
 
@@ -70,7 +72,7 @@ def open_video(path):
     if stat.st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
     key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)  # a file written again is another file
-    return PyAVVideo(path, key) if BACKEND == 'pyav' else OpenCVVideo(path)
+    return PyAVVideo(path, key) if BACKEND == 'pyav' else OpenCVVideo(path, key)
 
 
 def read_video(path, indices):
@@ -80,8 +82,8 @@ def read_video(path, indices):
 
 
 def video_info(path):
-    """(frames, fps). A length too large (a truncated file) can look plausible: a read past the true end
-    finds it out (VideoError.num_frames)."""
+    """(frames, fps). Frames: what a decode from the start shows (of a truncated file, the reader may tell
+    fewer when a read runs into the cut: VideoError.num_frames)."""
     with open_video(path) as v:
         return v.length, v.fps
 
@@ -121,14 +123,14 @@ _FPS_WARNED = set()
 class OpenCVVideo(Video):
     """Never seeks (OpenCV's seeks are exact only at keyframes on some codecs, and number frames by the
     frame rate): decodes from the start, grab() for the frames it skips (no colour conversion), retrieve()
-    for the ones it keeps. The length is the header's when plausible, else counted by decoding."""
+    for the ones it keeps. The length is counted, by grab() to the end at the file's first open in a process
+    (a header's count may be an estimate, or count pictures a decoder drops), and kept in KNOWN."""
 
-    def __init__(self, path):
-        self.path, self.used = path, False
+    def __init__(self, path, key):
+        self.path, self.key, self.used = path, (*key, 'opencv'), False
         self.cap = self.open()
-        n, fps = header(self.cap)
-        self.fps = self.check_fps(fps)
-        self.counted = n if 0 < n <= 1_000_000 and fps == self.fps else None
+        self.fps = self.check_fps(header(self.cap)[1])
+        self.counted = KNOWN.get(self.key)
 
     def open(self):
         # one decoder thread: the parallelism comes from DataLoader workers
@@ -145,20 +147,29 @@ class OpenCVVideo(Video):
 
     @property
     def length(self):
-        if self.counted is None:  # no usable header: count, once
+        if self.counted is None:
             self.rewind()
-            self.counted = 0
+            n = 0
             while self.cap.grab():
-                self.counted += 1
-            if self.counted == 0:
+                n += 1
+            if n == 0:
                 raise VideoError(f"{self.path}: no decodable frames")
+            self.learn(n)
         return self.counted
 
+    def learn(self, n):
+        self.counted = n
+        KNOWN.add(self.key, n)
+
     def frames(self, wanted):
+        if self.counted is not None and wanted[-1] >= self.counted:
+            raise self.ends(wanted[-1], self.counted)
         self.rewind()
         kept, want = {}, set(wanted)
         for i in range(wanted[-1] + 1):
             if not self.cap.grab():
+                if i:  # the decode ended: its length, as counting it would have found
+                    self.learn(i)
                 raise self.ends(wanted[-1], i)
             if i in want:
                 ok, frame = self.cap.retrieve()
@@ -182,12 +193,13 @@ SAME_RGB = {'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p',
 
 
 class PyAVVideo(Video):
-    """Lists the packets (timestamps and keyframe flags only: no decoding, no packet kept) and numbers the
-    frames by their sorted timestamps, once per file and process (KNOWN). Each wanted frame is decoded from
-    the last keyframe at or before it (a seek), unless the decoder is already on its way there. Every packet
-    after a seek must be the one the list has there, and every frame decoded must carry the timestamp its
-    number expects; where timestamps are missing or repeat, or any of this fails, the file is decoded from the
-    start, as OpenCVVideo does, from then on. Only the kept frames are converted to RGB (libswscale, as OpenCV)."""
+    """Lists the packets (timestamps and keyframe flags only: no packet kept) and numbers the frames by their
+    sorted timestamps, where a decode from the start at listing shows that this numbering holds
+    (check_numbering), once per file and process (KNOWN). Each wanted frame is decoded from the last keyframe
+    at or before it (a seek), unless the decoder is already on its way there. Every packet after a seek must
+    be the one the list has there, and every frame decoded must carry the timestamp its number expects; where
+    the numbering does not hold, or any of this fails, the file is decoded from the start, as OpenCVVideo does
+    (the same frames either way). Only the kept frames are converted to RGB (libswscale, as OpenCV)."""
 
     def __init__(self, path, key):
         self.path, self.container, self.opencv = path, None, None
@@ -196,7 +208,7 @@ class PyAVVideo(Video):
             KNOWN.add(key, self.known)
             self.length, self.fps = self.known.length, self.known.fps
             if self.known.opencv:  # reads the frames; PyAV counted them
-                self.opencv = OpenCVVideo(path)
+                self.opencv = OpenCVVideo(path, key)
         except BaseException:
             self.close()
             raise
@@ -223,41 +235,64 @@ class PyAVVideo(Video):
         return (p for p in self.container.demux(self.stream) if p.size)  # the end: an empty packet
 
     def list_packets(self):
-        """What the file's packets say (PacketList), read through once."""
+        """What the file's packets say, read through once, and what a decode from the start shows of them
+        (check_numbering): a PacketList."""
         self.open()
-        rows = []  # (pts, dts, keyframe, shown) in decoding order; shown is False for packets an edit list
-        try:       # discards (decoded, never shown)
-            rows += [(p.pts, p.dts, p.is_keyframe, not p.is_discard) for p in self.demux()]
+        rows, corrupt, first = [], False, None  # rows: [pts, dts, keyframe, shown] in decoding order; shown is
+        try:                                    # False for packets an edit list discards (decoded, never shown)
+            for p in self.demux():
+                rows.append([p.pts, p.dts, p.is_keyframe, not p.is_discard])
+                corrupt = corrupt or p.is_corrupt
+                if first is None:  # decoded on the way: the first frame a decode shows
+                    first = next(iter(self.decode(p)), None)
         except av.FFmpegError:
             pass  # a truncated file: what could be read is what there is
-        dropped = self.drop_leading(rows)
+        length, exact, matrix = self.check_numbering(rows, corrupt, first)
+        if length <= 0:
+            raise VideoError(f"{self.path}: no decodable frames")
         fps = self.stream.average_rate or self.stream.guessed_rate
         same_rgb = bool(self.decoder.format) and self.decoder.format.name in SAME_RGB
-        packets = PacketList(rows, dropped, self.check_fps(float(fps) if fps else 0.0), opencv=not same_rgb)
-        if packets.length <= 0:
-            raise VideoError(f"{self.path}: no decodable frames")
-        return packets
+        return PacketList(rows, length, exact, self.check_fps(float(fps) if fps else 0.0),
+                          opencv_turns(self.path) if matrix else 0, opencv=not same_rgb)
 
-    def drop_leading(self, rows):
-        """Marks as not shown the packets a decode from the start drops: those before the first keyframe,
-        and the keyframe's leading pictures (shown before it), which refer to pictures before the file begins
-        (a stream-copied cut at an open-GOP keyframe: H.264 B-frames, HEVC RASL pictures; an MPEG-TS cut
-        mid-GOP). The decoder decides, so the packets up to the next keyframe are decoded, once, in a file
-        that has such packets. -> the frames it dropped that no timestamp names (0: the numbering holds)."""
-        keys = [q for q, r in enumerate(rows) if r[2] and r[3]][:2]
-        if not keys or rows[keys[0]][0] is None:
-            return 0  # no keyframe, or no timestamps to number by: decoded from the start
-        first, end = keys[0], keys[1] if len(keys) > 1 else len(rows)
-        leading = [q for q in range(end) if rows[q][3] and (q < first or rows[q][0] is None
-                                                            or rows[q][0] < rows[first][0])]
-        if not leading:
-            return 0
-        self.open()  # back to the first packet
-        shown = [f.pts for q, p in zip(range(end), self.demux()) for f in self.decode(p, last=q == end - 1)]
-        for q in leading:
-            if rows[q][0] not in shown:
-                rows[q] = (*rows[q][:3], False)
-        return sum(r[3] for r in rows[:end]) - len(shown)
+    def check_numbering(self, rows, corrupt, first):
+        """Which packets a decode from the start shows, found by decoding as far as it takes (docs/performance.md):
+        nothing more where the first frame shown is the first listed, the first keyframe's group where that
+        may drop pictures, the whole file where its packets cannot tell. Marks the others not shown.
+        -> (length, exact: the frames shown are the packets left, in timestamp order, display matrix)."""
+        keys = [q for q, r in enumerate(rows) if r[2] and r[3]]
+        group = keys[1] if len(keys) > 1 else len(rows)  # where the first keyframe's group ends
+        if not corrupt and keys and in_order(rows, keys, group):
+            start = rows[keys[0]][0]
+            leading = any(r[3] and (q < keys[0] or r[0] is None or r[0] < start) for q, r in enumerate(rows[:group]))
+            smallest = min(r[0] for r in rows if r[3] and r[0] is not None)
+            if not leading and first is not None and first.pts == smallest:
+                return sum(r[3] for r in rows), True, has_matrix(first)
+            listed = [r[3] for r in rows]
+            shown, matrix = self.shown_pts(group)
+            dropped = mark_dropped(rows, group, shown)
+            if timestamp_order(shown, rows, group) and group - 1 not in dropped:  # recovered within the group
+                return sum(r[3] for r in rows), True, matrix
+            for r, was in zip(rows, listed):
+                r[3] = was
+        shown, matrix = self.shown_pts(len(rows))
+        mark_dropped(rows, len(rows), shown)
+        return len(shown), timestamp_order(shown, rows, len(rows)), matrix
+
+    def shown_pts(self, end):
+        """The pts of the frames a decode from the start shows from the packets before position `end` (the
+        decoder drained), in the order shown; whether the first carries a display matrix."""
+        self.open()
+        shown, matrix, packets = [], False, self.demux()
+        for q in range(end):
+            packet = next(packets, None)
+            frames = self.decode(packet, last=q == end - 1)
+            if frames and not shown:
+                matrix = has_matrix(frames[0])
+            shown += [f.pts for f in frames]
+            if packet is None:
+                break
+        return shown, matrix
 
     def frames(self, wanted):
         if self.opencv:
@@ -268,8 +303,8 @@ class PyAVVideo(Video):
             kept = self.seek_and_decode(wanted)
             if kept is not None:
                 return kept
-            self.known.exact = False  # the timestamps lied: no more seeking in this file, in this process
-        return self.decode_from_start(wanted)
+            self.known.exact = False  # a seek here shows other frames: from the start from now on (the same
+        return self.decode_from_start(wanted)  # frames, without a failed seek first)
 
     def seek_and_decode(self, wanted):
         """{i: RGB frame i} for the wanted frames (ascending), or None where the numbering proves wrong."""
@@ -331,17 +366,19 @@ class PyAVVideo(Video):
         raise self.ends(wanted[-1], i)
 
     def decode(self, packet, last=False):
-        """The frames one packet completes (the last packet also drains the decoder)."""
+        """The frames one packet completes (the last packet, or None, also drains the decoder)."""
+        frames = self.send(packet)
+        return frames + self.send(None) if last and packet is not None else frames
+
+    def send(self, packet):
         try:
-            frames = self.decoder.decode(packet)
-            return frames + self.decoder.decode(None) if last else frames
+            return self.decoder.decode(packet)
         except av.FFmpegError:  # a broken packet gives no frame and decoding goes on, as in OpenCV
             return []
 
     def rgb(self, frame):
         rgb = self.to_rgb.reformat(frame, format='rgb24').to_ndarray()
-        turns = quarter_turns(frame) if frame.rotation else 0
-        return np.rot90(rgb, turns) if turns else rgb  # as shown, as OpenCV turns it
+        return np.rot90(rgb, self.known.turns) if self.known.turns else rgb  # as OpenCV shows it
 
     def close(self):
         if self.container:
@@ -350,38 +387,75 @@ class PyAVVideo(Video):
             self.opencv.close()
 
 
-def quarter_turns(frame):
-    """Counter-clockwise quarter turns that show a frame as OpenCV shows it: the angle of its display matrix
-    (as FFmpeg's av_display_rotation_get reads it, flips ignored) rounded to whole degrees, where that is a
-    multiple of 90; any other angle leaves the frame as it is."""
-    a, b, c, d = np.frombuffer(bytes(frame.side_data.get('DISPLAYMATRIX')), np.int32)[[0, 1, 3, 4]] / 65536
-    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
-    if not scale_x or not scale_y:
-        return 0
-    degrees = round(-math.degrees(math.atan2(b / scale_y, a / scale_x)))
-    return degrees // 90 % 4 if degrees % 90 == 0 else 0
+def has_matrix(frame):
+    return frame.side_data.get('DISPLAYMATRIX') is not None
+
+
+def opencv_turns(path):
+    """Counter-clockwise quarter turns that show a video's frames as OpenCV shows them: by the stream's display
+    matrix alone (not by a display-orientation SEI, which a decoder puts on the frames that carry it), where its
+    angle in whole degrees is a multiple of 90; PyAV cannot read the stream's matrix, so OpenCV is asked."""
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    angle = int(cap.get(cv2.CAP_PROP_ORIENTATION_META)) if cap.isOpened() else 0  # clockwise
+    cap.release()
+    return {90: 3, 180: 2, 270: 1}.get(angle, 0)
+
+
+def in_order(rows, keys, group):
+    """Whether the packets tell, without a decode, that a decoder shows every one after the first keyframe's group
+    (which ends at position `group`), in timestamp order: each has a timestamp of its own, dts only grow, and
+    nothing after a later keyframe is shown before it (closed groups: a decoder drops the leading pictures of a
+    keyframe whose group before is not the one they refer to, as where two cuts were joined)."""
+    pts = [r[0] for r in rows if r[3] and r[0] is not None]
+    dts = [r[1] for r in rows if r[1] is not None]
+    if rows[keys[0]][0] is None or any(r[3] and r[0] is None for r in rows[group:]) or len(set(pts)) < len(pts) \
+            or any(a >= b for a, b in zip(dts, dts[1:])):
+        return False
+    shown = np.array([r[0] if r[3] and r[0] is not None else NOT_SHOWN for r in rows], np.int64)
+    after = np.minimum.accumulate(shown[::-1])[::-1]  # the smallest pts shown from each position on
+    return all(after[k] == shown[k] for k in keys[1:])
+
+
+def mark_dropped(rows, end, shown):
+    """Marks not shown the packets before position `end` whose frame a decode did not show -> their positions."""
+    seen = set(shown)
+    dropped = {q for q in range(end) if rows[q][3] and (rows[q][0] is None or rows[q][0] not in seen)}
+    for q in dropped:
+        rows[q][3] = False
+    return dropped
+
+
+def timestamp_order(shown, rows, end):
+    """Whether a decode showed exactly the packets left before position `end`, in timestamp order."""
+    return None not in shown and all(a < b for a, b in zip(shown, shown[1:])) and \
+        shown == sorted(r[0] for r in rows[:end] if r[3])
 
 
 NO_PTS = np.iinfo(np.int64).min  # a missing timestamp, in a PacketList
+NOT_SHOWN = np.iinfo(np.int64).max
 
 
 def stamp(t):
     return NO_PTS if t is None else t
 
 
-class PacketList:
-    """What a video's packets say, in arrays (a few bytes a frame, so a process keeps many): the length and
-    fps; whether the frames can be numbered by timestamp (exact), and then per packet in decoding order its
-    pts and dts, frame i's pts and the position of its packet, and the positions a decode may start from
-    (the keyframes, and position 0); and whether OpenCV decodes the frames (PyAV's RGB may round otherwise)."""
+NONE = np.zeros(0, np.int64)  # the arrays of a list that does not number the frames: one, shared
 
-    def __init__(self, rows, dropped, fps, opencv):
-        shown = [r[0] for r in rows if r[3]]
-        self.length, self.fps, self.opencv = len(shown) - dropped, fps, opencv
-        self.exact = dropped == 0 and None not in shown and len(set(shown)) == len(shown)
-        empty = np.zeros(0, np.int64)
-        self.pts = self.dts = self.frame_pts = self.frame_at = self.keyframes = empty
-        if self.exact:
+
+class PacketList:
+    """What a video's packets say, in arrays (a few bytes a frame, so a process keeps many): the length and fps;
+    the quarter turns that show its frames upright; whether OpenCV decodes the frames (PyAV's RGB may round
+    otherwise); whether the frames can be numbered by timestamp (exact), and then per packet in decoding order
+    its pts and dts, frame i's pts and the position of its packet, and the positions a decode may start from
+    (the keyframes, and position 0)."""
+
+    __slots__ = ('length', 'exact', 'fps', 'turns', 'opencv', 'pts', 'dts', 'frame_pts', 'frame_at', 'keyframes')
+
+    def __init__(self, rows, length, exact, fps, turns, opencv):
+        self.length, self.exact, self.fps, self.turns, self.opencv = length, exact, fps, turns, opencv
+        self.pts = self.dts = self.frame_pts = self.frame_at = self.keyframes = NONE
+        if exact:
+            shown = [r[0] for r in rows if r[3]]
             self.pts = np.array([stamp(r[0]) for r in rows], np.int64)
             self.dts = np.array([stamp(r[1]) for r in rows], np.int64)
             order = np.argsort(shown)
@@ -391,7 +465,9 @@ class PacketList:
 
     @property
     def nbytes(self):
-        return 200 + sum(a.nbytes for a in (self.pts, self.dts, self.frame_pts, self.frame_at, self.keyframes))
+        """The bytes of its arrays (the object itself: Known's ENTRY_BYTES)."""
+        arrays = (self.pts, self.dts, self.frame_pts, self.frame_at, self.keyframes)
+        return sum(ARRAY_BYTES + a.nbytes for a in arrays if a is not NONE)
 
     def number(self, pts):
         """The frame shown at `pts`."""
@@ -410,10 +486,18 @@ class PacketList:
         return j < len(self.keyframes) and self.keyframes[j] == q
 
 
+# What an entry of Known takes beyond its path's string and its arrays' bytes, as tracemalloc counts it (an
+# upper bound, tests/test_video.py): the key's tuple and numbers, the ordered dict's entry, a PacketList or a
+# count; and each numpy array's header.
+ENTRY_BYTES = 550
+ARRAY_BYTES = 112
+
+
 class Known:
-    """What videos taught this process (a DataLoader worker has its own): their PacketLists by (path, size,
-    mtime, inode), up to `limit` bytes, the least recently used let go first. A video read again (another clip,
-    another epoch) is not listed again, and one that proved unseekable is not tried again."""
+    """What videos taught this process (a DataLoader worker has its own), by (path, size, mtime, inode): PyAV's
+    PacketLists and OpenCV's counts, up to `limit` bytes of memory, the least recently used let go first. A
+    video read again (another clip, another epoch) is not listed or counted again, and one where a seek
+    proved wrong is not tried again. What an entry says does not depend on what was read before."""
 
     def __init__(self, limit):
         self.limit, self.lists, self.bytes = limit, collections.OrderedDict(), 0
@@ -423,12 +507,16 @@ class Known:
             self.lists.move_to_end(key)
         return self.lists.get(key)
 
-    def add(self, key, packets):
+    def add(self, key, value):
         if key not in self.lists:
-            self.lists[key] = packets
-            self.bytes += packets.nbytes
+            self.lists[key] = value
+            self.bytes += entry_bytes(key, value)
         while self.bytes > self.limit:
-            self.bytes -= self.lists.popitem(last=False)[1].nbytes
+            self.bytes -= entry_bytes(*self.lists.popitem(last=False))
+
+
+def entry_bytes(key, value):
+    return ENTRY_BYTES + sys.getsizeof(key[0]) + getattr(value, 'nbytes', 0)
 
 
 KNOWN = Known(64 * 2**20)  # Known(0): every open lists the packets anew

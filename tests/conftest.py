@@ -47,7 +47,9 @@ FAST = {
                         "test_every_exit_is_said"],
     "test_faults.py": ["test_log_jsonl_refused_stops_in_one_line_after_a_checkpoint",
                        "test_a_file_system_that_cannot_sync_a_folder_still_saves",
-                       "test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line"],
+                       "test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line",
+                       "test_resume_is_accepted_where_a_whole_temporary_file_is_the_only_checkpoint",
+                       "test_a_folder_that_cannot_be_synced_after_load_finished_a_save_says_so"],
     "test_export.py": ["test_the_key_tables_read_both_ways", "test_a_model_without_qkv_bias_exports",
                        "test_an_image_head_exports_as_a_one_frame_model_with_the_imagenet_test_crop"],
     "test_fork.py": ["test_your_own_dataset_trains_and_tests_with_kinetics_sampling",
@@ -99,7 +101,9 @@ FAST = {
                       "test_pyav_seeks_land_on_the_keyframe_itself", "test_rotation_as_opencv_shows_it",
                       "test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows",
                       "test_any_file_reads_or_is_a_read_error",
-                      "test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_again"],
+                      "test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_again",
+                      "test_a_seam_where_the_decoder_drops_pictures_numbers_what_it_shows_whatever_was_read_before",
+                      "test_the_cache_bound_counts_the_memory_its_entries_take"],
 }
 
 

@@ -695,6 +695,32 @@ def test_a_save_that_stopped_between_its_renames_is_finished_and_resumed_bit_exa
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
+def smallest_checkpoint(step):
+    """What CheckpointFiles.read accepts as a checkpoint of train.py, at its smallest."""
+    return {k: {} for k in runtime.RUN_KEYS} | {
+        "step": step, "sampler": {"micro": step}, "config": {}, "model_config": {"width": 4, "depth": 1},
+        "model": {"cls_token": torch.zeros(1, 1, 4), "blocks.0.norm2.weight": torch.ones(4)}, "failed": {}}
+
+
+def test_resume_is_accepted_where_a_whole_temporary_file_is_the_only_checkpoint(tmp_path):
+    """A run's first save killed after writing its temporary file and before renaming it: no ckpt.pt, no
+    ckpt.prev.pt. load resumes from that file, so --resume accepts the folder; a temporary file cut short
+    (the save itself killed) is no checkpoint, for load as for --resume."""
+    out = tmp_path / "run"
+    out.mkdir()
+    tmp = out / "ckpt.pt.tmp-4242"
+    torch.save(smallest_checkpoint(6), tmp)
+    whole = tmp.read_bytes()
+    assert train.get_args(["--out_dir", str(out), "--resume"]).resume
+    ckpt, path = runtime.CheckpointFiles(str(out / "ckpt.pt")).load()
+    assert ckpt["step"] == 6 and path == str(out / "ckpt.pt")
+    (out / "ckpt.pt").unlink()
+    tmp.write_bytes(whole[:len(whole) // 2])
+    assert runtime.CheckpointFiles(str(out / "ckpt.pt")).load() == (None, None)
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        train.get_args(["--out_dir", str(out), "--resume"])
+
+
 RANK1_READS_OTHERWISE = """
 import errno, os, sys
 sys.path.insert(0, {root!r})
@@ -763,8 +789,31 @@ def test_a_file_system_that_cannot_sync_a_folder_still_saves(tmp_path, monkeypat
     files.save({"step": 2, "w": torch.ones(3)})
     assert load(tmp_path / "ckpt.pt")["step"] == 2 and load(tmp_path / "ckpt.prev.pt")["step"] == 1
     monkeypatch.setattr(runtime.os, "fsync", lambda fd: folder_refuses(fd, errno.EIO))
-    with pytest.raises(runtime.CheckpointError, match="Input/output error"):
+    with pytest.raises(runtime.CheckpointError) as e:
         files.save({"step": 3, "w": torch.ones(3)})
+    assert str(e.value) == (f"saved the checkpoint of step 3 as {tmp_path}/ckpt.pt, but cannot sync {tmp_path} "
+                            f"(Input/output error): a crash of the machine may undo the save; {tmp_path}/ckpt.prev.pt "
+                            "holds step 2")
+    assert load(tmp_path / "ckpt.pt")["step"] == 3
+
+
+def test_a_folder_that_cannot_be_synced_after_load_finished_a_save_says_so(tmp_path, monkeypatch):
+    """load renames a whole temporary file a save left to ckpt.pt, then syncs the folder: where only the sync
+    fails, its line says that the rename was done and the sync was not."""
+    torch.save(smallest_checkpoint(6), tmp_path / "ckpt.pt.tmp-4242")
+    fsync = os.fsync
+
+    def folder_fails(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", folder_fails)
+    with pytest.raises(runtime.CheckpointError) as e:
+        runtime.CheckpointFiles(str(tmp_path / "ckpt.pt")).load()
+    assert str(e.value) == (f"renamed {tmp_path}/ckpt.pt.tmp-4242, the whole checkpoint of step 6 that a save left, "
+                            f"to {tmp_path}/ckpt.pt, but cannot sync its folder: Input/output error")
+    assert load(tmp_path / "ckpt.pt")["step"] == 6
 
 
 def test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line(tmp_path, monkeypatch):

@@ -493,21 +493,26 @@ def test_bad_arguments_fail_fast(demo_dir, tmp_path, flags, message):
     (["--label_smoothing", "nan"], "--label_smoothing nan: a finite number expected"),
     (["--std", "0.2,inf,0.2"], "--std 0.2,inf,0.2: three numbers, one per RGB channel (std > 0)"),
     (["--weights", "0.0004,1,1"], "--weights 0.0004,1,1: demo_kinetics would get no step in --max_steps 1200; "
-                                  "raise the weight or --max_steps"),
+                                  "raise the weight"),
     # periods of 12 steps: 10 to demo_imagenet, and one each to demo_kinetics (step 3) and demo_ssv2 (step 7)
     (["--weights", "1,1,10", "--max_steps", "4"], "--weights 1,1,10: demo_ssv2 would get no step in --max_steps 4; "
-                                                  "raise the weight or --max_steps"),
+                                                  "give --max_steps 8 or more, or raise the weight"),
+    # periods of 5 steps: demo_kinetics at steps 0, 2 and 4, demo_ssv2 at 1, demo_imagenet at 3
+    (["--weights", "3,1,1", "--max_steps", "3"], "--weights 3,1,1: demo_imagenet would get no step in --max_steps 3; "
+                                                 "give --max_steps 4 or more, or raise the weight"),
     (["--weights", "demo_ssv2=2,demo_ssv2=1"], "--weights demo_ssv2=2,demo_ssv2=1: demo_ssv2 given twice"),
     (["--num_sample", "demo_ssv2=2,demo_ssv2=2"], "--num_sample demo_ssv2=2,demo_ssv2=2: demo_ssv2 given twice"),
 ])
 def test_flags_that_slipped_past_the_checks_are_one_line_before_any_listing(flags, message):
-    """Not a number, infinite, a weight so small that its dataset never trains in the run (the schedule makes
-    weights small integers), a name given twice: one line each, from the flags' check (train.get_args), which
-    runs before anything is listed."""
+    """Not a number, infinite, a weight that leaves its dataset out of a run of at least one step per dataset
+    (the schedule makes weights small integers; a shorter run is a smoke test, whatever the weights), a name
+    given twice: one line each, from the flags' check (train.get_args), which runs before anything is listed."""
     with pytest.raises(SystemExit) as e:
         train.get_args(flags)
     assert str(e.value) == f"error: {message}"
-    assert train.get_args(["--max_steps", "1"]).max_steps == 1  # a run shorter than one step per dataset is no error
+    for short in (["--max_steps", "2"], ["--max_steps", "2", "--weights", "3,1,1"], ["--max_steps", "1"]):
+        assert train.get_args(short).max_steps < 3  # a run shorter than one step per dataset: a smoke test
+    assert train.get_args(["--max_steps", "4", "--weights", "3,1,1"]).max_steps == 4
 
 
 @pytest.mark.parametrize("kind, says", [("truncated", "is cut short"), ("empty", "is empty (0 bytes)"),

@@ -2,10 +2,12 @@
 on both readers (PyAV's seeking one and OpenCV's), checked against a decode from the start, on the files fast
 readers get wrong; lying and missing headers, image modes and EXIF, crop boxes."""
 
+import gc
 import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import av
 import cv2
@@ -81,7 +83,16 @@ HARD_FILES = {
     'cut_hevc.mkv': (CUT, ['-ss', '1.3', '-i', 'open_gop_hevc.mkv']),
     'cut_hevc.ts': (CUT, ['-ss', '1.3', '-i', 'open_gop_hevc.mkv']),
     'cut_mid_gop.ts': (['-ss', '1.2'] + CUT + ['-copyinkf'], ['-i', 'open_gop.ts']),  # starts before a keyframe
+    # without the recovery-point SEI, the decoder also drops the cut's pictures after its first keyframe
+    'cut_no_sei.ts': (CUT + ['-bsf:v', 'filter_units=remove_types=6'], ['-ss', '1.3', '-i', 'open_gop.ts']),
+    # no keyframe at all: an intra refresh sweeps over P-frames; a cut drops the frames before its first sweep
+    'intra_refresh.ts': (X264 + ['-bf', '0', '-x264-params', 'intra-refresh=1:keyint=30'], None),
+    'cut_intra_refresh.ts': (CUT, ['-ss', '1.0', '-i', 'intra_refresh.ts']),
+    # turned by a display-orientation SEI, which OpenCV ignores (the stream's display matrix alone turns)
+    'sei_rotated.mp4': (CUT + ['-bsf:v', 'h264_metadata=display_orientation=insert:rotate=90'],
+                        ['-i', 'open_gop.mkv']),
 }
+NOT_SEEKABLE = ('dts_as_pts.avi', 'repeated_pts.mp4', 'intra_refresh.ts', 'cut_intra_refresh.ts')
 
 
 @pytest.fixture(scope='module')
@@ -96,20 +107,19 @@ def hard_files(tmp_path_factory):
 @pytest.mark.parametrize('name', HARD_FILES)
 def test_frames_equal_a_decode_from_the_start(hard_files, name, backend):
     """Any indices, in any order, with repeats: the frames a decode from the start shows (OpenCV's, which
-    turns rotated video upright and converts 10-bit its own way), on both readers. PyAV's reader counts the
-    frames; OpenCV's takes a header's count, which can be too large, until a read runs off the end."""
+    turns rotated video upright and converts 10-bit its own way), on both readers, and both count its frames."""
     path = str(hard_files / name)
     full = decode_all(path)
     assert len(full) > 100 and all((full[i] != full[i + 1]).any() for i in range(len(full) - 1))
     n = len(full)
     rng = np.random.default_rng(0)
     with video.open_video(path) as v:
-        assert v.length == n or backend == 'opencv'
+        assert v.length == n
         for idx in [rng.integers(0, n, 8), [n - 1, 3, 3, 0, n // 2, n - 1], [n - 1], np.arange(0, n, 7)[::-1],
                     rng.permutation(n)]:
             np.testing.assert_array_equal(v.read(idx), full[np.asarray(idx)], err_msg=f'{name} {idx}')
         if backend == 'pyav':  # it kept seeking (not decoding from the start after a broken numbering)
-            assert v.known.exact == (name not in ('dts_as_pts.avi', 'repeated_pts.mp4'))
+            assert v.known.exact == (name not in NOT_SEEKABLE)
             assert (v.opencv is None) == (name != 'ten_bit.mkv')
 
 
@@ -118,7 +128,7 @@ def test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows(hard_files,
     """A stream-copied cut keeps packets that a decoder drops (the pictures that lead its first keyframe, a TS
     cut's packets before it): they are no frames. Every index read from a fresh open (no read of the first
     frames that would show a wrong numbering) is that frame of a decode from the start, and frame n is past
-    the end, on both readers; PyAV's counts n frames and still seeks."""
+    the end, on both readers; PyAV's counts n frames and still seeks where the packets number them."""
     path = str(hard_files / name)
     full = decode_all(path)
     n = len(full)
@@ -128,7 +138,44 @@ def test_a_cut_numbers_only_the_frames_a_decode_from_the_start_shows(hard_files,
         video.read_video(path, [n])
     if backend == 'pyav':
         with video.open_video(path) as v:
-            assert v.length == n and v.known.exact and len(v.known.pts) > n  # packets listed that are no frame
+            assert v.length == n and v.known.exact == (name not in NOT_SEEKABLE)
+            assert len(v.known.pts) > n or not v.known.exact  # packets listed that are no frame
+
+
+@pytest.fixture(scope='module')
+def joins(hard_files):
+    """Two stream-copied pieces of one open-GOP video, the middle cut out (as ads are), joined again: with
+    FFmpeg's concat protocol (into TS, MKV, MP4) and with cat. At the seam the decoder drops the pictures that
+    lead the second piece's first keyframe, though the packets are there."""
+    folder = hard_files / 'joins'
+    for tag, source in [('', 'open_gop.ts'), ('_hevc', 'open_gop_hevc.mkv')]:
+        ffmpeg_video(folder / f'a{tag}.ts', *CUT, '-t', '2.5', inputs=['-i', str(hard_files / source)])
+        ffmpeg_video(folder / f'b{tag}.ts', *CUT, inputs=['-ss', '3.4', '-i', str(hard_files / source)])
+    for name in ['joined.ts', 'joined.mkv', 'joined.mp4', 'joined_hevc.mkv']:
+        tag = '_hevc' if 'hevc' in name else ''
+        ffmpeg_video(folder / name, *CUT, inputs=['-i', f"concat:{folder / f'a{tag}.ts'}|{folder / f'b{tag}.ts'}"])
+    (folder / 'cat.ts').write_bytes((folder / 'a.ts').read_bytes() + (folder / 'b.ts').read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize('name', ['joined.ts', 'joined.mkv', 'joined.mp4', 'joined_hevc.mkv', 'cat.ts'])
+def test_a_seam_where_the_decoder_drops_pictures_numbers_what_it_shows_whatever_was_read_before(joins, name,
+                                                                                               backend, monkeypatch):
+    """Frame i is the i-th frame a decode from the start shows, and the length is how many it shows, on both
+    readers, in a fresh process (no read across the seam first) as after reads across it, and again in
+    another process (a new KNOWN)."""
+    path = str(joins / name)
+    full = decode_all(path)
+    n = len(full)
+    assert n > 110
+    for _ in range(2):  # a fresh process, then another one after a first process read across the seam
+        monkeypatch.setattr(video, 'KNOWN', video.Known(2**26))
+        np.testing.assert_array_equal(video.read_video(path, [100]), full[[100]], err_msg=name)
+        assert video.video_info(path)[0] == n
+        np.testing.assert_array_equal(video.read_video(path, range(55, 80)), full[55:80], err_msg=name)
+        np.testing.assert_array_equal(video.read_video(path, [n - 1, 100, 0]), full[[n - 1, 100, 0]], err_msg=name)
+        with pytest.raises(video.VideoError, match=f'ends after {n} frames'):
+            video.read_video(path, [n])
 
 
 @pytest.mark.parametrize('name', ['long_gop_bframes.mp4', 'open_gop.mkv', 'vfr.mp4', 'altref.webm', 'edit_list.mp4',
@@ -253,6 +300,37 @@ def test_a_video_is_listed_once_per_process_and_an_unseekable_one_is_not_seeked_
         seeks.clear()
         np.testing.assert_array_equal(video.read_video(avi, [100]), expect)
         assert bool(seeks) == (tries == 0)
+
+
+@pytest.mark.parametrize('frames, exact', [(40, True), (300, True), (300, False), (None, None)])
+def test_the_cache_bound_counts_the_memory_its_entries_take(frames, exact):
+    """Known's byte count is what its entries take, as tracemalloc sees them (keys, paths, the dict, PacketLists
+    and their arrays, OpenCV's counts): never less, so 64 MB are at most 64 MB; and not much more, so the room is
+    used. A 10-second clip's list (300 frames), a short clip's, a list that does not number the frames, a count.
+    (A count's entry is small, so the bound counted for its key and dict entry weighs most there.)"""
+    rows = [[3 * i if exact else None, 3 * i, i % 12 == 0, True] for i in range(frames or 0)]  # not kept
+
+    def entry(k):
+        key = (f'/data/ssv2/20bn-something-something-v2/{100000 + k}.webm', 123456 + k, 1700000000123456789 + k,
+               9000000 + k)
+        if frames is None:
+            return (*key, 'opencv'), 100 + k
+        return key, video.PacketList(rows, frames, exact, 25.0, 0, opencv=False)
+
+    for count in (700, 2800):  # the dict's table just grown
+        known = video.Known(2**40)
+        gc.collect()  # no other garbage freed while counting
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for k in range(count):
+                known.add(*entry(k))
+            real = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+        assert real <= known.bytes <= 1.75 * real, (count, real / count, known.bytes / count)
 
 
 def test_truncated_file_ends_where_its_reader_stops(hard_files, tmp_path, backend):

@@ -22,13 +22,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 from data import MultiDatasetBatchSampler
 from video import SampleError
 
 POLL = 1.0  # seconds between the watchdog's looks at the workers
 RESTARTS, WINDOW = 3, 600.0  # more restarts than this within the window: not one bad file, the machine
 QUARANTINE = "quarantine.jsonl"
-PID, DATASET, INDEX, SINCE = range(4)  # the columns of a watched loader's table, a row per worker
+PID, DATASET, INDEX, SINCE, PARENT = range(5)  # the columns of a watched loader's table, a row per worker
+AFTER_GIVING_UP = RESTARTS + 1  # restarts allowed for the steps the loop takes to read that the run must stop
 TRAIN_PREFETCH = 4  # batches each training worker prepares ahead (they wait in /dev/shm; runtime.shm_warning)
 EVAL_PREFETCH = 2  # and each evaluation worker
 
@@ -100,12 +102,17 @@ class TrainBatches:
     while the loop waits and no worker reads (stopped): the workers are ended, what they were reading is
     named and quarantined, and a new loader starts at the first micro-batch the loop has not consumed (the
     sampler's whole state), so the loop gets the batches it would have got, a quarantined sample replaced
-    as an unreadable file is. More than RESTARTS restarts within WINDOW seconds: the rest is loaded in this
-    process, and `failed` says why the run must stop."""
+    as an unreadable file is. Time is the watchdog's own looks: time it did not see (the job suspended) is
+    not stuck time. More than RESTARTS restarts within WINDOW seconds: `failed` says why the run must stop,
+    and the batches the loop reads until it stops come from watched workers as before where the workers were
+    reading (a stalled mount), from this process where they died reading nothing. Once `stopping` is set
+    (SIGTERM: the job's processes all get it), a worker's death is no fault: nothing is quarantined or
+    counted, and new workers read what the loop needs before it saves."""
 
     def __init__(self, datasets, names, batch_sizes, *, out_dir, time_limit, rank=0, workers=4, start_micro=0,
-                 **kw):
+                 stopping=None, **kw):
         self.datasets, self.names, self.batch_sizes, self.kw = datasets, names, batch_sizes, kw
+        self.stopping = stopping or threading.Event()
         self.out_dir, self.limit, self.rank, self.workers = out_dir, time_limit, rank, workers
         self.micro = start_micro  # the first micro-batch the loop has not consumed
         self.quarantine = read_quarantine(out_dir)  # {path: entry}
@@ -114,7 +121,9 @@ class TrainBatches:
                   f"({os.path.join(out_dir, QUARANTINE)})")
         self.new = []  # entries quarantined here since the ranks last shared theirs
         self.restarts, self.failed = [], None  # when each restart was; why the run must stop
+        self.excused = False  # whether workers that died with the job (SIGTERM) were started again
         self.lock, self.waiting = threading.Lock(), None  # since when the loop waits for a batch
+        self.ticks = {}  # the watchdog's looks at each thing unchanged: what it has seen stuck, in POLLs
         self.start(workers)
         if workers:
             threading.Thread(target=watchdog, args=(weakref.ref(self),), daemon=True).start()
@@ -124,9 +133,10 @@ class TrainBatches:
         for ds in self.datasets:
             ds.before_read = Guard(self.quarantine)
         self.applied = set(self.quarantine)
-        table = torch.zeros(workers, 4, dtype=torch.float64).share_memory_() if workers else None
+        table = torch.zeros(workers, 5, dtype=torch.float64).share_memory_() if workers else None
         self.rows = table.numpy() if workers else None  # this process's view of the workers' rows
         self.ended = {}  # pid -> why the watchdog ended that worker
+        self.pids = []  # (pid, start time) of each worker: the watchdog signals no other process
         self.loader = build_train_loader(self.datasets, self.batch_sizes, rank=self.rank, workers=workers,
                                          start_micro=self.micro, table=table, **self.kw)
         self.batches = None
@@ -140,12 +150,25 @@ class TrainBatches:
             if fault is None:
                 self.micro += 1
                 return batch
-            self.restart(*fault)
+            if self.stopping.is_set() and not self.ended and not self.excused:  # the job's end took them too
+                self.excused = True  # once: a worker that dies again, or that the watchdog ended, is a fault
+                tqdm.write(f"[rank {self.rank}] SIGTERM: {'; '.join(fault[0])}; new workers read the batches "
+                           f"left before the save, from micro-batch {self.micro}")
+                self.start_again()
+            else:
+                self.restart(*fault)
 
     def next_or_fault(self):
         """-> (the next batch, None), or (None, (what happened, [(d, index) being read])) when a worker died."""
         if self.batches is None:
-            self.batches = iter(self.loader)
+            try:
+                batches = iter(self.loader)
+            except (OSError, EOFError) as e:  # no worker to start: fork refused (ENOMEM, EAGAIN), no fork server
+                return None, ([f"loader workers could not start ({e.strerror or e})"
+                               if isinstance(e, OSError) else f"loader workers could not start ({e!r})"], [])
+            with self.lock:
+                self.batches = batches
+                self.pids = [(w.pid, started(w.pid)) for w in getattr(batches, "_workers", [])]
         self.waiting = time.monotonic()
         try:
             return next(self.batches), None
@@ -170,34 +193,45 @@ class TrainBatches:
         with self.lock:
             for w, (process, row) in enumerate(zip(workers, self.rows)):
                 if process.exitcode is not None:
-                    why = self.ended.get(process.pid) or exit_status(process.exitcode)
+                    why = self.ended.get(process.pid) or exit_status(process.exitcode, int(row[PARENT]))
                     what.append(f"loader worker {w} (pid {process.pid}) {why}")
                     if row[SINCE]:
                         reading.append((int(row[DATASET]), int(row[INDEX])))
         return (what, reading) if what else None
 
     def look(self):
-        """The watchdog's look (watchdog()): end a worker that reads one sample for longer than the limit, and
-        all of them when the loop has waited that long for a batch while none reads. The loop then meets dead
-        workers, as it meets one the kernel killed."""
+        """The watchdog's look (watchdog()): end a worker that reads one sample for longer than the limit, one
+        that starts that long without using the CPU, and all of them when the loop has waited that long for a
+        batch while none reads. Each look counts POLL seconds for what it sees unchanged since the last look.
+        The loop then meets dead workers, as it meets one the kernel killed."""
         with self.lock:
-            if self.rows is None:  # loading in this process
+            if self.rows is None or not self.pids:
                 return
-            now, waiting = time.monotonic(), self.waiting
-            for pid, _, _, since in self.rows.tolist():
-                if since and now - since > self.limit:
-                    self.end(int(pid), f"stuck for {now - since:.0f} s on one sample ({{state}}; "
-                                       f"--sample_time_limit {self.limit:g}): ended")
-            if waiting and now - waiting > self.limit and self.rows[:, PID].all() and not self.rows[:, SINCE].any():
-                for pid in self.rows[:, PID].astype(int).tolist():
-                    self.end(pid, f"{{state}} while none read and the loop waited {now - waiting:.0f} s for a "
-                                  "batch: ended")
+            seen, self.ticks = self.ticks, {}
 
-    def end(self, pid, why):  # the watchdog's; why has a {state} to fill in
-        state = process_state(pid)
-        if pid in self.ended or state in ("gone", "dead (Z)"):  # one already dead tells its own exit
+            def stuck(key):  # seconds this look and the ones before saw `key` unchanged
+                self.ticks[key] = seen.get(key, 0) + 1
+                return self.ticks[key] * POLL
+
+            for (pid, start), (registered, _, _, since, _) in zip(self.pids, self.rows.tolist()):
+                if since and (s := stuck(("read", pid, since))) > self.limit:
+                    self.end(pid, start, f"stuck for {s:.0f} s on one sample ({{state}}; --sample_time_limit "
+                                         f"{self.limit:g}): ended")
+                elif not registered and (cpu := cpu_time(pid)) is not None:  # still starting
+                    if (s := stuck(("start", pid, cpu))) > self.limit:
+                        self.end(pid, start, f"stuck for {s:.0f} s while starting ({{state}}; --sample_time_limit "
+                                             f"{self.limit:g}): ended")
+            waiting = self.waiting
+            if waiting and self.rows[:, PID].all() and not self.rows[:, SINCE].any():
+                if (s := stuck(("wait", waiting))) > self.limit:
+                    for pid, start in self.pids:
+                        self.end(pid, start, f"{{state}} while none read and the loop waited {s:.0f} s for a "
+                                             "batch: ended")
+
+    def end(self, pid, start, why):  # the watchdog's; why has a {state} to fill in
+        if pid in self.ended or not mine(pid, start):  # one already dead tells its own exit; pids get reused
             return
-        self.ended[pid] = why.format(state=state)
+        self.ended[pid] = why.format(state=process_state(pid))
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)  # it also ends a stopped (SIGSTOP) process
 
@@ -210,24 +244,28 @@ class TrainBatches:
             self.new.append(entry)
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < WINDOW] + [now]
-        tqdm.write(f"[rank {self.rank}] {'; '.join(what)}" + (f", reading {', '.join(paths)}: quarantined"
-                                                              if paths else "")
+        tqdm.write(f"[rank {self.rank}] {'; '.join(what)}" + (f", reading {', '.join(map(printable, paths))}: "
+                                                              "quarantined" if paths else "")
                    + f"; the loader starts again at micro-batch {self.micro}")
-        if len(self.restarts) > RESTARTS:
+        if self.failed and len(self.restarts) > RESTARTS + AFTER_GIVING_UP:  # nothing read, nothing to save
+            raise SystemExit(f"error: {self.failed}; and {AFTER_GIVING_UP} more while the run stopped: no "
+                             "checkpoint after the last one saved")
+        if len(self.restarts) > RESTARTS and not self.failed:
             self.failed = (f"the loader's workers failed {len(self.restarts)} times within {WINDOW / 60:g} "
                            f"minutes, the last: {'; '.join(what)}. More than a few bad files: is the machine "
                            "out of memory (dmesg names the OOM killer) or /dev/shm full? Try fewer --workers")
-        self.start_again()
+        self.start_again(0 if self.failed and not paths else self.workers)  # no file's fault: workers die here
 
-    def start_again(self):
+    def start_again(self, workers=None):
         with self.lock:
             for process in getattr(self.batches, "_workers", []):
                 if process.exitcode is None:
                     process.kill()
             self.batches = self.loader = None  # DataLoader's shutdown joins the workers, closes its queues
-            self.start(0 if self.failed else self.workers)
+            self.pids = []
+            self.start((0 if self.rows is None else len(self.rows)) if workers is None else workers)  # as it was
 
-    def share(self, rt):
+    def share_and_restart(self, rt):
         """After a step on which some rank quarantined samples: every rank takes every rank's, rank 0 writes
         the list, and a loader started without some of them starts again at the next micro-batch."""
         new = self.new
@@ -281,18 +319,24 @@ def guard(datasets, folder):
 
 def read_quarantine(folder):
     """{path: entry} from <folder>/quarantine.jsonl, a {"dataset", "path", "why"} object a line; {} if none.
-    A line that is not one is said and left out (at worst its file stops a worker again)."""
+    A line that is not one is said and left out (at worst its file stops a worker again); so is a file that
+    cannot be read, in one line."""
     file, entries = os.path.join(folder, QUARANTINE), {}
-    if not os.path.exists(file):
+    if not os.path.lexists(file):
         return entries
-    with open(file) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                entry = json.loads(line)
-                entries[entry["path"]] = entry
-            except (ValueError, TypeError, KeyError):
-                if line.strip():
-                    print(f"warning: {file} line {n} is not a quarantine entry ({{\"path\": ...}}): ignored")
+    try:
+        with open(file, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not the file's end
+            lines = f.read().splitlines()
+    except OSError as e:
+        print(f"warning: cannot read {printable(file)} ({e.strerror or e}): its files may be read again")
+        return entries
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            entries[entry["path"]] = entry
+        except (ValueError, TypeError, KeyError):
+            if line.strip():
+                print(f"warning: {printable(file)} line {n} is not a quarantine entry ({{\"path\": ...}}): ignored")
     return entries
 
 
@@ -307,20 +351,63 @@ def write_quarantine(folder, entries):
         tqdm.write(f"warning: cannot write {file} ({e.strerror or e}): a resumed run will read its samples again")
 
 
-def exit_status(code):
-    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+def exit_status(code, parent=0):
+    """How a worker ended, from its exit code: 255 is the fork server's word that it could not tell."""
+    if code == 255 and parent and process_state(parent) in ("gone", "dead (Z)"):
+        return f"ended with the fork server (pid {parent}), which is gone"
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-code}"
+
+
+def proc_stat(pid):
+    """/proc/<pid>/stat's fields from the state on (state, ppid, ...); None when the process is gone; [] where
+    there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc") else []
+    except (OSError, IndexError):
+        return []
+
+
+def started(pid):
+    """The start time of process `pid` (clock ticks since boot), None if unknown: with the pid, it names one process."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def cpu_time(pid):
+    """CPU time process `pid` has used (clock ticks), None if unknown."""
+    fields = proc_stat(pid)
+    return int(fields[11]) + int(fields[12]) if fields and len(fields) > 12 else None
+
+
+def mine(pid, start):
+    """Whether `pid` is still the live process that started at `start` (not one that reuses its pid)."""
+    fields = proc_stat(pid)
+    if fields == []:  # no /proc to ask: the pid it is
+        return True
+    return bool(fields) and fields[0] != "Z" and start is not None and int(fields[19]) == start
 
 
 def process_state(pid):
     """'stopped (T)' and the like, from /proc where there is one (a stalled disk shows as D); 'gone'."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone" if os.path.isdir("/proc") else "state unknown"
-    except (OSError, IndexError):
+    fields = proc_stat(pid)
+    if fields is None:
+        return "gone"
+    if not fields:
         return "state unknown"
-    return f"{STATES.get(state, 'state')} ({state})"
+    return f"{STATES.get(fields[0], 'state')} ({fields[0]})"
+
+
+def printable(path):
+    """A path as it prints anywhere: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\x.. escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible disk wait", "T": "stopped", "Z": "dead"}
@@ -345,11 +432,12 @@ def worker_init(worker_id, owner=None, table=None):
         threading.Thread(target=exit_with, args=(owner,), daemon=True).start()
     if table is not None:  # a watched loader: this worker's row of the table says what it reads
         row = table.numpy()[worker_id]
-        row[PID] = os.getpid()
+        row[PARENT], row[PID] = os.getppid(), os.getpid()  # the fork server: its death ends the workers
         multi = torch.utils.data.get_worker_info().dataset
         multi.row = row
         for d, ds in enumerate(multi.datasets):
             ds.before_read = Guard(ds.before_read.paths, row, d)
+            data._WARNED.update(ds.before_read.paths)  # said where quarantined, not again by each new worker
 
 
 def exit_with(pid):

@@ -216,9 +216,9 @@ def check(args):
     if args.save_every == 0 or args.val_samples < 0:
         errors.append(f"--save_every {args.save_every} must be >= 1 (steps) or minutes (15min), --val_samples "
                       f"{args.val_samples} >= 0 (0: all)")
-    if not 0 < args.sample_time_limit < 540:  # a rank's recovery must end before NCCL's 10-minute timeout
-        errors.append(f"--sample_time_limit {args.sample_time_limit:g}: seconds in (0, 540): under DDP the other "
-                      "ranks wait for a stuck one in a collective that NCCL ends after 600 s")
+    if not 0 < args.sample_time_limit <= 300:  # a rank's recovery must end before NCCL's 10-minute timeout
+        errors.append(f"--sample_time_limit {args.sample_time_limit:g}: seconds in (0, 300]: under DDP the other "
+                      "ranks wait for a stuck one in a collective that NCCL ends after 600 s (docs/cluster.md)")
     if args.resume and not CheckpointFiles(os.path.join(args.out_dir, "ckpt.pt")).any():
         errors.append(f"--resume: no checkpoint in {args.out_dir}; drop --resume or name the run's --out_dir")
     hub = args.init and args.init.startswith(checkpoints.HUB)

@@ -106,11 +106,12 @@ def train(args, rt):
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=len(names) > 1) if rt.distributed else model
     # the batches; a loader worker that dies or sticks costs a restart, and its sample is quarantined
+    sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     batches = loaders.TrainBatches(train_sets, names, [local_batch[n] for n in names], weights=weights,
                                    num_sample=[num_sample[n] for n in names], grad_accum=args.grad_accum,
                                    rank=rt.rank, world=rt.world, seed=args.seed, workers=args.workers,
                                    start_micro=step * args.grad_accum, pin_memory=device.type == "cuda",
-                                   out_dir=args.out_dir, time_limit=args.sample_time_limit)
+                                   out_dir=args.out_dir, time_limit=args.sample_time_limit, stopping=sigterm)
     normalize = data.Normalize(args.mean, args.std, device)
     mixing = {n: recipes.mixing(args, n) for n in names}  # (mixup, cutmix) alphas
     smoothing = {n: 0.0 if any(mixing[n]) else args.label_smoothing for n in names}  # mixed targets have it
@@ -126,14 +127,13 @@ def train(args, rt):
                    weights)
 
     # ---- the training loop
-    sigterm = threading.Event()  # preemption: finish the step, save, exit 0 on every rank
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
     log = runtime.RunLog(args.out_dir, rt.master, args)
     log.write({"step": step, "guard": runtime.guard_record(args, names, train_sets)})
     meter, loss_ema = runtime.Meter(), {}
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True)
-    # a step's loss, flags and the run's clock, read a step late; quarantines shared as they are read
-    late = runtime.StepValues(rt, seconds, shared=batches.share)
+    # a step's loss, flags and the run's clock, read a step late; quarantines shared as read (the loader restarted)
+    late = runtime.StepValues(rt, seconds, shared=batches.share_and_restart)
     since = seconds  # the run's clock at the last decisions to validate and save
     wrapped.train()
     while step < args.max_steps:
@@ -175,7 +175,7 @@ def train(args, rt):
         # over the ranks: loss, SIGTERM, a sample kept, samples quarantined, a stop with an error (the loader
         # gave up, log.jsonl is refused)
         halt = bool(batches.failed or log.failed)
-        late.send(step, d, step_loss, sigterm.is_set(), not blank, bool(batches.new), halt)
+        late.send(step, d, step_loss, stop=sigterm.is_set(), kept=not blank, quarantined=bool(batches.new), halt=halt)
         # clip the gradient, step the optimizer
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
@@ -210,7 +210,8 @@ def train(args, rt):
         if saves:
             save_checkpoint(files, step, model, ema, optimizer, scaler, failures, label_maps, args, rt, late.clock)
     bar.close()
-    if late.halt:  # after the checkpoint: each rank's line, the one that stopped the run saying why
+    if late.halt or log.failed and step < args.max_steps:  # after the checkpoint: each rank's line, the one that
+        # stopped the run saying why (--stop_at may come before the step that would carry a record's failure)
         why = batches.failed or log.failed or f"rank {rt.rank} stops: another rank stopped the run"
         sys.exit(f"error: {why}. Saved {files.path} at step {step}: the same command continues from it")
     if step < args.max_steps:  # stopped early: --stop_at or SIGTERM

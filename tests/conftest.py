@@ -43,6 +43,8 @@ FAST = {
     "test_eval.py": ["test_not_a_checkpoint_is_one_line",
                      "test_evaluation_and_failure_counts_need_no_float64_and_keep_repeated_names_apart",
                      "test_fixed_subset_is_evenly_spaced_and_the_same_every_time"],
+    "test_loaders.py": ["test_a_name_that_is_not_utf8_prints", "test_a_damaged_quarantine_list_is_said_not_a_traceback",
+                        "test_every_exit_is_said"],
     "test_faults.py": ["test_log_jsonl_refused_stops_in_one_line_after_a_checkpoint",
                        "test_a_file_system_that_cannot_sync_a_folder_still_saves",
                        "test_a_file_system_that_will_not_say_its_free_space_still_fails_in_one_line",

@@ -566,6 +566,22 @@ def test_log_jsonl_refused_stops_in_one_line_after_a_checkpoint(demo_dir, tmp_pa
     assert step == (len(written) + 2 if fault == "ENOSPC" else 1) and load(out / "ckpt.pt")["step"] == step
 
 
+def test_stop_at_right_after_a_refused_record_still_says_it(demo_dir, tmp_path, monkeypatch):
+    """The record of step s refused, and --stop_at s: the run stops there for --stop_at, and still in its one
+    line of error (exit 1), not with 'rerun without --stop_at'."""
+    monkeypatch.setattr(runtime, "open", refusing("log.jsonl", "ENOSPC", room=2000), raising=False)
+    common = FAST + ["--data_dir", demo_dir, "--max_steps", "40", "--save_every", "100"]
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--out_dir", str(tmp_path / "first")])
+    refused = int(str(e.value).split(" at step ")[1].split(":")[0]) - 1  # the step whose record failed
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--out_dir", str(out), "--stop_at", str(refused)])
+    assert str(e.value) == (f"error: cannot write {out}/log.jsonl: No space left on device. Saved {out}/ckpt.pt at "
+                            f"step {refused}: the same command continues from it")
+    assert load(out / "ckpt.pt")["step"] == refused
+
+
 RANK0_CANNOT_LOG = """
 import errno, os, sys
 sys.path.insert(0, {root!r})

@@ -462,7 +462,8 @@ def test_a_step_that_lost_every_sample_on_every_rank_is_told_whatever_the_backen
     (["--num_sample", "demo_ssv2=2,k400=2"], "not in --datasets"),
     (["--num_sample", "2", "--batch_size", "6", "--grad_accum", "2"], "--num_sample"),
     (["--init", "README.md"], "--init README.md"),
-    (["--sample_time_limit", "600"], "--sample_time_limit 600: seconds in (0, 540)"),
+    (["--sample_time_limit", "600"], "--sample_time_limit 600: seconds in (0, 300]"),
+    (["--sample_time_limit", "301"], "--sample_time_limit 301: seconds in (0, 300]"),
     (["--save_every", "0"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),
     (["--save_every", "0min"], "--save_every 0 must be >= 1 (steps) or minutes (15min)"),  # as 0 steps
     (["--ddp"], "--ddp joins torchrun's process group: launch as torchrun --nproc_per_node=1 train.py --ddp"),
@@ -747,9 +748,9 @@ def test_a_steps_loss_is_read_after_the_next_step_is_queued_and_before_each_save
     sent, which is after its forward and backward; a step that logs or saves reads its own at once."""
     events, send, read, save = [], runtime.StepValues.send, runtime.StepValues.read, runtime.CheckpointFiles.save
 
-    def sent(self, step, *args):
+    def sent(self, step, *args, **kwargs):
         events.append(("send", step))
-        send(self, step, *args)
+        send(self, step, *args, **kwargs)
 
     def got(self, everything=False):
         losses = read(self, everything)

@@ -191,9 +191,10 @@ class TrainBatches:
                 process.join(timeout=POLL)
         what, reading = [], []
         with self.lock:
+            server = int(self.rows[:, PARENT].max())  # one fork server for all: named by any worker that started
             for w, (process, row) in enumerate(zip(workers, self.rows)):
                 if process.exitcode is not None:
-                    why = self.ended.get(process.pid) or exit_status(process.exitcode, int(row[PARENT]))
+                    why = self.ended.get(process.pid) or exit_status(process.exitcode, server)
                     what.append(f"loader worker {w} (pid {process.pid}) {why}")
                     if row[SINCE]:
                         reading.append((int(row[DATASET]), int(row[INDEX])))
@@ -353,7 +354,7 @@ def write_quarantine(folder, entries):
 
 def exit_status(code, parent=0):
     """How a worker ended, from its exit code: 255 is the fork server's word that it could not tell."""
-    if code == 255 and parent and process_state(parent) in ("gone", "dead (Z)"):
+    if code == 255 and parent and ended(parent, wait=2.0):
         return f"ended with the fork server (pid {parent}), which is gone"
     if code >= 0:
         return f"exited with status {code}"
@@ -361,6 +362,17 @@ def exit_status(code, parent=0):
         return f"killed by {signal.Signals(-code).name}"
     except ValueError:  # a real-time signal has no name
         return f"killed by signal {-code}"
+
+
+def ended(pid, wait):
+    """Whether the process has ended, given `wait` seconds to go (a fork server killed with its workers may
+    still be on its way out when their deaths are seen)."""
+    deadline = time.monotonic() + wait
+    while process_state(pid) not in ("gone", "dead (Z)"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def proc_stat(pid):

@@ -46,6 +46,19 @@ def wait_for(cond, timeout=120, proc=None):
         time.sleep(0.2)
 
 
+def torchrun_to_the_end(script, args, **env):
+    """`script` under torchrun with 2 processes -> (exit status, output); every rank must exit within 240 s."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True)
+    try:
+        text = p.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the agent and every worker: nothing may outlive the test
+        raise AssertionError("a rank did not exit:\n" + p.communicate()[0][-4000:]) from None
+    return p.returncode, text
+
+
 def logged_steps(out):
     path = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
@@ -377,16 +390,9 @@ def test_torchrun_rank0_cannot_save_and_every_rank_exits(demo_dir, tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(RANK0_CANNOT_SAVE.format(root=ROOT))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)] + FAST + [
-        "--data_dir", demo_dir, "--out_dir", str(out), "--max_steps", "6", "--save_every", "2", "--workers", "0"]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        text = p.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the agent and every worker: nothing may outlive the test
-        raise AssertionError("a rank did not exit:\n" + p.communicate()[0][-4000:]) from None
-    assert p.returncode != 0
+    returncode, text = torchrun_to_the_end(script, FAST + ["--data_dir", demo_dir, "--out_dir", str(out),
+                                                           "--max_steps", "6", "--save_every", "2", "--workers", "0"])
+    assert returncode != 0
     errors = sorted(line for line in text.replace("\r", "\n").splitlines() if line.startswith("error: "))
     assert len(errors) == 2, text[-4000:]
     assert errors[0].startswith(f"error: cannot save the checkpoint of step 2 in {out}: File too large (it needs ")
@@ -755,16 +761,8 @@ def test_torchrun_ranks_resume_from_rank0s_checkpoint_or_all_stop(two_runs, tmp_
     before = {f: (out / f).read_bytes() for f in os.listdir(out) if f.startswith("ckpt")}
     script = tmp_path / "launch.py"
     script.write_text(RANK1_READS_OTHERWISE.format(root=ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           *common, "--out_dir", str(out), "--workers", "0"]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault}, start_new_session=True)
-    try:
-        text = p.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the agent and every worker: nothing may outlive the test
-        raise AssertionError("a rank did not exit:\n" + p.communicate()[0][-4000:]) from None
-    assert p.returncode != 0
+    returncode, text = torchrun_to_the_end(script, [*common, "--out_dir", str(out), "--workers", "0"], FAULT=fault)
+    assert returncode != 0
     errors = sorted(line for line in text.replace("\r", "\n").splitlines() if line.startswith("error: "))
     rank1 = f"rank 1 cannot resume from {out}/ckpt.pt (step 4), as rank 0 does: {out}/ckpt.pt {says}"
     assert errors == [f"error: rank 0 stops: {rank1}", f"error: {rank1}"], text[-4000:]
